@@ -1,0 +1,1 @@
+"""ComfyUI entry point for comfyui-fatezero."""
