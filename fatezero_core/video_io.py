@@ -1,0 +1,741 @@
+"""Video frame I/O: load a clip as an IMAGE batch, fingerprint it, write frames back out.
+
+Sources ``load_frames`` understands:
+
+- a video file (``VIDEO_EXTENSIONS``), decoded with ``cv2.VideoCapture`` (FFmpeg backend first);
+- an animated GIF (``.gif`` counts as a video; OpenCV's FFmpeg backend reads it, and
+  ``cv2.imreadanimation`` / ``cv2.imreadmulti`` are used as a fallback where that fails);
+- a single still image (``IMAGE_EXTENSIONS``), loaded as a one-frame clip;
+- a directory of still images, read as an image sequence in natural order (``frame2`` before
+  ``frame10``); files with other extensions and hidden files are ignored.
+
+Frames come out as ComfyUI IMAGE tensors: ``float32 [F, H, W, 3]``, RGB, values in 0..1, on the
+CPU, with H and W multiples of 8 (the VAE downsamples by 8).
+
+The "crop" resize mode is the official FateZero preprocessing (``ImageSequenceDataset.transform``):
+scale the short side to ``size`` with antialiased bilinear interpolation (``int(scale * long)`` for
+the long side), then centre-crop ``size x size``.
+
+Nothing here imports ComfyUI. Errors a user can fix raise :class:`~fatezero_core.errors.VideoError`
+with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import VideoError
+
+__all__ = [
+    "VIDEO_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+    "RESIZE_MODES",
+    "VideoInfo",
+    "is_video_file",
+    "is_image_file",
+    "natural_sort_key",
+    "list_image_sequence",
+    "probe_video",
+    "output_size",
+    "resize_frames",
+    "load_frames",
+    "frames_fingerprint",
+    "safe_input_path",
+    "write_video",
+    "write_image_sequence",
+]
+
+VIDEO_EXTENSIONS: tuple[str, ...] = (
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv", ".flv", ".ts",
+    ".gif",
+)
+"""File extensions (lower case) read as videos. ``.gif`` is here: a GIF is read frame by frame."""
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff",
+)
+"""File extensions (lower case) read as still images, alone or as frames of a sequence directory."""
+
+RESIZE_MODES: tuple[str, ...] = ("crop", "keep_aspect", "none")
+"""Accepted values of ``resize_mode``."""
+
+_HASH_CHUNK = 1 << 20
+_WRITER_FOURCC = {".avi": "MJPG", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v"}
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a source holds before any selection or resizing.
+
+    ``frame_count`` is exact for image sequences and single images. For video files it is the
+    count the container reports, which some containers (variable frame rate, streams without an
+    index, some WebM/MKV files) only estimate; when the container reports nothing, the frames
+    are counted by stepping through the file. ``fps`` is the container's frame rate, or the
+    ``sequence_fps`` given to :func:`probe_video` for image sequences, single images and videos
+    that report no rate. ``width`` and ``height`` are in pixels, before resizing.
+    """
+
+    frame_count: int
+    fps: float
+    width: int
+    height: int
+
+
+# --------------------------------------------------------------------------------------------
+# File kinds and sequence listing
+# --------------------------------------------------------------------------------------------
+
+
+def _ext(path: str | os.PathLike) -> str:
+    return os.path.splitext(os.fspath(path))[1].lower()
+
+
+def is_video_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` has a video extension (``VIDEO_EXTENSIONS``, GIF included)."""
+    return _ext(path) in VIDEO_EXTENSIONS
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` has a still-image extension (``IMAGE_EXTENSIONS``)."""
+    return _ext(path) in IMAGE_EXTENSIONS
+
+
+def natural_sort_key(name: str) -> tuple:
+    """Sort key that orders digit runs by value: ``frame2`` < ``frame10`` < ``Frame11``.
+
+    Text parts compare case-insensitively; the original name breaks ties so the order is total.
+    """
+    parts = re.split(r"(\d+)", name)
+    key = tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts))
+    return key, name
+
+
+def list_image_sequence(directory: str | os.PathLike) -> list[str]:
+    """Full paths of the still images directly inside ``directory``, in natural order.
+
+    Hidden files, sub-directories and files without an image extension are skipped.
+    """
+    directory = os.fspath(directory)
+    names = [
+        n for n in os.listdir(directory)
+        if not n.startswith(".") and is_image_file(n) and os.path.isfile(os.path.join(directory, n))
+    ]
+    names.sort(key=natural_sort_key)
+    return [os.path.join(directory, n) for n in names]
+
+
+def _supported_list() -> str:
+    return ", ".join(VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: str  # "video", "image" or "sequence"
+    path: str
+    files: tuple[str, ...] = ()
+
+
+def _open_source(path: str | os.PathLike) -> _Source:
+    """Classify ``path`` and check that it exists, is non-empty and has a supported type."""
+    path = os.fspath(path)
+    if not path:
+        raise VideoError("No video was chosen: pick a video file, an image or an image folder.")
+    if not os.path.exists(path):
+        folder = os.path.dirname(os.path.abspath(path))
+        raise VideoError(
+            f"'{os.path.basename(path)}' was not found in '{folder}'. "
+            "Put the file there (or upload it) and pick it again, or choose another file."
+        )
+    if os.path.isdir(path):
+        files = list_image_sequence(path)
+        if not files:
+            raise VideoError(
+                f"The folder '{path}' holds no images to use as a frame sequence. Put the "
+                f"frames in it as {', '.join(IMAGE_EXTENSIONS)} files, or pick a video file."
+            )
+        return _Source("sequence", path, tuple(files))
+    if not (is_video_file(path) or is_image_file(path)):
+        raise VideoError(
+            f"'{os.path.basename(path)}' is not a supported video or image type. "
+            f"Convert it to one of: {_supported_list()}."
+        )
+    if os.path.getsize(path) == 0:
+        raise VideoError(
+            f"'{os.path.basename(path)}' is empty (0 bytes). The upload or copy probably failed: "
+            "copy the file again."
+        )
+    return _Source("video" if is_video_file(path) else "image", path)
+
+
+def _unreadable(path: str, what: str = "video") -> VideoError:
+    return VideoError(
+        f"Could not read any frames from '{os.path.basename(path)}': the {what} is damaged, "
+        "incomplete, or in a format OpenCV cannot decode. Re-encode it (for example as an "
+        "H.264 .mp4) or export it as a folder of PNG frames."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+def _open_capture(path: str) -> cv2.VideoCapture | None:
+    """Open ``path`` with the FFmpeg backend, falling back to any backend; None when neither can."""
+    for api in (cv2.CAP_FFMPEG, cv2.CAP_ANY):
+        cap = cv2.VideoCapture(path, api)
+        if cap.isOpened():
+            return cap
+        cap.release()
+    return None
+
+
+def _decode_image_file(path: str) -> np.ndarray:
+    """Read a still image as an RGB ``[H, W, 3]`` array (uint8, uint16 or float).
+
+    Goes through ``np.fromfile`` + ``cv2.imdecode`` so non-ASCII paths work on every OS. EXIF
+    orientation is applied; an alpha channel is dropped; grey images become RGB.
+    """
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise VideoError(f"Could not open '{path}': {exc}. Check the file's permissions.") from exc
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if data.size else None
+    if img is None:
+        raise _unreadable(path, "image")
+    return np.ascontiguousarray(img[..., ::-1])
+
+
+def _gif_fallback(path: str) -> tuple[list[np.ndarray], float | None]:
+    """Decode every frame of a GIF with OpenCV's image codecs (RGB frames, fps or None)."""
+    data = np.fromfile(path, dtype=np.uint8)
+    if hasattr(cv2, "imdecodeanimation"):
+        ok, anim = cv2.imdecodeanimation(data)
+        if ok and len(anim.frames):
+            durations = [d for d in anim.durations if d > 0]
+            fps = 1000.0 / (sum(durations) / len(durations)) if durations else None
+            return [np.ascontiguousarray(f[..., 2::-1]) for f in anim.frames], fps
+    if hasattr(cv2, "imdecodemulti"):
+        ok, frames = cv2.imdecodemulti(data, cv2.IMREAD_COLOR)
+        if ok and frames:
+            return [np.ascontiguousarray(f[..., ::-1]) for f in frames], None
+    return [], None
+
+
+@dataclass(frozen=True)
+class _Selection:
+    skip: int
+    nth: int
+    cap: int
+
+    def wants(self, index: int) -> bool:
+        return index >= self.skip and (index - self.skip) % self.nth == 0
+
+    def expected(self, total: int) -> int:
+        """How many frames a source of ``total`` frames yields (0 when ``total`` is unknown)."""
+        n = math.ceil(max(0, total - self.skip) / self.nth)
+        return min(n, self.cap) if self.cap else n
+
+
+class _Stats:
+    """Frames seen while decoding (selected or not) and the frame rate the source reported."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.fps: float | None = None
+
+
+def _iter_video(
+    path: str, cap: cv2.VideoCapture | None, sel: _Selection, stats: _Stats
+) -> Iterator[np.ndarray]:
+    """Yield the selected frames of an opened video as RGB uint8 arrays; releases ``cap``.
+
+    Frames before and between the selected ones are only grabbed, not converted or returned.
+    Decoding stops as soon as ``sel.cap`` frames were yielded. A GIF that the capture cannot
+    read goes through :func:`_gif_fallback`.
+    """
+    taken = 0
+    try:
+        if cap is not None:
+            fps = cap.get(cv2.CAP_PROP_FPS)
+            stats.fps = fps if fps and math.isfinite(fps) and fps > 0 else None
+            index = 0
+            while not (sel.cap and taken >= sel.cap):
+                if sel.wants(index):
+                    ok, frame = cap.read()
+                    if not ok or frame is None:
+                        break
+                    stats.seen = index + 1
+                    taken += 1
+                    yield np.ascontiguousarray(frame[..., ::-1])
+                else:
+                    if not cap.grab():
+                        break
+                    stats.seen = index + 1
+                index += 1
+    finally:
+        if cap is not None:
+            cap.release()
+    if stats.seen == 0 and _ext(path) == ".gif":
+        frames, fps = _gif_fallback(path)
+        stats.fps = fps
+        for index, frame in enumerate(frames):
+            if sel.cap and taken >= sel.cap:
+                break
+            stats.seen = index + 1
+            if sel.wants(index):
+                taken += 1
+                yield frame
+    if stats.seen == 0:
+        raise _unreadable(path)
+
+
+def _iter_files(files: Sequence[str], sel: _Selection, stats: _Stats) -> Iterator[np.ndarray]:
+    """Yield the selected images of a sequence, reading only those files."""
+    stats.seen = len(files)
+    taken = 0
+    for index, file in enumerate(files):
+        if sel.cap and taken >= sel.cap:
+            break
+        if sel.wants(index):
+            taken += 1
+            yield _decode_image_file(file)
+
+
+def _to_float(frame: np.ndarray) -> torch.Tensor:
+    """RGB array (uint8 / uint16 / float) -> float32 tensor ``[H, W, 3]`` in 0..1."""
+    if frame.dtype == np.uint8:
+        return torch.from_numpy(frame).to(torch.float32).div_(255.0)
+    if frame.dtype == np.uint16:
+        return torch.from_numpy(frame.astype(np.float32)).div_(65535.0)
+    return torch.from_numpy(frame.astype(np.float32)).clamp_(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Probing
+# --------------------------------------------------------------------------------------------
+
+
+def _check_fps(sequence_fps: float) -> float:
+    try:
+        fps = float(sequence_fps)
+    except (TypeError, ValueError):
+        fps = float("nan")
+    if not (math.isfinite(fps) and fps > 0):
+        raise VideoError(f"sequence_fps must be a positive number (got {sequence_fps!r}); try 8.")
+    return fps
+
+
+def probe_video(path: str | os.PathLike, *, sequence_fps: float = 8.0) -> VideoInfo:
+    """Frame count, frame rate and size of a video, GIF, image or image-sequence folder.
+
+    Reads one frame to make sure the source decodes, and raises :class:`VideoError` if it does
+    not. See :class:`VideoInfo` for when ``frame_count`` is only the container's estimate.
+    """
+    fallback_fps = _check_fps(sequence_fps)
+    src = _open_source(path)
+    if src.kind == "image":
+        h, w = _decode_image_file(src.path).shape[:2]
+        return VideoInfo(1, fallback_fps, w, h)
+    if src.kind == "sequence":
+        h, w = _decode_image_file(src.files[0]).shape[:2]
+        return VideoInfo(len(src.files), fallback_fps, w, h)
+
+    cap = _open_capture(src.path)
+    if cap is None:
+        if _ext(src.path) == ".gif":
+            frames, fps = _gif_fallback(src.path)
+            if frames:
+                h, w = frames[0].shape[:2]
+                return VideoInfo(len(frames), fps or fallback_fps, w, h)
+        raise _unreadable(src.path)
+    try:
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        ok, frame = cap.read()
+        if not ok or frame is None:
+            raise _unreadable(src.path)
+        h, w = frame.shape[:2]
+        if count <= 0:
+            count = 1
+            while cap.grab():
+                count += 1
+    finally:
+        cap.release()
+    fps = fps if fps and math.isfinite(fps) and fps > 0 else fallback_fps
+    return VideoInfo(count, float(fps), int(w), int(h))
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing
+# --------------------------------------------------------------------------------------------
+
+
+def _check_size(size: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+        raise VideoError(f"size must be a whole number of pixels (got {size!r}); try 512.")
+    size = int(size)
+    if size <= 0 or size % 8:
+        lower, upper = (size // 8) * 8, (size // 8 + 1) * 8
+        hint = f"use {lower} or {upper}" if lower > 0 else f"use {max(upper, 8)}"
+        raise VideoError(f"size must be a positive multiple of 8 (got {size}); {hint}.")
+    return size
+
+
+def _check_mode(resize_mode: str) -> str:
+    if resize_mode not in RESIZE_MODES:
+        raise VideoError(
+            f"resize_mode must be one of {', '.join(RESIZE_MODES)} (got {resize_mode!r})."
+        )
+    return resize_mode
+
+
+def _scaled_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """Short side to ``size``, long side ``int(scale * long)`` (the official rounding)."""
+    short, long = (height, width) if height < width else (width, height)
+    scale = size / short
+    long_target = max(int(scale * long), size)
+    return (size, long_target) if height < width else (long_target, size)
+
+
+def output_size(height: int, width: int, *, size: int = 512, resize_mode: str = "crop") -> tuple[int, int]:
+    """Output ``(height, width)`` of a ``height x width`` frame under ``resize_mode``.
+
+    - ``crop``: ``(size, size)``.
+    - ``keep_aspect``: short side ``size``, long side scaled then snapped down to a multiple of 8.
+    - ``none``: source size snapped down to multiples of 8 (``size`` is checked but not used).
+    """
+    size = _check_size(size)
+    _check_mode(resize_mode)
+    if height <= 0 or width <= 0:
+        raise VideoError(f"A frame of {width}x{height} pixels cannot be used; the file is damaged.")
+    if resize_mode == "crop":
+        return size, size
+    if resize_mode == "keep_aspect":
+        sh, sw = _scaled_size(height, width, size)
+        return sh // 8 * 8, sw // 8 * 8
+    if height < 8 or width < 8:
+        raise VideoError(
+            f"Frames of {width}x{height} pixels are too small: with resize_mode 'none' both sides "
+            "must be at least 8 pixels. Use resize_mode 'crop' or 'keep_aspect' to scale them up."
+        )
+    return height // 8 * 8, width // 8 * 8
+
+
+def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Centre crop the last two dims of ``x`` (start offsets rounded down, as the official code)."""
+    h, w = x.shape[-2:]
+    top, left = (h - height) // 2, (w - width) // 2
+    return x[..., top:top + height, left:left + width]
+
+
+def resize_frames(frames: torch.Tensor, *, size: int = 512, resize_mode: str = "crop") -> torch.Tensor:
+    """Resize and crop ``[F, H, W, C]`` (or ``[H, W, C]``) frames in 0..1 as :func:`load_frames` does.
+
+    Scaling uses antialiased bilinear interpolation (an area-like filter when shrinking, plain
+    bilinear when enlarging), as the official preprocessing does. Returns a contiguous float32
+    tensor with the same number of dims, values clamped to 0..1.
+    """
+    squeeze = frames.dim() == 3
+    x = frames.unsqueeze(0) if squeeze else frames
+    if x.dim() != 4:
+        raise VideoError(f"Frames must be shaped [F, H, W, C]; got {tuple(frames.shape)}.")
+    h, w = x.shape[1:3]
+    out_h, out_w = output_size(h, w, size=size, resize_mode=resize_mode)
+    x = x.to(torch.float32).permute(0, 3, 1, 2)
+    if resize_mode != "none":
+        sh, sw = _scaled_size(h, w, size)
+        if (sh, sw) != (h, w):
+            x = F.interpolate(x, size=(sh, sw), mode="bilinear", align_corners=False, antialias=True)
+            x = x.clamp_(0.0, 1.0)
+    x = _center_crop(x, out_h, out_w).permute(0, 2, 3, 1).contiguous()
+    return x[0] if squeeze else x
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _check_count(name: str, value: int, minimum: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise VideoError(f"{name} must be a whole number (got {value!r}); {hint}.")
+    if value < minimum:
+        raise VideoError(f"{name} must be at least {minimum} (got {value}); {hint}.")
+    return int(value)
+
+
+class _FrameBuffer:
+    """Collects same-sized frames into one preallocated ``[N, H, W, 3]`` tensor.
+
+    The capacity starts at the expected frame count, so the usual case allocates once and never
+    copies; an underestimate grows the buffer by half again.
+    """
+
+    def __init__(self, expected: int) -> None:
+        self.expected = max(1, expected)
+        self.data: torch.Tensor | None = None
+        self.count = 0
+
+    def append(self, frame: torch.Tensor, where: str) -> None:
+        if self.data is None:
+            self.data = torch.empty((self.expected, *frame.shape), dtype=torch.float32)
+        elif frame.shape != self.data.shape[1:]:
+            raise VideoError(
+                f"Frame {self.count} of '{where}' is {frame.shape[1]}x{frame.shape[0]} after "
+                f"resizing, but earlier frames are {self.data.shape[2]}x{self.data.shape[1]}. "
+                "All frames must have the same size and aspect ratio: resize the frames to one "
+                "size, or use resize_mode 'crop'."
+            )
+        if self.count == self.data.shape[0]:
+            grown = torch.empty((self.count + max(8, self.count // 2), *frame.shape), dtype=torch.float32)
+            grown[: self.count] = self.data
+            self.data = grown
+        self.data[self.count] = frame
+        self.count += 1
+
+    def result(self) -> torch.Tensor:
+        assert self.data is not None
+        if self.count == self.data.shape[0]:
+            return self.data
+        return self.data[: self.count].clone()
+
+
+def _zero_selected_error(path: str, seen: int, sel: _Selection) -> VideoError:
+    name = os.path.basename(os.path.normpath(path))
+    return VideoError(
+        f"No frames left to load: '{name}' has {seen} frame{'s' if seen != 1 else ''} and "
+        f"skip_first_frames={sel.skip} skips all of them. Set skip_first_frames to at most "
+        f"{max(0, seen - 1)}."
+    )
+
+
+def load_frames(
+    path: str | os.PathLike,
+    *,
+    frame_load_cap: int = 0,
+    skip_first_frames: int = 0,
+    select_every_nth: int = 1,
+    size: int = 512,
+    resize_mode: str = "crop",
+    sequence_fps: float = 8.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Load a video, GIF, image or image-sequence folder as ``(frames, fps)``.
+
+    Frame selection: the first ``skip_first_frames`` frames are dropped, then every
+    ``select_every_nth``-th frame is kept (starting with the first one left), and loading stops
+    after ``frame_load_cap`` kept frames (0 loads all). Frames are decoded one at a time and only
+    the kept ones are resized and stored, so memory is bounded by the output.
+
+    ``frames`` is ``float32 [F, H, W, 3]`` RGB in 0..1 on the CPU, resized by ``resize_mode`` (see
+    :func:`output_size`); H and W are always multiples of 8. ``fps`` is the playback rate of the
+    kept frames: the source rate (``sequence_fps`` for image sequences, single images, and videos
+    that report no rate) divided by ``select_every_nth``, so a video made from them lasts as long
+    as the source span.
+
+    ``progress(done, total)`` is called after each kept frame; ``total`` is the expected number of
+    kept frames, estimated from the container's frame count for videos (never below ``done``).
+    """
+    frame_load_cap = _check_count("frame_load_cap", frame_load_cap, 0, "use 0 to load every frame")
+    skip_first_frames = _check_count("skip_first_frames", skip_first_frames, 0, "use 0 to start at the first frame")
+    select_every_nth = _check_count("select_every_nth", select_every_nth, 1, "use 1 to keep every frame")
+    size = _check_size(size)
+    _check_mode(resize_mode)
+    fallback_fps = _check_fps(sequence_fps)
+    sel = _Selection(skip_first_frames, select_every_nth, frame_load_cap)
+
+    src = _open_source(path)
+    stats = _Stats()
+    if src.kind == "video":
+        cap = _open_capture(src.path)
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if cap is not None else 0
+        raw = _iter_video(src.path, cap, sel, stats)
+    else:
+        files = src.files if src.kind == "sequence" else (src.path,)
+        total = len(files)
+        raw = _iter_files(files, sel, stats)
+
+    expected = sel.expected(total) if total > 0 else (frame_load_cap or 0)
+    buffer = _FrameBuffer(expected)
+    try:
+        for frame in raw:
+            buffer.append(resize_frames(_to_float(frame), size=size, resize_mode=resize_mode), src.path)
+            if progress is not None:
+                progress(buffer.count, max(expected, buffer.count))
+    finally:
+        raw.close()
+
+    if buffer.count == 0:
+        raise _zero_selected_error(src.path, stats.seen, sel)
+    fps = stats.fps if src.kind == "video" and stats.fps else fallback_fps
+    return buffer.result(), float(fps) / select_every_nth
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints and paths
+# --------------------------------------------------------------------------------------------
+
+_FILE_HASHES: dict[tuple, str] = {}
+_FILE_HASHES_MAX = 256
+
+
+def _file_sha256(path: str) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks.
+
+    Results are remembered per (path, size, mtime, ctime, inode), so re-checking an unchanged
+    file on every queued prompt does not re-read it; any rewrite of the file changes the key.
+    """
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    cached = _FILE_HASHES.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    result = digest.hexdigest()
+    if len(_FILE_HASHES) >= _FILE_HASHES_MAX:
+        _FILE_HASHES.pop(next(iter(_FILE_HASHES)))
+    _FILE_HASHES[key] = result
+    return result
+
+
+def frames_fingerprint(path: str | os.PathLike, **params) -> str:
+    """A hex sha256 identifying the frames ``load_frames(path, **params)`` would return.
+
+    Combines the file's bytes (for a sequence folder: each image's name and bytes, in load
+    order) with the parameters, so the host's cache reruns the loader exactly when the content
+    or a setting changed. Parameters are serialised as sorted JSON (``repr`` for other types);
+    ``progress`` is ignored.
+    """
+    src = _open_source(path)
+    digest = hashlib.sha256(b"fatezero-frames-v1\0")
+    files = src.files if src.kind == "sequence" else (src.path,)
+    digest.update(f"{src.kind}:{len(files)}\0".encode())
+    for file in files:
+        name = os.path.basename(file) if src.kind == "sequence" else ""
+        digest.update(f"{name}\0{_file_sha256(file)}\0".encode())
+    params = {k: v for k, v in params.items() if k != "progress"}
+    digest.update(json.dumps(params, sort_keys=True, default=repr).encode())
+    return digest.hexdigest()
+
+
+def _is_within(path: str, base: str) -> bool:
+    try:
+        return os.path.commonpath([path, base]) == base
+    except ValueError:  # different drives on Windows
+        return False
+
+
+def safe_input_path(base_dir: str | os.PathLike, relative: str | os.PathLike) -> str:
+    """Resolve a user-given ``relative`` path inside ``base_dir`` and return its real path.
+
+    Refuses absolute paths, drive letters, and paths that end up outside ``base_dir`` once
+    ``..`` parts and symlinks are resolved (``os.path.realpath``). The path need not exist yet.
+    """
+    relative = os.fspath(relative)
+    base = os.path.realpath(os.fspath(base_dir))
+    hint = (
+        f"'{relative}' must be inside the input folder '{base}': give a path relative to that "
+        "folder (no leading '/', drive letter or '..'), or copy the file into it."
+    )
+    if not relative or "\0" in relative:
+        raise VideoError(f"The path {relative!r} is empty or invalid. Pick a file in '{base}'.")
+    drive, _ = os.path.splitdrive(relative)
+    if os.path.isabs(relative) or drive or relative.startswith(("/", "\\")):
+        raise VideoError(hint)
+    resolved = os.path.realpath(os.path.join(base, relative))
+    if not _is_within(resolved, base):
+        raise VideoError(hint)
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _frames_to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``[F, H, W, 3]`` frames in 0..1 -> uint8 RGB numpy array."""
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(frames)
+    if frames.dim() != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise VideoError(
+            f"Frames to write must be shaped [F, H, W, 3] with at least one frame; got "
+            f"{tuple(frames.shape)}."
+        )
+    x = frames.detach().to("cpu", torch.float32).clamp(0.0, 1.0).mul(255.0).round_()
+    return x.to(torch.uint8).numpy()
+
+
+def write_video(path: str | os.PathLike, frames: torch.Tensor | np.ndarray, fps: float) -> str:
+    """Write ``[F, H, W, 3]`` frames (0..1 RGB) as a video; returns the path.
+
+    ``.avi`` is written as Motion-JPEG (near-lossless at OpenCV's default quality, handy for
+    tests), ``.mp4`` / ``.m4v`` / ``.mov`` as MPEG-4 Part 2 (``mp4v``). Parent folders are
+    created. For an H.264 file, re-encode the result or use the host's video nodes.
+    """
+    path = os.fspath(path)
+    fourcc = _WRITER_FOURCC.get(_ext(path))
+    if fourcc is None:
+        raise VideoError(
+            f"Cannot write '{os.path.basename(path)}': use a name ending in "
+            f"{', '.join(_WRITER_FOURCC)}."
+        )
+    fps = _check_fps(fps)
+    data = _frames_to_uint8(frames)
+    _, h, w, _ = data.shape
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
+    if not writer.isOpened():
+        raise VideoError(
+            f"OpenCV could not open '{path}' for writing with the {fourcc} codec. Check that the "
+            "folder is writable, or write an image sequence instead."
+        )
+    try:
+        for frame in data:
+            writer.write(np.ascontiguousarray(frame[..., ::-1]))
+    finally:
+        writer.release()
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        raise VideoError(f"Writing '{path}' produced no data. Check free disk space and permissions.")
+    return path
+
+
+def write_image_sequence(
+    directory: str | os.PathLike,
+    frames: torch.Tensor | np.ndarray,
+    *,
+    prefix: str = "frame_",
+    start: int = 0,
+) -> list[str]:
+    """Write ``[F, H, W, 3]`` frames (0..1 RGB) as PNG files ``{prefix}{index:05d}.png``.
+
+    Creates ``directory`` if needed and returns the written paths in order; the names sort the
+    same way naturally and lexically, and :func:`load_frames` reads the folder back in order.
+    """
+    directory = os.fspath(directory)
+    data = _frames_to_uint8(frames)
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for i, frame in enumerate(data):
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(frame[..., ::-1]))
+        if not ok:
+            raise VideoError(f"OpenCV could not encode frame {i} as PNG.")
+        out = os.path.join(directory, f"{prefix}{start + i:05d}.png")
+        encoded.tofile(out)
+        paths.append(out)
+    return paths
