@@ -1,0 +1,327 @@
+"""Attention controllers: capture during inversion, fusion during editing (paper eqs. 4-8).
+
+The host calls ``controller.attn1(q, k, v, call)`` for self-attention and ``controller.attn2`` for
+cross-attention with projected, head-merged tensors ``[B, N, heads*dim_head]`` where the batch is
+made of equal frame-major chunks named by ``call.chunks`` (ComfyUI: ``[uncond F | cond F]``;
+``comfyui-host-contract.md`` sections 2-3). Both return the attention output before ``to_out``.
+
+- :class:`CaptureController` (inversion): spatio-temporal self-attention; records source queries,
+  key-frame keys and cross-attention probabilities of the ``cond`` chunk into the store.
+- :class:`EditController` (editing): fuses the ``cond`` chunk only, as the official code does;
+  ``uncond`` keeps its own attention; ``source`` chunks (``recompute`` store) are captured into the
+  store's scratch for the current step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import blend_mask as bm
+from .attention import (apply_probs, attention, attention_probs, blended_self_attention,
+                        spatio_temporal_attention)
+from .cross_fusion import fuse_cross_probs
+from .errors import FateZeroError, StoreMismatchError
+from .keyframes import (gather_key_frames, key_frame_table, key_frames_used, remap_table,
+                        rule_for_channels)
+from .layers import MASK_LEVEL, AttnCall, LayerInfo, LayerSet
+from .store import AttentionStore
+
+
+class _Controller:
+    """Shared spatio-temporal bookkeeping and the capture of one source chunk."""
+
+    def __init__(self, store: AttentionStore):
+        self.store = store
+        self.config = store.config
+        self.layer_set = LayerSet(self.config.layer_set)
+        self._tables: dict[tuple, torch.Tensor] = {}
+
+    def __deepcopy__(self, memo):
+        # Hosts deep-copy patch containers; a controller is shared state and must stay one object.
+        return self
+
+    def _table(self, layer: LayerInfo, frames: int) -> torch.Tensor:
+        rule = rule_for_channels(self.config.key_rule, layer.channels, self.config.min_st_channels)
+        key = (rule, frames)
+        if key not in self._tables:
+            self._tables[key] = key_frame_table(rule, frames)
+        return self._tables[key]
+
+    def _capture_self(self, step: int, layer: LayerInfo, q, k, table) -> None:
+        self.store.put(step, layer.name, "q", q)
+        self.store.put(step, layer.name, "k", k.index_select(0, key_frames_used(table).to(k.device)))
+
+    def _capture_cross(self, step: int, layer: LayerInfo, probs) -> None:
+        self.store.put(step, layer.name, "probs", probs)
+
+    def _cross_source(self, step, layer, q, k, v, capture: bool):
+        if not (capture and self.layer_set.stores(layer)):
+            return attention(q, k, v, layer.heads)
+        probs = attention_probs(q, k, layer.heads)
+        self._capture_cross(step, layer, probs)
+        return apply_probs(probs, v, layer.heads)
+
+    def _self_source(self, step, layer, q, k, v, table, capture: bool):
+        if capture and self.layer_set.stores(layer):
+            self._capture_self(step, layer, q, k, table)
+        return spatio_temporal_attention(q, k, v, layer.heads, table)
+
+
+def _chunks(call: AttnCall, *tensors):
+    """Yield ``(kind, (t0[chunk], t1[chunk], ...))`` for every chunk of the batch."""
+    frames = call.frames(tensors[0].shape[0])
+    for c, kind in enumerate(call.chunks):
+        sl = slice(c * frames, (c + 1) * frames)
+        yield kind, tuple(t[sl] for t in tensors)
+
+
+def _batched_chunks(call: AttnCall, q, k, v):
+    """Cross-attention keys may carry a batch of 1 (shared prompt); broadcast them to chunks."""
+    if k.shape[0] != q.shape[0]:
+        k = k.expand(q.shape[0], -1, -1)
+        v = v.expand(q.shape[0], -1, -1)
+    return _chunks(call, q, k, v)
+
+
+class CaptureController(_Controller):
+    """Inversion (eq. 4): spatio-temporal self-attention with capture of the ``cond`` chunk.
+
+    ``call.step`` is the inversion step index ``j`` (ascending noise). With a ``recompute`` store
+    only the layer manifest and latents are kept.
+    """
+
+    def attn1(self, q, k, v, call: AttnCall) -> torch.Tensor:
+        layer = call.layer
+        self.store.register_layer(layer, "self", self.layer_set.stores(layer))
+        capture = self.store.keeps_attention
+        table = self._table(layer, call.frames(q.shape[0]))
+        outs = [self._self_source(call.step, layer, *t, table, capture and kind == "cond")
+                for kind, t in _chunks(call, q, k, v)]
+        return torch.cat(outs)
+
+    def attn2(self, q, k, v, call: AttnCall) -> torch.Tensor:
+        layer = call.layer
+        self.store.register_layer(layer, "cross", self.layer_set.stores(layer))
+        capture = self.store.keeps_attention
+        outs = [self._cross_source(call.step, layer, *t, capture and kind == "cond")
+                for kind, t in _batched_chunks(call, q, k, v)]
+        return torch.cat(outs)
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """Everything the fusion needs besides the store (reference doc sections 3.1-3.5).
+
+    ``mode``: ``"replace"`` or ``"refine"``; ``mapper``: ``[77, 77]`` float (replace) or ``[77]``
+    long (refine); ``refine_alphas``: ``[77]`` (refine); ``equalizer``: ``[77]`` or None;
+    ``cross_alphas``: ``[N+1, 77]``; ``self_window``: edit steps ``start <= i < end`` with self
+    fusion. ``blend_tokens``: token positions of the blend words in the *source* prompt (None: no
+    mask, i.e. full self-attention replacement); ``target_blend_tokens``: in the target prompt, for
+    the local latent blend. ``fuse=False`` disables all fusion (plain spatio-temporal sampling).
+    """
+
+    mode: str
+    mapper: torch.Tensor
+    cross_alphas: torch.Tensor
+    self_window: tuple[int, int]
+    refine_alphas: torch.Tensor | None = None
+    equalizer: torch.Tensor | None = None
+    blend_tokens: tuple[int, ...] | None = None
+    blend_threshold: float = 0.3
+    soft_mask: bool = False
+    target_blend_tokens: tuple[int, ...] | None = None
+    latent_blend: bool = False
+    latent_blend_window: tuple[float, float] = (0.2, 0.8)
+    latent_blend_aligned: bool = False
+    source_token_ids: tuple[int, ...] = ()
+    fuse: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ("replace", "refine"):
+            raise FateZeroError(f"Unknown edit mode '{self.mode}'; use replace or refine.")
+        if self.mode == "refine" and self.refine_alphas is None:
+            raise FateZeroError("Refine mode needs the refine alphas of the token alignment.")
+        if self.latent_blend and not self.blend_tokens:
+            raise FateZeroError("The local latent blend needs blend words; add them or turn it off.")
+
+    @classmethod
+    def from_alignment(cls, alignment, **options) -> "EditSettings":
+        """Build from a :class:`fatezero_core.prompt_align.TokenAlignment`."""
+        return cls(mode=alignment.mode, mapper=alignment.mapper, cross_alphas=alignment.cross_alphas,
+                   self_window=tuple(alignment.self_window), refine_alphas=alignment.refine_alphas,
+                   equalizer=alignment.equalizer, **options)
+
+
+class EditController(_Controller):
+    """Editing (eq. 5): fuse the stored source attention into the ``cond`` chunk.
+
+    ``call.step`` is the edit step index ``i`` (descending noise); it reads inversion step
+    ``j = N - 1 - i``, which ran the UNet at the same timestep (reference doc section 3.2).
+    """
+
+    def __init__(self, store: AttentionStore, settings: EditSettings):
+        super().__init__(store)
+        if not store.complete:
+            store._check_readable()
+        self.settings = settings
+        self.num_steps = self.config.num_steps
+        self._check_settings()
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self._target_map: torch.Tensor | None = None
+
+    def _check_settings(self):
+        s, cfg = self.settings, self.config
+        if s.source_token_ids and cfg.source_token_ids and tuple(s.source_token_ids) != tuple(cfg.source_token_ids):
+            raise StoreMismatchError(
+                f"The store was captured with the source prompt '{cfg.source_prompt}', but the blend "
+                "settings use a different source prompt: use the same source text for inversion "
+                "and editing (wire the source CONDITIONING of Attention Blend Settings into DDIM Invert)."
+            )
+        rows = s.cross_alphas.shape[0]
+        if rows != self.num_steps + 1:
+            raise StoreMismatchError(
+                f"The blend settings were made for {rows - 1} steps but the store has "
+                f"{self.num_steps}: use the same number of steps."
+            )
+
+    def inversion_step(self, edit_step: int) -> int:
+        return self.num_steps - 1 - edit_step
+
+    def _self_fusion_on(self, i: int, layer: LayerInfo) -> bool:
+        start, end = self.settings.self_window
+        return self.settings.fuse and start <= i < end and self.layer_set.stores(layer)
+
+    # ------------------------------------------------------------- attention
+    def attn1(self, q, k, v, call: AttnCall) -> torch.Tensor:
+        layer, i = call.layer, call.step
+        j = self.inversion_step(i)
+        table = self._table(layer, call.frames(q.shape[0]))
+        outs = []
+        for kind, (qc, kc, vc) in _chunks(call, q, k, v):
+            if kind == "source":
+                outs.append(self._self_source(j, layer, qc, kc, vc, table, True))
+            elif kind == "cond" and self._self_fusion_on(i, layer):
+                outs.append(self._fused_self(j, layer, qc, kc, vc, table))
+            else:
+                outs.append(spatio_temporal_attention(qc, kc, vc, layer.heads, table))
+        return torch.cat(outs)
+
+    def _fused_self(self, j, layer, q, k, v, table):
+        q_src = self.store.get(j, layer.name, "q", q.device, q.dtype)
+        k_src = self.store.get(j, layer.name, "k", k.device, k.dtype)
+        k_src_keys = gather_key_frames(k_src, remap_table(table, key_frames_used(table)))
+        mask = self.self_mask(j, layer)
+        return blended_self_attention(q, gather_key_frames(k, table), gather_key_frames(v, table),
+                                      q_src, k_src_keys, layer.heads, mask)
+
+    def attn2(self, q, k, v, call: AttnCall) -> torch.Tensor:
+        layer, i = call.layer, call.step
+        j = self.inversion_step(i)
+        fuse = self.settings.fuse and self.layer_set.stores(layer)
+        outs = []
+        for kind, (qc, kc, vc) in _batched_chunks(call, q, k, v):
+            if kind == "source":
+                outs.append(self._cross_source(j, layer, qc, kc, vc, True))
+            elif kind == "cond" and fuse:
+                outs.append(self._fused_cross(i, j, layer, qc, kc, vc))
+            else:
+                outs.append(attention(qc, kc, vc, layer.heads))
+        return torch.cat(outs)
+
+    def _fused_cross(self, i, j, layer, q, k, v):
+        s = self.settings
+        edit = attention_probs(q, k, layer.heads)
+        src = self.store.get(j, layer.name, "probs", q.device, edit.dtype)
+        if src.shape[-1] != edit.shape[-1]:
+            raise FateZeroError(
+                f"The target prompt has {edit.shape[-1]} token slots but the source {src.shape[-1]}: "
+                "keep both prompts within 75 tokens."
+            )
+        if s.latent_blend and layer.level == MASK_LEVEL:
+            self._accumulate_target_map(i, layer, edit)
+        fused = fuse_cross_probs(edit, src, s.mode, s.mapper.to(q.device), _to(s.refine_alphas, q.device),
+                                 _to(s.equalizer, q.device), s.cross_alphas[i].to(q.device))
+        return apply_probs(fused, v, layer.heads)
+
+    # ------------------------------------------------------------------ masks
+    def _mask_layers(self) -> list[LayerInfo]:
+        layers = [info for info in self.store.layers("cross") if info.level == MASK_LEVEL]
+        if not layers:
+            raise FateZeroError(
+                "Blend words need the source cross-attention at 1/4 of the latent size, which this "
+                "store does not hold (frames too small, or layer set 'official' at a large size): "
+                "use the 'relative' layer set or frames of at least 64 px."
+            )
+        return layers
+
+    def source_word_map(self, j: int, tokens) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``[F, h, w]`` source attention of ``tokens`` at the mask layers, inversion step j."""
+        layers = self._mask_layers()
+        probs = [self.store.get(j, info.name, "probs", dtype=torch.float32) for info in layers]
+        size = (layers[0].height, layers[0].width)
+        return bm.word_attention_map(probs, tokens, size), size
+
+    def self_mask(self, j: int, layer: LayerInfo) -> torch.Tensor | None:
+        """Eq. 6 mask for one layer's query rows (``[F, h*w]``), or None for full replacement."""
+        s = self.settings
+        if not s.blend_tokens:
+            return None
+        key = (j, layer.height, layer.width)
+        if key not in self._masks:
+            if self._masks and next(iter(self._masks))[0] != j:
+                self._masks.clear()  # keep one step of masks
+            word_map, _ = self.source_word_map(j, s.blend_tokens)
+            self._masks[key] = bm.blend_mask(word_map, (layer.height, layer.width), s.blend_threshold, s.soft_mask)
+        return self._masks[key]
+
+    # ------------------------------------------------------ local latent blend
+    def _accumulate_target_map(self, i, layer, edit_probs):
+        """Running sum over steps of the edit's own target-word attention (reference doc 3.5).
+
+        The official mask takes the layer mean of per-layer sums over steps; summing each layer's
+        map divided by the number of mask layers is the same quantity.
+        """
+        tokens = self.settings.target_blend_tokens
+        if not tokens:
+            return
+        word = bm.word_attention_map([edit_probs], tokens, (layer.height, layer.width))
+        if self._target_map is None:
+            self._target_map = torch.zeros_like(word)
+        self._target_map += word / len(self._mask_layers())
+
+    def latent_blend_active(self, i: int) -> bool:
+        """Official window: ``int(a N) < i + 1 < int(b N)`` (N=50: steps 10..38)."""
+        a, b = self.settings.latent_blend_window
+        n = self.num_steps
+        return self.settings.latent_blend and int(a * n) < i + 1 < int(b * n)
+
+    def latent_blend_source_index(self, i: int) -> int:
+        """Inversion latent mixed in after edit step i.
+
+        Parity (default): ``z_{N-i}``, one step noisier than the edit latent, as the official code
+        does; aligned: ``z_{N-1-i}``, the same noise level.
+        """
+        return self.num_steps - 1 - i if self.settings.latent_blend_aligned else self.num_steps - i
+
+    def latent_blend_mask(self, i: int, latent_size) -> torch.Tensor | None:
+        """``[F, 1, h, w]`` union of the source- and target-word masks, or None when inactive."""
+        if not self.latent_blend_active(i):
+            return None
+        s = self.settings
+        word_map, _ = self.source_word_map(self.inversion_step(i), s.blend_tokens)
+        mask = bm.blend_mask(word_map, latent_size, s.blend_threshold, s.soft_mask)
+        if s.target_blend_tokens and self._target_map is not None:
+            target = bm.blend_mask(self._target_map, latent_size, s.blend_threshold, s.soft_mask)
+            mask = bm.union(mask, target)
+        return mask.view(mask.shape[0], 1, *latent_size)
+
+
+def latent_blend(z: torch.Tensor, z_src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Local latent blend: ``z_src + M (z - z_src)``: outside the mask the source latent is kept."""
+    return z_src + mask.to(z.dtype) * (z - z_src)
+
+
+def _to(t, device):
+    return None if t is None else t.to(device)

@@ -1,0 +1,137 @@
+"""Spatio-temporal key selection for self-attention (paper eq. 8; design decision 6).
+
+Each frame's queries attend to the keys and values of a list of *key frames*. The list is a rule
+drawn from:
+
+- ``"self"``: the frame itself (offset 0),
+- ``"first"`` / ``"last"``: frame 0 / frame f-1,
+- ``"mid"`` (or ``"middle"``): frame (f-1)//2, e.g. frame 3 of 8,
+- ``"prev"`` / ``"next"``: offsets -1 / +1,
+- an integer d: frame clip(i + d, 0, f-1).
+
+The official FateZero code uses ``["mid"]`` for Stable Diffusion (every frame attends only to the
+middle frame, K=1) and ``[-1, "first"]`` (previous then first frame, K=2) for Tune-A-Video models;
+the current frame is only included when the rule lists it (reference doc section 4). The paper's
+eq. 8 is ``["self", "mid"]``. Layers whose channel count is below ``min_channels`` (the official
+``least_sc_channel``) use ordinary per-frame self-attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .errors import FateZeroError
+
+KeyRule = tuple  # normalised: entries are "first", "last", "mid" or int offsets
+
+SD_KEY_RULE: KeyRule = ("mid",)
+TAV_KEY_RULE: KeyRule = (-1, "first")
+PER_FRAME_RULE: KeyRule = (0,)
+
+_NAMED_OFFSETS = {"self": 0, "prev": -1, "previous": -1, "next": 1}
+_NAMED_FRAMES = {"first": "first", "last": "last", "mid": "mid", "middle": "mid"}
+
+
+def parse_key_rule(rule: str | int | Iterable[str | int]) -> KeyRule:
+    """Normalise a key-frame rule.
+
+    Accepts a list (``["prev", "first"]``), a comma- or space-separated string (``"prev, first"``,
+    ``"[mid]"``) or a single entry. Returns a tuple of ``"first" | "last" | "mid" | int``.
+    """
+    if isinstance(rule, str):
+        text = rule.strip().strip("[]()")
+        parts = [p.strip().strip("'\"") for p in text.replace(",", " ").split()]
+    elif isinstance(rule, int):
+        parts = [rule]
+    else:
+        parts = list(rule)
+    entries = []
+    for part in parts:
+        entries.append(_parse_entry(part))
+    if not entries:
+        raise FateZeroError(
+            "The key-frame rule is empty. Use e.g. 'mid' (official SD default), 'prev, first' "
+            "(Tune-A-Video) or 'self' for per-frame attention."
+        )
+    return tuple(entries)
+
+
+def _parse_entry(part: str | int) -> str | int:
+    if isinstance(part, int):
+        return part
+    name = str(part).strip().lower()
+    if name in _NAMED_OFFSETS:
+        return _NAMED_OFFSETS[name]
+    if name in _NAMED_FRAMES:
+        return _NAMED_FRAMES[name]
+    try:
+        return int(name)
+    except ValueError:
+        raise FateZeroError(
+            f"Unknown key-frame entry '{part}'. Use self, first, last, mid, prev, next or an "
+            "integer frame offset such as -1."
+        ) from None
+
+
+def format_key_rule(rule: KeyRule) -> str:
+    """Canonical text form, e.g. ``"prev, first"``; used in store configs and messages."""
+    names = {0: "self", -1: "prev", 1: "next"}
+    return ", ".join(names.get(e, str(e)) if isinstance(e, int) else e for e in rule)
+
+
+def key_frame_index(entry: str | int, frame: int, num_frames: int) -> int:
+    """Index of the key frame that ``entry`` selects for ``frame`` (reference doc section 4)."""
+    if entry == "first":
+        return 0
+    if entry == "last":
+        return num_frames - 1
+    if entry == "mid":
+        return (num_frames - 1) // 2
+    return min(max(frame + int(entry), 0), num_frames - 1)
+
+
+def key_frame_table(rule: KeyRule, num_frames: int) -> torch.Tensor:
+    """``[F, K]`` long tensor: row i lists the key frames of frame i in rule order."""
+    rows = [[key_frame_index(e, i, num_frames) for e in rule] for i in range(num_frames)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def key_frames_used(table: torch.Tensor) -> torch.Tensor:
+    """Sorted distinct frames a table refers to: the only source keys a store must keep."""
+    return torch.unique(table)
+
+
+def remap_table(table: torch.Tensor, kept_frames: torch.Tensor) -> torch.Tensor:
+    """Re-index a table into a tensor that holds only ``kept_frames`` (sorted)."""
+    return torch.searchsorted(kept_frames, table)
+
+
+def rule_for_channels(rule: KeyRule, channels: int, min_channels: int) -> KeyRule:
+    """The official ``least_sc_channel`` switch: narrow layers attend within their own frame."""
+    return rule if channels >= min_channels else PER_FRAME_RULE
+
+
+def gather_key_frames(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Concatenate the key frames' tokens for every frame.
+
+    ``x`` is ``[F_src, N, C]``; ``table`` is ``[F, K]`` indices into ``x``. Returns
+    ``[F, K*N, C]``: row i is ``cat(x[table[i, 0]], ..., x[table[i, K-1]])`` along tokens, the
+    ``K = W^K [z^{k_1}; ...; z^{k_K}]`` of eq. 8.
+    """
+    frames, k = table.shape
+    picked = x.index_select(0, table.reshape(-1).to(x.device))
+    return picked.reshape(frames, k * x.shape[1], x.shape[2])
+
+
+def is_identity_table(table: torch.Tensor) -> bool:
+    """True when every frame attends only to itself (plain per-frame self-attention)."""
+    return table.shape[1] == 1 and bool(
+        torch.equal(table[:, 0], torch.arange(table.shape[0], dtype=table.dtype))
+    )
+
+
+def describe_rules() -> Sequence[str]:
+    """The accepted rule names, for node tooltips."""
+    return ("self", "first", "last", "mid", "prev", "next", "<integer offset>")

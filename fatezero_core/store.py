@@ -1,0 +1,360 @@
+"""The compact attention store (paper eq. 4; design decision 4).
+
+The official code stores every softmax map (``q x K*q`` per head for self-attention) at every
+inversion step: about 0.78 GB per step for 8 frames at 512 px (reference doc section 2). This store
+keeps what *recomputing* those maps needs instead:
+
+- self-attention layers: the source queries ``q`` of every frame (``[F, N, C]``) and the source
+  keys ``k`` of the key frames only (``[F_key, N, C]``; one frame for the ``mid`` rule);
+- cross-attention layers: the source probabilities (``[F, H, N, 77]``; small);
+- the inversion latents ``z_0 .. z_N`` (for the local latent blend and for ``recompute``).
+
+Placements:
+
+- ``gpu``: tensors stay where they were computed;
+- ``cpu``: copied to host memory (pinned, asynchronous copies when captured on a GPU);
+- ``disk``: one safetensors file per step in a private temporary folder, memory-mapped when read,
+  deleted when the store is released, garbage-collected or the process exits;
+- ``recompute``: nothing but the latents; at edit time the source pass runs again on the stored
+  inversion latent and its attention is held for the current step only (``scratch``).
+
+A store is usable for editing only after :meth:`AttentionStore.finish`; an interrupted capture is
+never reused (its disk files go away with the object).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import StoreMismatchError, StoreReleasedError, FateZeroError
+from .keyframes import KeyRule, format_key_rule
+
+PLACEMENTS = ("gpu", "cpu", "disk", "recompute")
+FIELDS = ("q", "k", "probs")
+STORE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Everything an edit must agree with to reuse a capture (design.md, "Bad input")."""
+
+    num_frames: int
+    latent_size: tuple[int, int]
+    sigmas: tuple[float, ...]  # ascending inversion sigmas, N + 1 values starting at the clean end
+    key_rule: KeyRule
+    min_st_channels: int
+    layer_set: str
+    source_prompt: str = ""
+    source_token_ids: tuple[int, ...] = ()
+    model_fingerprint: str = ""
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def mismatches(self, *, num_frames, latent_size, sigmas, model_fingerprint) -> list[str]:
+        """Human-readable differences between this capture and an edit request."""
+        problems = []
+        if num_frames != self.num_frames:
+            problems.append(
+                f"the latent has {num_frames} frames but the store was captured on "
+                f"{self.num_frames}: feed FateZero Sample the inverted latent from the same "
+                "DDIM Invert node"
+            )
+        if tuple(latent_size) != tuple(self.latent_size):
+            h, w = self.latent_size
+            problems.append(
+                f"the latent is {latent_size[0]*8}x{latent_size[1]*8} px but the store was "
+                f"captured at {h*8}x{w*8} px: use the same frame size for inversion and editing"
+            )
+        if len(sigmas) - 1 != self.num_steps:
+            problems.append(
+                f"the edit uses {len(sigmas) - 1} steps but the store has {self.num_steps}: "
+                "set the same number of steps on DDIM Invert and FateZero Sample"
+            )
+        elif not _same_schedule(sigmas, self.sigmas):
+            problems.append(
+                "the edit's sigma schedule differs from the inversion's: use the same scheduler "
+                "and steps (FateZero Sample reuses the inversion sigmas by default)"
+            )
+        if model_fingerprint and self.model_fingerprint and model_fingerprint != self.model_fingerprint:
+            problems.append(
+                "the store was captured with a different model (or different LoRA/patches): "
+                "invert again with the model you edit with"
+            )
+        return problems
+
+    def check_edit(self, **request) -> None:
+        """Raise :class:`StoreMismatchError` listing every mismatch and what to change."""
+        problems = self.mismatches(**request)
+        if problems:
+            raise StoreMismatchError(
+                "This attention store does not match the edit: " + "; ".join(problems) + "."
+            )
+
+    def describe(self) -> str:
+        h, w = self.latent_size
+        return (
+            f"{self.num_frames} frames at {w*8}x{h*8} px, {self.num_steps} steps, key frames "
+            f"[{format_key_rule(self.key_rule)}], layers '{self.layer_set}'"
+        )
+
+
+def _same_schedule(a, b) -> bool:
+    ta = torch.as_tensor(a, dtype=torch.float64)
+    tb = torch.as_tensor(b, dtype=torch.float64)
+    if ta.numel() != tb.numel():
+        return False
+    return bool(torch.allclose(ta, tb, rtol=1e-4, atol=1e-6))
+
+
+@dataclass
+class _StepData:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _key(layer: str, name: str) -> str:
+    return f"{layer}.{name}"
+
+
+class AttentionStore:
+    """Step-indexed source attention, in one of four placements.
+
+    Capture API (inversion): :meth:`put`, :meth:`end_step`, :meth:`set_latents`, :meth:`finish`.
+    Read API (edit): :meth:`get`, :meth:`has`, :meth:`latent`. Accounting: :attr:`nbytes`,
+    :meth:`nbytes_by_step`, :meth:`nbytes_by_layer`. Lifetime: :meth:`release`.
+
+    Steps are *inversion* step indices ``j`` (0 = the first, least noisy step).
+    """
+
+    def __init__(self, config: CaptureConfig, placement: str = "cpu", dtype: str | torch.dtype = "fp16",
+                 disk_dir: str | None = None):
+        if placement not in PLACEMENTS:
+            raise FateZeroError(f"Unknown store placement '{placement}'; use one of {PLACEMENTS}.")
+        self.config = config
+        self.placement = placement
+        self.dtype = STORE_DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self._steps: dict[int, _StepData] = {}
+        self._step_bytes: dict[int, int] = {}
+        self._layer_bytes: dict[str, int] = {}
+        self._files: dict[int, str] = {}
+        self._latents: list[torch.Tensor] = []
+        self._layers: dict[str, tuple] = {}
+        self._scratch: dict[int, _StepData] = {}
+        self._cached_step: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._pending_copies = False
+        self.complete = False
+        self.released = False
+        self._dir = None
+        self._finalizer = None
+        if placement == "disk":
+            base = disk_dir or tempfile.gettempdir()
+            os.makedirs(base, exist_ok=True)
+            self._dir = tempfile.mkdtemp(prefix="fatezero_store_", dir=base)
+            # Runs on release, on garbage collection and at interpreter exit.
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._dir, True)
+
+    # ---------------------------------------------------------------- capture
+    @property
+    def keeps_attention(self) -> bool:
+        """False for ``recompute``: inversion records latents only."""
+        return self.placement != "recompute"
+
+    def register_layer(self, layer, kind: str, stored: bool) -> None:
+        """Record a hooked layer (its grid, heads, kind) in the manifest the edit reads masks from."""
+        if (layer.name, kind) not in self._layers:
+            self._layers[(layer.name, kind)] = (layer, kind, stored)
+
+    def layers(self, kind: str | None = None, stored_only: bool = True) -> list:
+        """Hooked layers in call order, optionally filtered by ``"self"``/``"cross"``."""
+        return [info for info, k, s in self._layers.values()
+                if (kind is None or k == kind) and (s or not stored_only)]
+
+    def put(self, step: int, layer: str, name: str, tensor: torch.Tensor) -> None:
+        """Record one tensor of the source pass of inversion step ``step``."""
+        self._check_alive()
+        if name not in FIELDS:
+            raise FateZeroError(f"Unknown store field '{name}'.")
+        if self.placement == "recompute":
+            self._scratch.setdefault(step, _StepData()).tensors[_key(layer, name)] = tensor.detach()
+            return
+        if self.complete:
+            raise FateZeroError("This attention store is finished; capture into a new store.")
+        stored = self._place(tensor.detach().to(self.dtype))
+        self._steps.setdefault(step, _StepData()).tensors[_key(layer, name)] = stored
+        nbytes = stored.numel() * stored.element_size()
+        self._step_bytes[step] = self._step_bytes.get(step, 0) + nbytes
+        self._layer_bytes[layer] = self._layer_bytes.get(layer, 0) + nbytes
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        if self.placement == "gpu":
+            return t.clone()
+        if t.device.type == "cuda":
+            dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            dst.copy_(t, non_blocking=True)
+            self._pending_copies = True
+            return dst
+        return t.to("cpu", copy=True)
+
+    def end_step(self, step: int) -> None:
+        """Close a captured step; ``disk`` writes it to its own file and frees the memory."""
+        if self.placement != "disk" or step not in self._steps:
+            return
+        from safetensors.torch import save_file
+
+        self._sync_copies()
+        path = os.path.join(self._dir, f"step_{step:04d}.safetensors")
+        save_file({k: v.contiguous() for k, v in self._steps.pop(step).tensors.items()}, path)
+        self._files[step] = path
+
+    def set_latents(self, latents) -> None:
+        """Keep the inversion latents ``z_0 .. z_N`` (``[F, 4, h, w]`` each) on the CPU."""
+        self._check_alive()
+        self._latents = [z.detach().float().cpu() for z in latents]
+
+    def finish(self) -> "AttentionStore":
+        """Mark the capture complete; the store becomes readable. Checks nothing is missing."""
+        self._check_alive()
+        n = self.config.num_steps
+        if len(self._latents) != n + 1:
+            raise FateZeroError(
+                f"Capture incomplete: {len(self._latents)} latents for {n} steps; invert again."
+            )
+        if self.keeps_attention:
+            captured = set(self._steps) | set(self._files)
+            missing = [j for j in range(n) if j not in captured]
+            if missing:
+                raise FateZeroError(
+                    f"Capture incomplete: steps {missing[:5]} recorded no attention; invert again."
+                )
+        self._sync_copies()
+        self.complete = True
+        return self
+
+    def _sync_copies(self):
+        if self._pending_copies and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._pending_copies = False
+
+    # ------------------------------------------------------------------ read
+    def _check_alive(self):
+        if self.released:
+            raise StoreReleasedError(
+                "This attention store was released; run FateZero DDIM Invert again."
+            )
+
+    def _check_readable(self):
+        self._check_alive()
+        if not self.complete:
+            raise StoreReleasedError(
+                "This attention store is incomplete (its inversion was interrupted or failed); "
+                "run FateZero DDIM Invert again."
+            )
+
+    def _step_tensors(self, step: int) -> dict[str, torch.Tensor]:
+        if self.placement == "recompute":
+            if step not in self._scratch:
+                raise FateZeroError(f"No regenerated source attention for step {step}.")
+            return self._scratch[step].tensors
+        if self.placement != "disk":
+            return self._steps[step].tensors
+        if self._cached_step is None or self._cached_step[0] != step:
+            # One file read per step, not per layer call (the official disk store reloads the
+            # whole step at each of its 22 hooked calls).
+            from safetensors import safe_open
+
+            with safe_open(self._files[step], framework="pt") as f:
+                self._cached_step = (step, {k: f.get_tensor(k) for k in f.keys()})
+        return self._cached_step[1]
+
+    def has(self, step: int, layer: str, name: str) -> bool:
+        self._check_readable()
+        if self.placement == "recompute":
+            return step in self._scratch and _key(layer, name) in self._scratch[step].tensors
+        if self.placement == "disk":
+            return step in self._files and _key(layer, name) in self._step_tensors(step)
+        return step in self._steps and _key(layer, name) in self._steps[step].tensors
+
+    def get(self, step: int, layer: str, name: str, device=None, dtype=None) -> torch.Tensor:
+        """The stored tensor, moved to ``device``/``dtype`` (non-blocking from pinned memory)."""
+        self._check_readable()
+        try:
+            t = self._step_tensors(step)[_key(layer, name)]
+        except KeyError:
+            raise FateZeroError(
+                f"The attention store has no '{name}' for layer {layer} at step {step}; it was "
+                "captured with other layers or steps. Invert again with the current settings."
+            ) from None
+        return t.to(device=device or t.device, dtype=dtype or t.dtype, non_blocking=True)
+
+    def latent(self, index: int) -> torch.Tensor:
+        """Inversion latent ``z_index`` (0 = clean input, N = the edit's starting noise)."""
+        self._check_readable()
+        return self._latents[index]
+
+    # ------------------------------------------------------------- recompute
+    def begin_regeneration(self, step: int) -> None:
+        """``recompute``: drop the previous step's regenerated attention before a source pass."""
+        self._check_readable()
+        self._scratch = {step: _StepData()}
+
+    @property
+    def scratch_nbytes(self) -> int:
+        """Bytes held for the current regenerated step (``recompute`` only)."""
+        return sum(s.nbytes() for s in self._scratch.values())
+
+    # ------------------------------------------------------------ accounting
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes the store holds across steps: attention tensors plus latents."""
+        return sum(self._step_bytes.values()) + self.latent_nbytes
+
+    @property
+    def latent_nbytes(self) -> int:
+        return sum(z.numel() * z.element_size() for z in self._latents)
+
+    def nbytes_by_step(self) -> dict[int, int]:
+        """Attention bytes per inversion step (latents not included)."""
+        return dict(self._step_bytes)
+
+    def nbytes_by_layer(self) -> dict[str, int]:
+        """Attention bytes per layer, summed over steps."""
+        return dict(self._layer_bytes)
+
+    def files(self) -> list[str]:
+        """Paths of the per-step files (``disk`` only)."""
+        return [self._files[j] for j in sorted(self._files)]
+
+    @property
+    def directory(self) -> str | None:
+        return self._dir
+
+    # -------------------------------------------------------------- lifetime
+    def release(self) -> None:
+        """Free all memory and delete disk files now. The store is unusable afterwards."""
+        self._steps.clear()
+        self._scratch.clear()
+        self._latents = []
+        self._cached_step = None
+        if self._finalizer is not None:
+            self._finalizer()
+        self.complete = False
+        self.released = True
+
+    def __deepcopy__(self, memo):
+        # A store is shared state by design: hosts that deep-copy options must not duplicate it.
+        return self
+
+    def __repr__(self):
+        state = "released" if self.released else ("complete" if self.complete else "capturing")
+        return (f"AttentionStore({self.placement}, {state}, {self.config.describe()}, "
+                f"{self.nbytes / 2**20:.1f} MiB)")
