@@ -1,0 +1,72 @@
+"""The user's edit request, independent of the step count (design decision 7).
+
+An :class:`EditSpec` is what the "Attention Blend Settings" node emits: the prompts as typed, the
+tokenizer that encoded them and the fusion options. The step count is only known once the store is
+at hand, so :meth:`EditSpec.edit_settings` builds the per-step tensors then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from .controller import EditSettings
+from .errors import PromptError
+from .prompt_align import align_prompts, require_word_token_indices, tokenize_prompt
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """Prompts and fusion options (reference doc sections 3.1-3.5; official defaults).
+
+    ``blend_words``: source-prompt words whose cross-attention makes the blend mask (empty: full
+    self-attention replacement). ``target_blend_words``: target-prompt words added to the local
+    latent blend mask. ``blend_threshold >= 1`` means full replacement.
+    """
+
+    source_prompt: str
+    target_prompt: str
+    tokenize: Callable[[str], list[int]] = field(compare=False, repr=False)
+    mode: str = "auto"
+    cross_replace_steps: object = 0.8
+    self_replace_steps: object = 0.6
+    blend_words: tuple[str, ...] = ()
+    target_blend_words: tuple[str, ...] = ()
+    blend_threshold: float = 0.3
+    soft_mask: bool = False
+    reweight: Mapping[str, float] | None = None
+    latent_blend: bool = False
+    latent_blend_aligned: bool = False
+
+    def __deepcopy__(self, memo):
+        return self  # immutable; the tokenizer must not be copied
+
+    def source_token_ids(self) -> tuple[int, ...]:
+        return tuple(tokenize_prompt(self.source_prompt, self.tokenize).ids)
+
+    def check(self) -> None:
+        """Validate words and prompts now, so the settings node fails early with a clear message."""
+        self.edit_settings(num_steps=50)
+
+    def edit_settings(self, num_steps: int, fuse: bool = True) -> EditSettings:
+        alignment = align_prompts(self.source_prompt, self.target_prompt, self.tokenize, num_steps,
+                                  mode=self.mode, cross_replace_steps=self.cross_replace_steps,
+                                  self_replace_steps=self.self_replace_steps, reweight=self.reweight)
+        blend = _token_positions(alignment.source, self.blend_words, "blend word")
+        target_blend = _token_positions(alignment.target, self.target_blend_words, "target blend word")
+        if self.latent_blend and not blend:
+            raise PromptError("The local latent blend needs blend words: add them or turn it off.")
+        return EditSettings.from_alignment(
+            alignment, blend_tokens=blend, blend_threshold=self.blend_threshold,
+            soft_mask=self.soft_mask, target_blend_tokens=target_blend,
+            latent_blend=self.latent_blend, latent_blend_aligned=self.latent_blend_aligned,
+            source_token_ids=tuple(alignment.source.ids), fuse=fuse)
+
+
+def _token_positions(prompt_tokens, words, what) -> tuple[int, ...] | None:
+    if not words:
+        return None
+    positions = []
+    for word in words:
+        positions += require_word_token_indices(prompt_tokens, word, what=what)
+    return tuple(sorted(set(positions)))
