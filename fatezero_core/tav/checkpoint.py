@@ -1,0 +1,645 @@
+"""Tune-A-Video checkpoints: safe loading, layout detection, SD1.x validation and key mapping.
+
+A Tune-A-Video UNet is a diffusers SD1.x ``UNet2DConditionModel`` whose 2D keys keep their names
+and shapes, plus temporal keys (``fatezero-reference-implementation.md`` section 4, "Checkpoint
+layout"; ``design.md`` decision 8):
+
+- ``tuneavideo`` (official release): ``<block>.attn_temp.*`` and ``<block>.norm_temp.*``;
+- ``fatezero``: ``<block>.attn_temporal.*``, ``<block>.norm_temporal.*`` and, optionally,
+  ``<conv>.conv_temporal.{weight,bias}`` (full Conv1d) or ``<conv>.conv_temporal.{down,up}.weight``
+  (LoRA pair);
+- ``plain``: no temporal keys (an ordinary SD1.x diffusers UNet).
+
+``<block>`` is one of the 16 ``...attentions.N.transformer_blocks.0`` paths, ``<conv>`` one of the
+52 kernel-3 convs. Everything here is pure: state dicts in, state dicts and paths out. The host
+loads ``TavCheckpoint.unet_2d`` with its own diffusers loader and inserts the modules that
+``temporal_targets`` describes at the ComfyUI (ldm ``openaimodel``) paths it gives.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+
+import torch
+
+from ..errors import CheckpointError
+
+StateDict = Dict[str, torch.Tensor]
+
+LAYOUT_TUNEAVIDEO = "tuneavideo"
+LAYOUT_FATEZERO = "fatezero"
+LAYOUT_PLAIN = "plain"
+
+# SD1.x UNet2DConditionModel topology (diffusers config of SD1.4/SD1.5).
+CHANNEL_MULT = (1, 2, 4, 4)
+LAYERS_PER_BLOCK = 2
+DOWN_LEVELS_WITH_ATTENTION = (0, 1, 2)
+UP_LEVELS_WITH_ATTENTION = (1, 2, 3)
+LATENT_CHANNELS = 4
+
+UNET_ROOTS = ("conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out")
+
+ATTENTION_KEYS = (
+    "attn_temporal.to_q.weight",
+    "attn_temporal.to_k.weight",
+    "attn_temporal.to_v.weight",
+    "attn_temporal.to_out.0.weight",
+    "attn_temporal.to_out.0.bias",
+    "norm_temporal.weight",
+    "norm_temporal.bias",
+)
+CONV_FULL_KEYS = ("conv_temporal.weight", "conv_temporal.bias")
+CONV_LORA_KEYS = ("conv_temporal.down.weight", "conv_temporal.up.weight")
+
+_TEMPORAL_RENAME = {
+    "attn_temp": "attn_temporal",
+    "norm_temp": "norm_temporal",
+    "attn_temporal": "attn_temporal",
+    "norm_temporal": "norm_temporal",
+    "conv_temporal": "conv_temporal",
+}
+_LAYOUT_OF_NAME = {
+    "attn_temp": LAYOUT_TUNEAVIDEO,
+    "norm_temp": LAYOUT_TUNEAVIDEO,
+    "attn_temporal": LAYOUT_FATEZERO,
+    "norm_temporal": LAYOUT_FATEZERO,
+    "conv_temporal": LAYOUT_FATEZERO,
+}
+_BLOCK_KEY = re.compile(r"^(?P<owner>.+\.transformer_blocks\.\d+)\.(?P<name>attn_temp|norm_temp|attn_temporal|norm_temporal)\.(?P<rest>.+)$")
+_CONV_KEY = re.compile(r"^(?P<owner>.+)\.(?P<name>conv_temporal)\.(?P<rest>.+)$")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _names(keys: Iterable[str], limit: int = 6) -> str:
+    """``a, b, c (and N more)``: a short, sorted listing of key names for messages."""
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# SD1.x topology
+# --------------------------------------------------------------------------------------------------
+
+def sd1_transformer_blocks() -> List[str]:
+    """The 16 diffusers transformer-block paths of SD1.x, in UNet order (reference doc section 4)."""
+    down = [f"down_blocks.{i}.attentions.{j}" for i in DOWN_LEVELS_WITH_ATTENTION for j in range(LAYERS_PER_BLOCK)]
+    up = [f"up_blocks.{i}.attentions.{j}" for i in UP_LEVELS_WITH_ATTENTION for j in range(LAYERS_PER_BLOCK + 1)]
+    return [f"{owner}.transformer_blocks.0" for owner in down + ["mid_block.attentions.0"] + up]
+
+
+def sd1_inflated_convs() -> List[str]:
+    """The 52 kernel-3 convs that FateZero inflates (conv_in, resnet conv1/conv2, down/up sampler
+    convs, conv_out; not the 1x1 shortcuts), in UNet order (reference doc section 4)."""
+    levels = len(CHANNEL_MULT)
+    convs = ["conv_in"]
+    for i in range(levels):
+        convs += [f"down_blocks.{i}.resnets.{j}.conv{n}" for j in range(LAYERS_PER_BLOCK) for n in (1, 2)]
+        if i < levels - 1:
+            convs.append(f"down_blocks.{i}.downsamplers.0.conv")
+    convs += [f"mid_block.resnets.{j}.conv{n}" for j in range(2) for n in (1, 2)]
+    for i in range(levels):
+        convs += [f"up_blocks.{i}.resnets.{j}.conv{n}" for j in range(LAYERS_PER_BLOCK + 1) for n in (1, 2)]
+        if i < levels - 1:
+            convs.append(f"up_blocks.{i}.upsamplers.0.conv")
+    return convs + ["conv_out"]
+
+
+def _conv_shapes(prefix: str, c_out: int, c_in: int, kernel: int) -> Dict[str, Tuple[int, ...]]:
+    return {f"{prefix}.weight": (c_out, c_in, kernel, kernel), f"{prefix}.bias": (c_out,)}
+
+
+def _linear_shapes(prefix: str, c_out: int, c_in: int, bias: bool = True) -> Dict[str, Tuple[int, ...]]:
+    shapes = {f"{prefix}.weight": (c_out, c_in)}
+    if bias:
+        shapes[f"{prefix}.bias"] = (c_out,)
+    return shapes
+
+
+def _norm_shapes(prefix: str, channels: int) -> Dict[str, Tuple[int, ...]]:
+    return {f"{prefix}.weight": (channels,), f"{prefix}.bias": (channels,)}
+
+
+def _resnet_shapes(prefix: str, c_in: int, c_out: int, c_time: int) -> Dict[str, Tuple[int, ...]]:
+    shapes = {**_norm_shapes(f"{prefix}.norm1", c_in), **_conv_shapes(f"{prefix}.conv1", c_out, c_in, 3),
+              **_linear_shapes(f"{prefix}.time_emb_proj", c_out, c_time),
+              **_norm_shapes(f"{prefix}.norm2", c_out), **_conv_shapes(f"{prefix}.conv2", c_out, c_out, 3)}
+    if c_in != c_out:
+        shapes.update(_conv_shapes(f"{prefix}.conv_shortcut", c_out, c_in, 1))
+    return shapes
+
+
+def _attention_shapes(prefix: str, channels: int, context_dim: int) -> Dict[str, Tuple[int, ...]]:
+    """A ``Transformer2DModel`` with one block, conv proj_in/proj_out, GEGLU feed-forward."""
+    c, block = channels, f"{prefix}.transformer_blocks.0"
+    shapes = {**_norm_shapes(f"{prefix}.norm", c), **_conv_shapes(f"{prefix}.proj_in", c, c, 1),
+              **_conv_shapes(f"{prefix}.proj_out", c, c, 1)}
+    for norm in ("norm1", "norm2", "norm3"):
+        shapes.update(_norm_shapes(f"{block}.{norm}", c))
+    for attn, c_kv in (("attn1", c), ("attn2", context_dim)):
+        shapes.update(_linear_shapes(f"{block}.{attn}.to_q", c, c, bias=False))
+        shapes.update(_linear_shapes(f"{block}.{attn}.to_k", c, c_kv, bias=False))
+        shapes.update(_linear_shapes(f"{block}.{attn}.to_v", c, c_kv, bias=False))
+        shapes.update(_linear_shapes(f"{block}.{attn}.to_out.0", c, c))
+    shapes.update(_linear_shapes(f"{block}.ff.net.0.proj", 8 * c, c))
+    shapes.update(_linear_shapes(f"{block}.ff.net.2", c, 4 * c))
+    return shapes
+
+
+def _down_shapes(model_channels: int, context_dim: int, c_time: int) -> Dict[str, Tuple[int, ...]]:
+    shapes, c_prev = {}, model_channels
+    for i, mult in enumerate(CHANNEL_MULT):
+        c = model_channels * mult
+        for j in range(LAYERS_PER_BLOCK):
+            shapes.update(_resnet_shapes(f"down_blocks.{i}.resnets.{j}", c_prev if j == 0 else c, c, c_time))
+            if i in DOWN_LEVELS_WITH_ATTENTION:
+                shapes.update(_attention_shapes(f"down_blocks.{i}.attentions.{j}", c, context_dim))
+        if i < len(CHANNEL_MULT) - 1:
+            shapes.update(_conv_shapes(f"down_blocks.{i}.downsamplers.0.conv", c, c, 3))
+        c_prev = c
+    return shapes
+
+
+def _up_shapes(model_channels: int, context_dim: int, c_time: int) -> Dict[str, Tuple[int, ...]]:
+    """Resnet inputs are the previous output concatenated with the matching skip connection."""
+    reversed_c = [model_channels * m for m in reversed(CHANNEL_MULT)]
+    shapes, c_prev = {}, reversed_c[0]
+    for i, c in enumerate(reversed_c):
+        c_skip_last = reversed_c[min(i + 1, len(reversed_c) - 1)]
+        for j in range(LAYERS_PER_BLOCK + 1):
+            c_skip = c_skip_last if j == LAYERS_PER_BLOCK else c
+            c_in = (c_prev if j == 0 else c) + c_skip
+            shapes.update(_resnet_shapes(f"up_blocks.{i}.resnets.{j}", c_in, c, c_time))
+            if i in UP_LEVELS_WITH_ATTENTION:
+                shapes.update(_attention_shapes(f"up_blocks.{i}.attentions.{j}", c, context_dim))
+        if i < len(reversed_c) - 1:
+            shapes.update(_conv_shapes(f"up_blocks.{i}.upsamplers.0.conv", c, c, 3))
+        c_prev = c
+    return shapes
+
+
+def sd1_unet_key_shapes(model_channels: int = 320, context_dim: int = 768) -> Dict[str, Tuple[int, ...]]:
+    """Every key of a diffusers SD1.x ``UNet2DConditionModel`` with its shape (686 keys)."""
+    c0, c_time, c_mid = model_channels, 4 * model_channels, model_channels * CHANNEL_MULT[-1]
+    shapes = {**_conv_shapes("conv_in", c0, LATENT_CHANNELS, 3),
+              **_linear_shapes("time_embedding.linear_1", c_time, c0),
+              **_linear_shapes("time_embedding.linear_2", c_time, c_time)}
+    shapes.update(_down_shapes(model_channels, context_dim, c_time))
+    for j in range(2):
+        shapes.update(_resnet_shapes(f"mid_block.resnets.{j}", c_mid, c_mid, c_time))
+    shapes.update(_attention_shapes("mid_block.attentions.0", c_mid, context_dim))
+    shapes.update(_up_shapes(model_channels, context_dim, c_time))
+    shapes.update(_norm_shapes("conv_norm_out", c0))
+    shapes.update(_conv_shapes("conv_out", LATENT_CHANNELS, c0, 3))
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------------
+# diffusers -> ComfyUI (ldm openaimodel) module paths, SD1.x (same as comfy.utils.unet_to_diffusers)
+# --------------------------------------------------------------------------------------------------
+
+def _input_block(level: int, layer: int) -> int:
+    """``input_blocks`` index of down level ``level``, layer ``layer`` (index 0 is conv_in)."""
+    return (LAYERS_PER_BLOCK + 1) * level + layer + 1
+
+
+def _output_block(level: int, layer: int) -> int:
+    return (LAYERS_PER_BLOCK + 1) * level + layer
+
+
+_RESNET_CONV = {"conv1": "in_layers.2", "conv2": "out_layers.3"}
+
+
+def comfy_transformer_block_path(block: str) -> str:
+    """``down_blocks.i.attentions.j.transformer_blocks.0`` -> ``input_blocks.{3i+j+1}.1.transformer_blocks.0``,
+    ``mid_block.attentions.0...`` -> ``middle_block.1...``, ``up_blocks.i.attentions.j...`` ->
+    ``output_blocks.{3i+j}.1...``."""
+    if block not in _SD1_BLOCKS:
+        raise CheckpointError(f"{block} is not a transformer block of a Stable Diffusion 1.x UNet.")
+    parts = block.split(".")
+    if parts[0] == "mid_block":
+        return "middle_block.1.transformer_blocks.0"
+    i, j = int(parts[1]), int(parts[3])
+    if parts[0] == "down_blocks":
+        return f"input_blocks.{_input_block(i, j)}.1.transformer_blocks.0"
+    return f"output_blocks.{_output_block(i, j)}.1.transformer_blocks.0"
+
+
+def _comfy_resnet_conv_path(parts: List[str]) -> str:
+    conv = _RESNET_CONV[parts[-1]]
+    if parts[0] == "mid_block":
+        return f"middle_block.{2 * int(parts[2])}.{conv}"
+    i, j = int(parts[1]), int(parts[3])
+    if parts[0] == "down_blocks":
+        return f"input_blocks.{_input_block(i, j)}.0.{conv}"
+    return f"output_blocks.{_output_block(i, j)}.0.{conv}"
+
+
+def _comfy_sampler_conv_path(parts: List[str]) -> str:
+    """Downsampler: ``input_blocks.{3(i+1)}.0.op``. Upsampler: last output block of the level,
+    after the resnet (index 1) and, where the level has attention, the transformer (index 2)."""
+    i = int(parts[1])
+    if parts[0] == "down_blocks":
+        return f"input_blocks.{(LAYERS_PER_BLOCK + 1) * (i + 1)}.0.op"
+    position = 2 if i in UP_LEVELS_WITH_ATTENTION else 1
+    return f"output_blocks.{_output_block(i, LAYERS_PER_BLOCK)}.{position}.conv"
+
+
+def comfy_conv_path(conv: str) -> str:
+    """ComfyUI module path of one of the 52 inflated convs (see ``sd1_inflated_convs``)."""
+    if conv not in _SD1_CONVS:
+        raise CheckpointError(f"{conv} is not an inflated (kernel 3) conv of a Stable Diffusion 1.x UNet.")
+    if conv == "conv_in":
+        return "input_blocks.0.0"
+    if conv == "conv_out":
+        return "out.2"
+    parts = conv.split(".")
+    if parts[-1] in _RESNET_CONV:
+        return _comfy_resnet_conv_path(parts)
+    return _comfy_sampler_conv_path(parts)
+
+
+_SD1_BLOCKS = frozenset(sd1_transformer_blocks())
+_SD1_CONVS = frozenset(sd1_inflated_convs())
+
+
+# --------------------------------------------------------------------------------------------------
+# Splitting a checkpoint
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class TemporalConvWeights:
+    """One ``conv_temporal``: ``form`` "full" (Conv1d C->C) or "lora" (``down``/``up``, ``rank``)."""
+
+    form: str
+    rank: Optional[int]
+    state_dict: StateDict
+
+
+@dataclass
+class TavCheckpoint:
+    """A checkpoint split for loading (reference doc section 4, "Loader mapping").
+
+    ``unet_2d``: every non-temporal key, diffusers names unchanged. ``temporal_attention``:
+    transformer-block path -> state dict with ``attn_temporal.*``/``norm_temporal.*`` names.
+    ``temporal_convs``: conv path (e.g. ``down_blocks.0.resnets.0.conv1``) -> weights with
+    ``conv_temporal.*`` names."""
+
+    layout: str
+    unet_2d: StateDict
+    temporal_attention: Dict[str, StateDict] = field(default_factory=dict)
+    temporal_convs: Dict[str, TemporalConvWeights] = field(default_factory=dict)
+    source: str = "checkpoint"
+
+    def temporal_key_count(self) -> int:
+        return sum(map(len, self.temporal_attention.values())) + sum(
+            len(c.state_dict) for c in self.temporal_convs.values())
+
+
+class TemporalTarget(NamedTuple):
+    """Where the host inserts one temporal module: ``path`` is the ComfyUI module path of the
+    transformer block (``kind`` "attention", the module runs after it) or of the 2D conv (``kind``
+    "conv", the module runs on that conv's output)."""
+
+    path: str
+    kind: str
+    state_dict: StateDict
+
+
+def strip_unet_prefix(sd: StateDict) -> StateDict:
+    """Drop a leading ``unet.`` when every key carries it (a UNet saved from a pipeline)."""
+    if sd and all(k.startswith("unet.") for k in sd):
+        return {k[len("unet."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _check_unet_roots(keys: Iterable[str], source: str) -> None:
+    """Only diffusers UNet keys (optionally all under ``unet.``) are accepted."""
+    foreign = [k for k in keys if k.split(".", 1)[0] not in UNET_ROOTS]
+    if not foreign:
+        return
+    hint = ""
+    if any(k.startswith("model.diffusion_model.") for k in foreign):
+        hint = (" It looks like a full Stable Diffusion checkpoint (ComfyUI/LDM names): load it with "
+                "Load Checkpoint instead.")
+    raise CheckpointError(
+        f"{source} has {_count(len(foreign), 'key')} that are not diffusers UNet keys: {_names(foreign)}.{hint} "
+        "A Tune-A-Video checkpoint is a diffusers UNet (keys like conv_in.weight, "
+        "down_blocks.0.resnets.0.conv1.weight); pick its unet folder or its "
+        "diffusion_pytorch_model file."
+    )
+
+
+def _temporal_name(key: str) -> Optional[str]:
+    """The temporal component of ``key`` (``attn_temp``, ``conv_temporal``, ...), else None."""
+    return next((part for part in key.split(".") if part in _TEMPORAL_RENAME), None)
+
+
+def detect_layout(temporal_names: Iterable[str], source: str = "checkpoint") -> str:
+    """``tuneavideo``, ``fatezero`` or ``plain`` from the temporal names present."""
+    layouts = {_LAYOUT_OF_NAME[name] for name in temporal_names}
+    if len(layouts) > 1:
+        raise CheckpointError(
+            f"{source} mixes official Tune-A-Video temporal keys (attn_temp/norm_temp) with FateZero "
+            "ones (attn_temporal/norm_temporal/conv_temporal); use a checkpoint saved by one of the two."
+        )
+    return layouts.pop() if layouts else LAYOUT_PLAIN
+
+
+def _group_temporal(keys: Iterable[str], sd: StateDict, source: str) -> Tuple[Dict[str, StateDict], Dict[str, StateDict]]:
+    """Temporal keys grouped per owner (block or conv path), names normalised to FateZero's."""
+    blocks: Dict[str, StateDict] = {}
+    convs: Dict[str, StateDict] = {}
+    malformed = []
+    for key in keys:
+        match = _BLOCK_KEY.match(key) or _CONV_KEY.match(key)
+        if match is None:
+            malformed.append(key)
+            continue
+        groups = convs if match["name"] == "conv_temporal" else blocks
+        local = f"{_TEMPORAL_RENAME[match['name']]}.{match['rest']}"
+        groups.setdefault(match["owner"], {})[local] = sd[key]
+    if malformed:
+        raise CheckpointError(
+            f"{source} has temporal keys outside any transformer block or conv: {_names(malformed)}. "
+            "Expected <block>.transformer_blocks.0.attn_temp(oral).* or <conv>.conv_temporal.*."
+        )
+    return blocks, convs
+
+
+def _check_owners(owners: Iterable[str], allowed: frozenset, what: str, source: str) -> None:
+    unknown = [o for o in owners if o not in allowed]
+    if unknown:
+        raise CheckpointError(
+            f"{source} has temporal {what} at paths that are not in a Stable Diffusion 1.x UNet: "
+            f"{_names(unknown)}. Tune-A-Video checkpoints must be SD1.x UNets."
+        )
+
+
+def _as_written(local_key: str, layout: str) -> str:
+    """A normalised temporal key spelled as the checkpoint spells it (``attn_temp`` in official
+    Tune-A-Video files), for messages."""
+    if layout == LAYOUT_TUNEAVIDEO:
+        return re.sub(r"^(attn|norm)_temporal\.", r"\1_temp.", local_key)
+    return local_key
+
+
+def _check_group_keys(owner: str, group: StateDict, expected: Iterable[str], source: str,
+                      layout: str = LAYOUT_FATEZERO) -> None:
+    """Every expected key present, nothing else; offending names given in full."""
+    expected = set(expected)
+    missing = sorted(f"{owner}.{_as_written(k, layout)}" for k in expected - group.keys())
+    unexpected = sorted(f"{owner}.{_as_written(k, layout)}" for k in group.keys() - expected)
+    if missing or unexpected:
+        found = "; ".join(filter(None, [missing and f"missing {_names(missing)}",
+                                        unexpected and f"unexpected {_names(unexpected)}"]))
+        raise CheckpointError(
+            f"{source} has incomplete temporal weights ({found}). Re-export the checkpoint, or use "
+            "an ordinary SD1.x loader if it was not meant to be a Tune-A-Video model."
+        )
+
+
+def _check_all_owners_present(present: Iterable[str], required: List[str], what: str, source: str) -> None:
+    present = set(present)
+    missing = [o for o in required if o not in present]
+    if missing:
+        raise CheckpointError(
+            f"{source} lacks temporal {what} for {_names(missing)} ({len(missing)} of "
+            f"{len(required)} layers). The checkpoint is incomplete; re-export it."
+        )
+
+
+def _conv_weights(conv: str, group: StateDict, source: str) -> TemporalConvWeights:
+    """Form ("full"/"lora") and rank of one ``conv_temporal`` group, keys checked."""
+    if "conv_temporal.weight" in group or "conv_temporal.bias" in group:
+        _check_group_keys(conv, group, CONV_FULL_KEYS, source)
+        return TemporalConvWeights("full", None, group)
+    _check_group_keys(conv, group, CONV_LORA_KEYS, source)
+    return TemporalConvWeights("lora", int(group["conv_temporal.down.weight"].shape[0]), group)
+
+
+def split_tav_state_dict(sd: StateDict, source: str = "checkpoint") -> TavCheckpoint:
+    """Split a diffusers (Tune-A-Video / FateZero / plain SD1.x) UNet state dict into its 2D part
+    and its temporal parts, with the layout detected from the keys (reference doc section 4,
+    "Checkpoint layout" and "Loader mapping"). Raises ``CheckpointError`` naming offending keys."""
+    sd = strip_unet_prefix(sd)
+    _check_unet_roots(sd.keys(), source)
+    temporal_keys = [k for k in sd if _temporal_name(k)]
+    layout = detect_layout({_temporal_name(k) for k in temporal_keys}, source)
+    blocks, conv_groups = _group_temporal(temporal_keys, sd, source)
+    _check_owners(blocks, _SD1_BLOCKS, "attention", source)
+    _check_owners(conv_groups, _SD1_CONVS, "convs", source)
+    for block, group in blocks.items():
+        _check_group_keys(block, group, ATTENTION_KEYS, source, layout)
+    if layout != LAYOUT_PLAIN:
+        _check_all_owners_present(blocks, sd1_transformer_blocks(), "attention", source)
+    if conv_groups:
+        _check_all_owners_present(conv_groups, sd1_inflated_convs(), "convs", source)
+    convs = {conv: _conv_weights(conv, group, source) for conv, group in conv_groups.items()}
+    unet_2d = {k: v for k, v in sd.items() if not _temporal_name(k)}
+    return TavCheckpoint(layout, unet_2d, blocks, convs, source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+def _found_context_dim(sd2d: StateDict) -> Optional[int]:
+    weight = sd2d.get("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight")
+    return int(weight.shape[1]) if weight is not None and weight.ndim == 2 else None
+
+
+def _not_sd1(source: str, found: str) -> CheckpointError:
+    return CheckpointError(
+        f"{source} is not a Stable Diffusion 1.x UNet (found {found}). Tune-A-Video checkpoints are "
+        "SD1.x (SD1.4/SD1.5) UNets; pick one tuned from SD1.x, and load other models with the "
+        "ordinary loaders."
+    )
+
+
+def check_sd1_unet(sd2d: StateDict, context_dim: int = 768, source: str = "checkpoint") -> int:
+    """Check that ``sd2d`` has exactly the keys and shapes of an SD1.x diffusers UNet, whatever
+    its width; returns ``model_channels`` (320 for SD1.x). ``context_dim`` is the cross-attention
+    width (768: CLIP ViT-L). Raises ``CheckpointError`` naming missing, unexpected or misshapen keys."""
+    conv_in = sd2d.get("conv_in.weight")
+    if conv_in is None or conv_in.ndim != 4:
+        raise _not_sd1(source, "no 4-D conv_in.weight")
+    expected = sd1_unet_key_shapes(int(conv_in.shape[0]), context_dim)
+    missing, unexpected = expected.keys() - sd2d.keys(), sd2d.keys() - expected.keys()
+    if missing or unexpected:
+        parts = [missing and f"{_count(len(missing), 'missing key')}: {_names(missing)}",
+                 unexpected and f"{_count(len(unexpected), 'unexpected key')}: {_names(unexpected)}"]
+        raise _not_sd1(source, "; ".join(filter(None, parts)))
+    wrong = [f"{k} {list(sd2d[k].shape)} instead of {list(shape)}"
+             for k, shape in expected.items() if tuple(sd2d[k].shape) != shape]
+    if wrong:
+        found_ctx = _found_context_dim(sd2d)
+        ctx = (f"cross-attention context dim {found_ctx} instead of {context_dim}; "
+               if found_ctx not in (None, context_dim) else "")
+        raise _not_sd1(source, f"{ctx}{_count(len(wrong), 'key')} with other shapes: {_names(wrong, 4)}")
+    return int(conv_in.shape[0])
+
+
+def _attention_shapes_expected(channels: int) -> Dict[str, Tuple[int, ...]]:
+    c = channels
+    return {"attn_temporal.to_q.weight": (c, c), "attn_temporal.to_k.weight": (c, c),
+            "attn_temporal.to_v.weight": (c, c), "attn_temporal.to_out.0.weight": (c, c),
+            "attn_temporal.to_out.0.bias": (c,), "norm_temporal.weight": (c,), "norm_temporal.bias": (c,)}
+
+
+def _conv_shapes_expected(channels: int, weights: TemporalConvWeights) -> Dict[str, Tuple[int, ...]]:
+    c, r = channels, weights.rank
+    if weights.form == "full":
+        return {"conv_temporal.weight": (c, c, 3), "conv_temporal.bias": (c,)}
+    return {"conv_temporal.down.weight": (r, c, 3), "conv_temporal.up.weight": (c, r, 3)}
+
+
+def _shape_mismatches(owner: str, group: StateDict, expected: Dict[str, Tuple[int, ...]]) -> List[str]:
+    return [f"{owner}.{k} {list(group[k].shape)} instead of {list(shape)}"
+            for k, shape in expected.items() if tuple(group[k].shape) != shape]
+
+
+def check_temporal_shapes(ckpt: TavCheckpoint) -> None:
+    """Temporal weights must match the width of the 2D layer they follow: attention width = the
+    block's ``norm1`` width; conv_temporal channels = the 2D conv's output channels."""
+    wrong: List[str] = []
+    for block, group in ckpt.temporal_attention.items():
+        channels = ckpt.unet_2d[f"{block}.norm1.weight"].shape[0]
+        wrong += _shape_mismatches(block, group, _attention_shapes_expected(channels))
+    for conv, weights in ckpt.temporal_convs.items():
+        channels = ckpt.unet_2d[f"{conv}.weight"].shape[0]
+        wrong += _shape_mismatches(conv, weights.state_dict, _conv_shapes_expected(channels, weights))
+    if wrong:
+        raise CheckpointError(
+            f"{ckpt.source} has temporal weights whose shapes do not fit its UNet: {_names(wrong, 4)}. "
+            "The checkpoint is damaged or mixes two models; re-export it."
+        )
+
+
+def check_tav_checkpoint(ckpt: TavCheckpoint, context_dim: int = 768) -> None:
+    """``check_sd1_unet`` on the 2D part, then ``check_temporal_shapes``."""
+    check_sd1_unet(ckpt.unet_2d, context_dim, ckpt.source)
+    check_temporal_shapes(ckpt)
+
+
+def temporal_targets(ckpt: TavCheckpoint) -> List[TemporalTarget]:
+    """``(comfy_module_path, kind, state_dict)`` for every temporal module, in UNet order:
+    attention blocks first, then convs."""
+    attention = [TemporalTarget(comfy_transformer_block_path(b), "attention", ckpt.temporal_attention[b])
+                 for b in sd1_transformer_blocks() if b in ckpt.temporal_attention]
+    convs = [TemporalTarget(comfy_conv_path(c), "conv", ckpt.temporal_convs[c].state_dict)
+             for c in sd1_inflated_convs() if c in ckpt.temporal_convs]
+    return attention + convs
+
+
+# --------------------------------------------------------------------------------------------------
+# Safe loading
+# --------------------------------------------------------------------------------------------------
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
+DIFFUSERS_WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)
+
+
+def resolve_checkpoint_file(path: "str | os.PathLike") -> Path:
+    """The weights file for ``path``: the file itself, or for a diffusers folder
+    ``unet/diffusion_pytorch_model.*`` (pipeline folder) or ``diffusion_pytorch_model.*`` (unet
+    folder), safetensors first."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist; pick an existing checkpoint file or folder.")
+    for folder in (path / "unet", path):
+        for name in DIFFUSERS_WEIGHT_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    raise CheckpointError(
+        f"{path} is a folder without UNet weights: expected unet/diffusion_pytorch_model.safetensors "
+        "(or .bin) inside it, or diffusion_pytorch_model.safetensors (or .bin) directly."
+    )
+
+
+def _corrupt(path: Path, error: BaseException, advice: str) -> CheckpointError:
+    text = str(error).split("WeightsUnpickler error:")[-1]   # torch's own advice precedes this
+    first_line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    detail = first_line.split(". ")[0][:160]
+    return CheckpointError(f"{path} looks corrupt or is not a checkpoint ({type(error).__name__}: {detail}). {advice}")
+
+
+def _read_safetensors(path: Path) -> object:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # safetensors raises its own error type, OSError, or ValueError
+        raise _corrupt(path, error, "Download it again.") from error
+
+
+def _read_pickle(path: Path) -> object:
+    """``torch.load`` restricted to tensors and plain containers (``weights_only=True``)."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "unsupported global" in str(error).lower():
+            raise CheckpointError(
+                f"{path} holds Python objects besides tensors, so it is refused for safety (only "
+                "tensors are read from .bin/.pt/.ckpt/.pth files). Use a .safetensors copy of it."
+            ) from error
+        raise _corrupt(path, error, "Download it again.") from error
+    except Exception as error:  # truncated or damaged zip archive, not a pickle at all
+        raise _corrupt(path, error, "Download it again.") from error
+
+
+def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
+    """A flat ``{name: tensor}`` dict, unwrapping nested ``{"state_dict": ...}``."""
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{source} holds no state dict (found {type(obj).__name__}); it is not a UNet checkpoint.")
+    not_tensors = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"{source} has entries that are not named tensors: {_names(not_tensors)}; it is not a "
+            "UNet state dict."
+        )
+    return obj
+
+
+def load_state_dict_file(path: "str | os.PathLike") -> StateDict:
+    """Load a UNet state dict safely: ``.safetensors``, or ``.bin/.pt/.ckpt/.pth`` with
+    ``torch.load(weights_only=True)``, or a diffusers folder (``design.md`` decision 8). Never
+    unpickles arbitrary objects. Raises ``CheckpointError`` for missing, corrupt or foreign files."""
+    file = resolve_checkpoint_file(path)
+    suffix = file.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        obj = _read_safetensors(file)
+    elif suffix in PICKLE_SUFFIXES:
+        obj = _read_pickle(file)
+    else:
+        raise CheckpointError(
+            f"{file} has an unsupported extension {suffix or '(none)'}; use .safetensors "
+            "(or .bin/.pt/.ckpt/.pth) or a diffusers folder."
+        )
+    return unwrap_state_dict(obj, str(file))
+
+
+def load_tav_checkpoint(path: "str | os.PathLike", context_dim: int = 768) -> TavCheckpoint:
+    """Load, split and validate a Tune-A-Video / FateZero / plain SD1.x UNet checkpoint."""
+    file = resolve_checkpoint_file(path)
+    ckpt = split_tav_state_dict(load_state_dict_file(file), source=str(file))
+    check_tav_checkpoint(ckpt, context_dim)
+    return ckpt
