@@ -170,6 +170,7 @@ class EditController(_Controller):
         self._check_settings()
         self._masks: dict[tuple, torch.Tensor] = {}
         self._target_map: torch.Tensor | None = None
+        self.preview_map: torch.Tensor | None = None  # source word attention at the first edit step
 
     def _check_settings(self):
         s, cfg = self.settings, self.config
@@ -241,11 +242,26 @@ class EditController(_Controller):
             )
         if s.latent_blend and layer.level == MASK_LEVEL:
             self._accumulate_target_map(i, layer, edit)
+        if self.preview_map is None and layer.level == MASK_LEVEL:
+            self.preview_map, _ = self.source_word_map(j, self.preview_tokens())
         fused = fuse_cross_probs(edit, src, s.mode, s.mapper.to(q.device), _to(s.refine_alphas, q.device),
                                  _to(s.equalizer, q.device), s.cross_alphas[i].to(q.device))
         return apply_probs(fused, v, layer.heads)
 
     # ------------------------------------------------------------------ masks
+    def preview_tokens(self) -> tuple[int, ...]:
+        """Tokens shown in previews: the blend words, else the source tokens the edit changes."""
+        s = self.settings
+        if s.blend_tokens:
+            return s.blend_tokens
+        if s.mode == "replace":
+            diag = torch.diagonal(s.mapper)
+            changed = [t for t in range(1, diag.numel()) if float(diag[t]) != 1.0]
+        else:
+            kept = {int(m) for m, a in zip(s.mapper.tolist(), s.refine_alphas.tolist()) if a == 1}
+            changed = [t for t in range(1, s.mapper.numel()) if t not in kept]
+        return tuple(changed[:8]) or (1,)
+
     def _mask_layers(self) -> list[LayerInfo]:
         layers = [info for info in self.store.layers("cross") if info.level == MASK_LEVEL]
         if not layers:

@@ -154,6 +154,7 @@ class AttentionStore:
         self._pending_copies = False
         self.complete = False
         self.released = False
+        self.extras: dict = {}  # host payload, e.g. the source conditioning ``recompute`` replays
         self._dir = None
         self._finalizer = None
         if placement == "disk":
@@ -342,9 +343,13 @@ class AttentionStore:
     def release(self) -> None:
         """Free all memory and delete disk files now. The store is unusable afterwards."""
         self._steps.clear()
+        self._step_bytes.clear()
+        self._layer_bytes.clear()
+        self._files.clear()
         self._scratch.clear()
         self._latents = []
         self._cached_step = None
+        self.extras = {}
         if self._finalizer is not None:
             self._finalizer()
         self.complete = False
