@@ -37,6 +37,7 @@ class EditSpec:
     reweight: Mapping[str, float] | None = None
     latent_blend: bool = False
     latent_blend_aligned: bool = False
+    source_fingerprint: str = ""  # host hash of the encoded source prompt, checked against the store
 
     def __deepcopy__(self, memo):
         return self  # immutable; the tokenizer must not be copied

@@ -1,0 +1,131 @@
+"""FateZero DDIM Invert (capture attention): paper eq. 4, ``z_T, c_src, s_src = DDIM-INV(z_0, p_src)``."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import latent_preview
+from comfy_api.latest import io
+
+from ..fatezero_core.controller import CaptureController
+from ..fatezero_core.errors import FateZeroError
+from ..fatezero_core.keyframes import SD_KEY_RULE, parse_key_rule
+from ..fatezero_core.layers import LAYER_SETS
+from ..fatezero_core.store import PLACEMENTS, STORE_DTYPES, AttentionStore, CaptureConfig
+from .patching import model_fingerprint, model_key_rule, patched_clone
+from .samplers import FateZeroGuider, inversion_sampler, zero_noise
+from .schedule import SCHEDULE_ENDS, inversion_sigmas
+from .sockets import AttnStore
+
+KEY_FRAME_CHOICES = ["auto", "mid", "self, mid", "prev, first", "first", "self"]
+OFFICIAL_MIN_CHANNELS = 640  # official least_sc_channel for SD configs
+
+
+def conditioning_fingerprint(conditioning) -> str:
+    """Hash of the text embeddings, so the edit can check it uses the same source prompt."""
+    h = hashlib.sha256()
+    for cond, _ in conditioning:
+        h.update(cond.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def resolve_key_rule(choice: str, model):
+    """``auto``: the model's own rule (Tune-A-Video: prev + first), else the official SD ``mid``."""
+    if choice == "auto":
+        rule = model_key_rule(model)
+        return parse_key_rule(rule) if rule else SD_KEY_RULE
+    return parse_key_rule(choice)
+
+
+def resolve_min_channels(value: int, model) -> int:
+    if value >= 0:
+        return value
+    return 0 if model_key_rule(model) else OFFICIAL_MIN_CHANNELS
+
+
+def frames_latent(latent: dict) -> torch.Tensor:
+    samples = latent["samples"]
+    if samples.ndim != 4:
+        raise FateZeroError(
+            f"FateZero expects an image latent batch [frames, 4, h, w], got shape {list(samples.shape)}; "
+            "encode the frames with a plain VAE Encode."
+        )
+    if samples.shape[0] < 1:
+        raise FateZeroError("The latent holds no frames; load at least one frame.")
+    return samples
+
+
+class FateZeroDDIMInvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FateZero_DDIMInvert",
+            display_name="FateZero DDIM Invert (capture attention)",
+            category="FateZero/sampling",
+            description=(
+                "Deterministic DDIM inversion of all frames with the source prompt (cfg 1, as the "
+                "official code), capturing the attention FateZero Sample fuses back in. Outputs the "
+                "noisy latent to edit from (no extra noise needed) and the attention store."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to invert with; edit with the same one (LoRA included)."),
+                io.Conditioning.Input("source", tooltip="Source prompt conditioning: describe the input video. Use the 'source' output of FateZero Attention Blend Settings."),
+                io.Latent.Input("latent", tooltip="VAE-encoded frames, one frame per batch element."),
+                io.Int.Input("steps", default=50, min=1, max=999, tooltip="DDIM steps (official: 50; 10 for low memory). FateZero Sample reuses them."),
+                io.Combo.Input("key_frames", options=KEY_FRAME_CHOICES, default="auto",
+                               tooltip="Spatio-temporal self-attention keys. auto: the model's own rule (Tune-A-Video: prev, first) else 'mid' (official SD). 'self, mid' is the paper's eq. 8."),
+                io.Int.Input("st_min_channels", default=-1, min=-1, max=4096,
+                             tooltip="Layers narrower than this use per-frame self-attention (official least_sc_channel). -1: auto, 640 for SD and 0 for Tune-A-Video models."),
+                io.Combo.Input("store_placement", options=list(PLACEMENTS), default="cpu",
+                               tooltip="Where captured attention lives. cpu: host RAM; gpu: fastest, uses VRAM; disk: temp files deleted when freed; recompute: almost no memory, ~50% more UNet work when editing."),
+                io.Combo.Input("store_dtype", options=list(STORE_DTYPES), default="fp16", tooltip="Precision of the stored attention."),
+                io.Combo.Input("layer_set", options=list(LAYER_SETS), default="relative",
+                               tooltip="Stored/fused layers. relative: 1/2, 1/4, 1/8 of the latent side (official at 512 px); relative+full: also full resolution; official: query length <= 1024 tokens."),
+                io.Combo.Input("schedule_end", options=list(SCHEDULE_ENDS), default="comfy",
+                               tooltip="Clean end of the schedule. comfy: sigma 0; official: alphas_cumprod[0] like the official code (results match it more closely)."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="inverted_latent", tooltip="Noisy latent x_T: feed to FateZero Sample."),
+                AttnStore.Output(display_name="attention_store", tooltip="Captured source attention for FateZero Sample."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, source, latent, steps, key_frames, st_min_channels, store_placement,
+                store_dtype, layer_set, schedule_end) -> io.NodeOutput:
+        samples = frames_latent(latent)
+        frames, _, h, w = samples.shape
+        sigmas = inversion_sigmas(model.get_model_object("model_sampling"), steps, schedule_end)
+        config = CaptureConfig(
+            num_frames=frames, latent_size=(h, w), sigmas=tuple(sigmas.tolist()),
+            key_rule=resolve_key_rule(key_frames, model),
+            min_st_channels=resolve_min_channels(st_min_channels, model), layer_set=layer_set,
+            model_fingerprint=model_fingerprint(model))
+        store = AttentionStore(config, placement=store_placement, dtype=store_dtype,
+                               disk_dir=folder_paths.get_temp_directory())
+        patched = patched_clone(model, CaptureController(store), step_offset=-1)
+        latents = []
+
+        def on_step(j, z):
+            store.end_step(j)
+            latents.append(z.detach().float().cpu())
+
+        def capture_start(model_k, x, sigmas_, **kw):
+            latents.append(x.detach().float().cpu())  # z_0, in the model's latent space
+            return sampler_fn(model_k, x, sigmas_, **kw)
+
+        sampler_fn = inversion_sampler(on_step)
+        guider = FateZeroGuider(patched)
+        guider.set_conds(source, [])
+        guider.set_cfg(1.0)
+        callback = latent_preview.prepare_callback(patched, steps)
+        out = guider.sample(zero_noise(samples), samples, comfy.samplers.KSAMPLER(capture_start), sigmas,
+                            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
+        store.set_latents(latents)
+        store.extras.update(source_conditioning=source, source_fingerprint=conditioning_fingerprint(source))
+        store.finish()
+        return io.NodeOutput({"samples": out}, store)

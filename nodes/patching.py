@@ -1,0 +1,110 @@
+"""Host adapter: turns ComfyUI attention replace patches into :class:`AttnCall` s for a controller.
+
+Patches go on a ``model.clone()`` (never the caller's MODEL), one attn1 and one attn2 replace per
+transformer block, keyed ``(block, number, block_index)`` (``comfyui-host-contract.md`` section 2).
+The patch functions are closures, so ``ModelPatcher.clone()``'s deep copy of ``model_options``
+shares them instead of duplicating the controller.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..fatezero_core.errors import FateZeroError
+from ..fatezero_core.layers import AttnCall, LayerInfo
+
+PASS_KEY = "fatezero_pass"  # transformer_options flag of the recompute source pass
+KEY_RULE_KEY = "fatezero_key_rule"  # model default key-frame rule (Tune-A-Video models)
+
+log = logging.getLogger("comfyui-fatezero")
+
+
+def attention_block_keys(diffusion_model) -> list[tuple[str, int, int]]:
+    """``(block_name, number, block_index)`` of every transformer block with attn1/attn2."""
+    keys = []
+    groups = [("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
+              ("output", diffusion_model.output_blocks)]
+    for name, blocks in groups:
+        for number, block in enumerate(blocks):
+            for layer in block:
+                for index, tb in enumerate(getattr(layer, "transformer_blocks", ())):
+                    if hasattr(tb, "attn1") and hasattr(tb, "attn2"):
+                        keys.append((name, number, index))
+    return keys
+
+
+def sampler_step(extra: dict) -> int:
+    """Index of the current sigma in the running sampler's schedule (host contract section 2)."""
+    sample_sigmas, sigma = extra["sample_sigmas"], extra["sigmas"]
+    return int((sample_sigmas.to(sigma.device) - sigma[0]).abs().argmin())
+
+
+def chunk_kinds(extra: dict) -> tuple[str, ...]:
+    """``cond_or_uncond`` (0 = positive) as chunk names; the source pass is flagged separately."""
+    kinds = extra.get("cond_or_uncond", [0])
+    if extra.get(PASS_KEY) == "source":
+        return ("source",) * len(kinds)
+    return tuple("cond" if c == 0 else "uncond" for c in kinds)
+
+
+def layer_info(q: torch.Tensor, extra: dict) -> LayerInfo:
+    block, index = extra["block"], extra.get("block_index", 0)
+    _, _, height, width = extra["activations_shape"]
+    latent_h, latent_w = extra["original_shape"][-2:]
+    return LayerInfo(f"{block[0]}_{block[1]}_{index}", int(height), int(width), int(latent_h),
+                     int(latent_w), int(extra["n_heads"]), int(q.shape[-1]))
+
+
+def attn_call(q, extra: dict, step_offset: int) -> AttnCall:
+    return AttnCall(layer_info(q, extra), sampler_step(extra) + step_offset, chunk_kinds(extra))
+
+
+def refuse_context_windows(model) -> None:
+    if model.model_options.get("context_handler") is not None:
+        raise FateZeroError(
+            "This model uses context windows, which split the frames across UNet calls; FateZero "
+            "attention needs every frame in one call. Remove the context-window node, or load "
+            "fewer frames."
+        )
+
+
+def patched_clone(model, controller, step_offset: int):
+    """A clone of ``model`` whose attention runs through ``controller``.
+
+    ``step_offset`` maps the sampler's sigma index to the controller's step: -1 for inversion (the
+    model runs at the next, noisier sigma), 0 for editing.
+    """
+    refuse_context_windows(model)
+    clone = model.clone()
+
+    def attn1(q, k, v, extra):
+        return controller.attn1(q, k, v, attn_call(q, extra, step_offset))
+
+    def attn2(q, k, v, extra):
+        return controller.attn2(q, k, v, attn_call(q, extra, step_offset))
+
+    existing = clone.model_options.get("transformer_options", {}).get("patches_replace", {})
+    if existing.get("attn1") or existing.get("attn2"):
+        log.warning("FateZero replaces attention patches already on this model (%s).",
+                    sorted(set(existing.get("attn1", {})) | set(existing.get("attn2", {}))))
+    keys = attention_block_keys(clone.get_model_object("diffusion_model"))
+    if not keys:
+        raise FateZeroError("This model has no attention blocks FateZero can hook; use an SD1.x model.")
+    for key in keys:
+        clone.set_model_attn1_replace(attn1, *key)
+        clone.set_model_attn2_replace(attn2, *key)
+    return clone
+
+
+def model_fingerprint(model) -> str:
+    """Identity of a MODEL and its patches, recorded in the store to refuse another model."""
+    base = model.model
+    objects = ",".join(sorted(model.object_patches))
+    return f"{type(base).__name__}:{id(base):x}:{model.patches_uuid}:{objects}"
+
+
+def model_key_rule(model):
+    """The key-frame rule a model asks for (Tune-A-Video: previous + first frame), or None."""
+    return model.model_options.get("transformer_options", {}).get(KEY_RULE_KEY)

@@ -1,0 +1,124 @@
+"""FateZero Sample: DDIM editing with attention fusion, paper eq. 5 ``eps = ATT-FUSION(...)``."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+import comfy.samplers
+import comfy.utils
+import latent_preview
+from comfy_api.latest import io
+
+from ..fatezero_core import blend_mask as bm
+from ..fatezero_core.controller import EditController
+from ..fatezero_core.edit_spec import EditSpec
+from ..fatezero_core.errors import FateZeroError, StoreMismatchError
+from ..fatezero_core.store import AttentionStore
+from .invert import frames_latent
+from .patching import model_fingerprint, patched_clone
+from .samplers import FateZeroGuider, edit_sampler, latent_blend_step, zero_noise
+from .sockets import AttnStore, BlendSettings
+
+log = logging.getLogger("comfyui-fatezero")
+
+
+def check_store(store, samples, model) -> None:
+    if not isinstance(store, AttentionStore):
+        raise FateZeroError("'attention_store' must come from FateZero DDIM Invert.")
+    frames, _, h, w = samples.shape
+    store.config.check_edit(num_frames=frames, latent_size=(h, w), sigmas=store.config.sigmas,
+                            model_fingerprint=model_fingerprint(model))
+
+
+def check_spec(spec, store) -> None:
+    if not isinstance(spec, EditSpec):
+        raise FateZeroError("'blend_settings' must come from FateZero Attention Blend Settings.")
+    theirs, ours = store.extras.get("source_fingerprint"), getattr(spec, "source_fingerprint", None)
+    if theirs and ours and theirs != ours:
+        raise StoreMismatchError(
+            "The store was inverted with a different source conditioning than these blend "
+            "settings' source prompt: wire the 'source' output of FateZero Attention Blend Settings "
+            "into FateZero DDIM Invert (or type the same source prompt).")
+
+
+def preview_image(controller: EditController | None, frames: int, latent_size) -> torch.Tensor:
+    """``[F, H, 2W, 3]``: left the blend mask (white = edited), right the words' source attention."""
+    h, w = latent_size
+    out = torch.zeros(frames, h * 8, w * 16, 3)
+    if controller is None or controller.preview_map is None:
+        return out
+    word_map = controller.preview_map
+    s = controller.settings
+    mask = (bm.blend_mask(word_map, (h, w), s.blend_threshold, s.soft_mask).view(frames, 1, h, w)
+            if s.blend_tokens else torch.zeros(frames, 1, h, w))
+    heat = F.interpolate(bm.normalise_per_frame(word_map).unsqueeze(1), size=(h, w), mode="nearest")
+    pair = torch.cat([mask, heat], dim=-1).float().cpu()
+    big = F.interpolate(pair, scale_factor=8, mode="nearest")
+    return big.squeeze(1).unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
+
+
+class FateZeroSample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FateZero_Sample",
+            display_name="FateZero Sample",
+            category="FateZero/sampling",
+            description=(
+                "Denoise the inverted latent with the target prompt while fusing the captured "
+                "source attention: cross-attention replaced for unchanged words, self-attention "
+                "blended through a mask from the blend words. DDIM (eta 0) with the inversion's "
+                "sigmas and no added noise."),
+            inputs=[
+                io.Model.Input("model", tooltip="The same model (and LoRA) used for inversion."),
+                io.Conditioning.Input("positive", tooltip="Target prompt conditioning (the 'target' output of FateZero Attention Blend Settings; ControlNet may be applied to it)."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning (official: empty prompt)."),
+                io.Latent.Input("latent", tooltip="The inverted latent from FateZero DDIM Invert."),
+                AttnStore.Input("attention_store", tooltip="The attention store from FateZero DDIM Invert."),
+                BlendSettings.Input("blend_settings", tooltip="Prompts, words and windows from FateZero Attention Blend Settings."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance (official: 7.5)."),
+                io.Boolean.Input("fusion", default=True, tooltip="Off: plain DDIM from the inverted latent, no attention fusion (for comparison)."),
+                io.Sampler.Input("sampler", optional=True, tooltip="Optional sampler override; the default is DDIM (eta 0), which the local latent blend needs."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent", tooltip="The edited latent: VAE Decode it."),
+                io.Image.Output(display_name="mask_preview", tooltip="Per frame: blend mask (left, white = edited) and the edited words' source cross-attention (right)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent, attention_store, blend_settings, cfg,
+                fusion, sampler=None) -> io.NodeOutput:
+        samples = frames_latent(latent)
+        store = attention_store
+        check_store(store, samples, model)
+        check_spec(blend_settings, store)
+        steps = store.config.num_steps
+        settings = blend_settings.edit_settings(steps, fuse=fusion)
+        sigmas = torch.tensor(store.config.sigmas, dtype=torch.float32).flip(0)
+
+        controller, patched = None, model
+        if fusion:
+            controller = EditController(store, settings)
+            patched = patched_clone(model, controller, step_offset=0)
+        guider = FateZeroGuider(patched, store if fusion else None)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        if fusion and store.placement == "recompute":
+            guider.set_source(store.extras["source_conditioning"])
+
+        if sampler is None:
+            blend = latent_blend_step(controller, store) if fusion and settings.latent_blend else None
+            sampler = comfy.samplers.KSAMPLER(edit_sampler(blend))
+        elif settings.latent_blend:
+            log.warning("FateZero: the local latent blend needs the built-in DDIM sampler; it is "
+                        "off with a sampler override.")
+
+        callback = latent_preview.prepare_callback(patched, steps)
+        out = guider.sample(zero_noise(samples), samples, sampler, sigmas, callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
+        preview = preview_image(controller, samples.shape[0], tuple(samples.shape[-2:]))
+        return io.NodeOutput({"samples": out}, preview)
