@@ -1,0 +1,186 @@
+"""Attention-store memory: the official map store vs ours, SD1.x shapes at 512x512.
+
+Run: ``.venv/bin/python benchmarks/store_memory.py`` (CPU is enough; about 20 s).
+
+Columns of the table (bytes in decimal units, 1 MB = 1e6 B):
+
+- ``frames``, ``rule (K)``: frame count and key-frame rule; K is the official key-frame count
+  (``mid`` -> 1, SD configs; ``prev, first`` -> 2, Tune-A-Video configs).
+- ``kept``: key frames whose source keys our store keeps (distinct frames the rule refers to:
+  1 for ``mid``, f-1 for ``prev, first``).
+- ``steps``: DDIM steps N.
+- ``official/step``, ``official total``: the official map store, ``s*f*H*sum_l q_l*(77 + K*q_l)``
+  (reference doc section 2; fp16), times N. Its latents and running sum are not counted.
+- ``compact/step``, ``compact total``: our ``gpu``, ``cpu`` and ``disk`` placements (same bytes;
+  they live in GPU memory, host RAM or one file per step): source queries, key-frame keys and
+  cross probabilities in fp16, plus one float32 inversion latent per step; the total is
+  ``N * attention + (N + 1) * latent``.
+- ``recompute/step``, ``recompute total``: the ``recompute`` placement, latents only.
+- ``x official``: our total divided by the official total.
+
+The script also captures one real inversion step through ``CaptureController`` into an
+``AttentionStore`` with synthetic tensors of the real SD1.x shapes (8 frames, both rules) and checks
+that ``nbytes_by_step()`` equals the formula. Results go to ``benchmarks/results/store_memory.json``.
+The last lines compare against the design targets (8 frames, 512 px, K=1, per step).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fatezero_core.controller import CaptureController  # noqa: E402
+from fatezero_core.keyframes import key_frame_table, key_frames_used, parse_key_rule  # noqa: E402
+from fatezero_core.layers import AttnCall  # noqa: E402
+from fatezero_core.memory import (  # noqa: E402
+    SD1_HEADS,
+    compact_store_bytes_per_step,
+    official_map_store_bytes_per_step,
+    recompute_store_bytes_per_step,
+    sd1_layer_infos,
+    sd1_stored_layers,
+)
+from fatezero_core.store import AttentionStore, CaptureConfig  # noqa: E402
+
+LATENT = 64  # 512 px
+FRAMES = (8, 16, 32, 64)
+RULES = (("mid", 1), ("prev, first", 2))
+STEPS = (10, 50)
+TARGETS = {"compact_vs_official": 0.2, "recompute_vs_official": 0.01}
+RESULTS = ROOT / "benchmarks" / "results" / "store_memory.json"
+
+
+def kept_key_frames(rule: str, frames: int) -> int:
+    return len(key_frames_used(key_frame_table(parse_key_rule(rule), frames)))
+
+
+def row(frames: int, rule: str, k: int, steps: int) -> dict:
+    layers = sd1_stored_layers(LATENT, "relative")
+    kept = kept_key_frames(rule, frames)
+    official = official_map_store_bytes_per_step(frames, SD1_HEADS, [q for q, _, _ in layers], k)
+    attention = compact_store_bytes_per_step(frames, layers, kept)
+    latent = recompute_store_bytes_per_step(frames, LATENT, LATENT)
+    compact_total = steps * attention + (steps + 1) * latent
+    recompute_total = (steps + 1) * latent
+    return dict(frames=frames, rule=rule, K=k, kept=kept, steps=steps,
+                official_per_step=official, official_total=steps * official,
+                compact_attention_per_step=attention, latent_per_step=latent,
+                compact_per_step=attention + latent, compact_total=compact_total,
+                recompute_per_step=latent, recompute_total=recompute_total,
+                compact_ratio_per_step=(attention + latent) / official,
+                recompute_ratio_per_step=latent / official,
+                compact_ratio_total=compact_total / (steps * official),
+                recompute_ratio_total=recompute_total / (steps * official))
+
+
+def measure_one_step(rule: str, frames: int = 8) -> dict:
+    """Capture one synthetic step of real SD1.x shapes at 512 px and read the store's accounting.
+
+    Full-resolution layers (4096 tokens) are not stored under ``relative``; they are skipped
+    because their self-attention is the slow part of a CPU pass and adds nothing to the store.
+    """
+    config = CaptureConfig(num_frames=frames, latent_size=(LATENT, LATENT), sigmas=(0.0, 1.0),
+                           key_rule=parse_key_rule(rule), min_st_channels=640, layer_set="relative")
+    store = AttentionStore(config, placement="cpu", dtype="fp16")
+    controller = CaptureController(store)
+    g = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for layer in sd1_layer_infos(LATENT):
+            if layer.level == 0:
+                continue
+            call = AttnCall(layer, 0, ("cond",))
+            shape = (frames, layer.tokens, layer.channels)
+            controller.attn1(*(torch.randn(shape, generator=g) for _ in range(3)), call)
+            ctx = torch.randn(1, 77, layer.channels, generator=g)
+            controller.attn2(torch.randn(shape, generator=g), ctx, ctx, call)
+    store.end_step(0)
+    store.set_latents([torch.randn(frames, 4, LATENT, LATENT, generator=g) for _ in range(2)])
+    store.finish()
+    result = dict(rule=rule, frames=frames, steps_captured=1,
+                  attention_bytes=store.nbytes_by_step()[0],
+                  latent_bytes_per_step=store.latent_nbytes // 2,
+                  layers=len(store.nbytes_by_layer()), seconds=time.perf_counter() - start)
+    store.release()
+    del store, controller
+    gc.collect()
+    return result
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else mb(n)
+
+
+def main() -> int:
+    rows = [row(f, rule, k, n) for f in FRAMES for rule, k in RULES for n in STEPS]
+    header = ("frames", "rule (K)", "kept", "steps", "official/step", "official total",
+              "compact/step", "compact total", "x official", "recompute/step", "recompute total",
+              "x official")
+    table = [header] + [
+        (str(r["frames"]), f"{r['rule']} ({r['K']})", str(r["kept"]), str(r["steps"]),
+         mb(r["official_per_step"]), gb(r["official_total"]),
+         mb(r["compact_per_step"]), gb(r["compact_total"]), f"{r['compact_ratio_total']:.3f}",
+         mb(r["recompute_per_step"]), gb(r["recompute_total"]), f"{r['recompute_ratio_total']:.5f}")
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    print("Attention store bytes, SD1.x 512x512 (64x64 latent, 11 stored layers, 8 heads, fp16; "
+          "latents float32)")
+    print("compact = gpu / cpu / disk placements (same bytes: GPU memory, host RAM, or files)")
+    for n, line in enumerate(table):
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+    print("\nMeasured: one captured step through CaptureController -> AttentionStore.nbytes_by_step()")
+    measured = []
+    for rule, k in RULES:
+        m = measure_one_step(rule, 8)
+        formula = compact_store_bytes_per_step(8, sd1_stored_layers(LATENT), kept_key_frames(rule, 8))
+        latent = recompute_store_bytes_per_step(8, LATENT, LATENT)
+        m.update(formula_bytes=formula, equal=m["attention_bytes"] == formula and
+                 m["latent_bytes_per_step"] == latent)
+        measured.append(m)
+        print(f"  8 frames, {rule} ({k}): measured {m['attention_bytes']:,} B attention + "
+              f"{m['latent_bytes_per_step']:,} B latent over {m['layers']} layers; formula "
+              f"{formula:,} B + {latent:,} B -> {'equal' if m['equal'] else 'DIFFERENT'} "
+              f"({m['seconds']:.1f} s)")
+
+    target_row = next(r for r in rows if r["frames"] == 8 and r["K"] == 1 and r["steps"] == 50)
+    targets = {
+        "compact_vs_official": target_row["compact_ratio_per_step"],
+        "recompute_vs_official": target_row["recompute_ratio_per_step"],
+    }
+    status = {name: targets[name] <= goal for name, goal in TARGETS.items()}
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(dict(
+        setting="SD1.x 512x512, relative layer set, fp16 store, float32 latents",
+        machine=dict(platform=platform.platform(), python=platform.python_version(),
+                     torch=torch.__version__, cuda=torch.cuda.is_available()),
+        rows=rows, measured=measured,
+        targets={name: dict(measured=targets[name], goal=TARGETS[name], ok=status[name],
+                            setting="8 frames, 512 px, K=1 (mid), per step")
+                 for name in TARGETS},
+    ), indent=2))
+    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    for name, goal in TARGETS.items():
+        print(f"target {name}: {targets[name]:.4f} (goal <= {goal}) {'ok' if status[name] else 'MISS'}")
+    return 0 if all(m["equal"] for m in measured) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

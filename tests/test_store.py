@@ -1,0 +1,449 @@
+"""AttentionStore and CaptureConfig: byte accounting, placements, lifetime, refusals.
+
+Small synthetic UNet passes (latent 16x16, four resolution levels) are driven through the
+controllers as the host drives them (see tests/test_fusion.py). Expected byte counts are computed
+here from the shapes alone, not read back from the store.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fatezero_core.controller import CaptureController, EditController, EditSettings
+from fatezero_core.errors import FateZeroError, StoreMismatchError, StoreReleasedError
+from fatezero_core.keyframes import parse_key_rule
+from fatezero_core.layers import AttnCall, LayerInfo
+from fatezero_core.store import AttentionStore, CaptureConfig
+
+REPO = Path(__file__).resolve().parents[1]
+LATENT = 16
+HEADS = 2
+TOKENS = 77
+STEPS = 4
+FRAMES = 4
+LAYERS = [
+    LayerInfo("in_0", 16, 16, LATENT, LATENT, HEADS, 8),   # level 0: not stored
+    LayerInfo("in_1", 8, 8, LATENT, LATENT, HEADS, 16),
+    LayerInfo("mid", 2, 2, LATENT, LATENT, HEADS, 16),
+    LayerInfo("out_2", 4, 4, LATENT, LATENT, HEADS, 16),
+    LayerInfo("out_1", 8, 8, LATENT, LATENT, HEADS, 16),
+    LayerInfo("out_0", 16, 16, LATENT, LATENT, HEADS, 8),  # level 0: not stored
+]
+STORED = [layer for layer in LAYERS if 1 <= layer.level <= 3]
+SIGMAS = tuple(float(s) for s in torch.linspace(0.0, 5.0, STEPS + 1))
+SOURCE_IDS = (49406, 320, 1929, 49407)
+
+
+def make_config(frames=FRAMES, rule="mid", steps=STEPS, **kw):
+    sigmas = SIGMAS if steps == STEPS else tuple(float(s) for s in torch.linspace(0.0, 5.0, steps + 1))
+    base = dict(num_frames=frames, latent_size=(LATENT, LATENT), sigmas=sigmas,
+                key_rule=parse_key_rule(rule), min_st_channels=8, layer_set="relative",
+                source_prompt="a cat", source_token_ids=SOURCE_IDS, model_fingerprint="model-a")
+    base.update(kw)
+    return CaptureConfig(**base)
+
+
+def unet_pass(controller, step, frames, chunks=("cond",), call_step=None, fail_after=None):
+    """One synthetic UNet evaluation: attn1 then attn2 of every layer.
+
+    ``fail_after``: raise after that many layers, as an interrupted sampler would.
+    """
+    g = torch.Generator().manual_seed(step)
+    b = frames * len(chunks)
+    for n, layer in enumerate(LAYERS):
+        if fail_after is not None and n == fail_after:
+            raise KeyboardInterrupt("interrupted")
+        call = AttnCall(layer, step if call_step is None else call_step, chunks)
+        q, k, v = (torch.randn(b, layer.tokens, layer.channels, generator=g) for _ in range(3))
+        controller.attn1(q, k, v, call)
+        q = torch.randn(b, layer.tokens, layer.channels, generator=g)
+        k, v = (torch.randn(1, TOKENS, layer.channels, generator=g) for _ in range(2))
+        controller.attn2(q, k, v, call)
+
+
+def latents(frames=FRAMES, steps=STEPS):
+    return [torch.randn(frames, 4, LATENT, LATENT) for _ in range(steps + 1)]
+
+
+def capture(store, frames=FRAMES, steps=STEPS, chunks=("cond",)):
+    controller = CaptureController(store)
+    for j in range(steps):
+        unet_pass(controller, j, frames, chunks)
+        store.end_step(j)
+    store.set_latents(latents(frames, steps))
+    return store.finish()
+
+
+def kept_frames(rule, frames):
+    """Distinct key frames a rule refers to, worked out by hand."""
+    return {"mid": 1, "self, mid": frames, "prev, first": max(frames - 1, 1), "last": 1}[rule]
+
+
+def expected_step_bytes(rule, frames, element_size):
+    per_layer = {}
+    for layer in STORED:
+        n, c = layer.tokens, layer.channels
+        self_values = frames * n * c + kept_frames(rule, frames) * n * c
+        cross_values = frames * layer.heads * n * TOKENS
+        per_layer[layer.name] = (self_values + cross_values) * element_size
+    return per_layer
+
+
+def latent_bytes(frames=FRAMES, steps=STEPS):
+    return (steps + 1) * frames * 4 * LATENT * LATENT * 4  # float32
+
+
+# ---------------------------------------------------------------- byte accounting
+@pytest.mark.parametrize("rule", ["mid", "prev, first", "self, mid"])
+@pytest.mark.parametrize("placement", ["cpu", "gpu", "disk"])
+def test_exact_byte_accounting(rule, placement, tmp_path):
+    store = AttentionStore(make_config(rule=rule), placement=placement, dtype="fp16",
+                           disk_dir=str(tmp_path))
+    capture(store)
+    per_layer = expected_step_bytes(rule, FRAMES, 2)
+    step_bytes = sum(per_layer.values())
+
+    assert store.nbytes_by_step() == {j: step_bytes for j in range(STEPS)}
+    assert store.nbytes_by_layer() == {name: STEPS * b for name, b in per_layer.items()}
+    assert store.latent_nbytes == latent_bytes()
+    assert store.nbytes == STEPS * step_bytes + latent_bytes()
+    assert sum(store.nbytes_by_step().values()) == sum(store.nbytes_by_layer().values())
+    assert store.nbytes - store.latent_nbytes == sum(store.nbytes_by_step().values())
+
+    # what the store really holds has exactly these sizes
+    held = 0
+    for j in range(STEPS):
+        for layer in STORED:
+            q, k, probs = (store.get(j, layer.name, f) for f in ("q", "k", "probs"))
+            assert q.dtype == k.dtype == probs.dtype == torch.float16
+            assert q.shape == (FRAMES, layer.tokens, layer.channels)
+            assert k.shape == (kept_frames(rule, FRAMES), layer.tokens, layer.channels)
+            assert probs.shape == (FRAMES, layer.heads, layer.tokens, TOKENS)
+            held += sum(t.numel() * t.element_size() for t in (q, k, probs))
+        for layer in LAYERS:
+            if layer not in STORED:
+                assert not store.has(j, layer.name, "q") and not store.has(j, layer.name, "probs")
+    held += sum(store.latent(i).numel() * store.latent(i).element_size() for i in range(STEPS + 1))
+    assert held == store.nbytes
+    store.release()
+
+
+def test_key_frames_kept_per_rule(tmp_path):
+    frames = 8
+    for rule, kept in (("mid", 1), ("prev, first", 7), ("self, mid", 8)):
+        store = capture(AttentionStore(make_config(frames=frames, rule=rule), "cpu"), frames=frames)
+        for layer in STORED:
+            assert store.get(0, layer.name, "k").shape[0] == kept
+        store.release()
+
+
+def test_fp16_halves_fp32():
+    s16 = capture(AttentionStore(make_config(), "cpu", dtype="fp16"))
+    s32 = capture(AttentionStore(make_config(), "cpu", dtype="fp32"))
+    assert s32.nbytes - s32.latent_nbytes == 2 * (s16.nbytes - s16.latent_nbytes)
+    assert {j: 2 * b for j, b in s16.nbytes_by_step().items()} == s32.nbytes_by_step()
+    assert {n: 2 * b for n, b in s16.nbytes_by_layer().items()} == s32.nbytes_by_layer()
+    assert s16.latent_nbytes == s32.latent_nbytes  # latents stay float32
+
+
+def test_only_the_cond_chunk_is_captured():
+    one = capture(AttentionStore(make_config(), "cpu"), chunks=("cond",))
+    two = capture(AttentionStore(make_config(), "cpu"), chunks=("uncond", "cond"))
+    assert one.nbytes == two.nbytes
+    assert one.nbytes_by_step() == two.nbytes_by_step()
+
+
+def test_release_frees_accounting():
+    store = capture(AttentionStore(make_config(), "cpu"))
+    assert store.nbytes > 0
+    store.release()
+    assert store.nbytes == 0
+    assert store.nbytes_by_step() == {} and store.nbytes_by_layer() == {}
+
+
+# ------------------------------------------------------------------------- disk
+def test_disk_one_file_per_step_in_private_folder(tmp_path):
+    store = capture(AttentionStore(make_config(), "disk", disk_dir=str(tmp_path)))
+    folder = Path(store.directory)
+    assert folder.parent == tmp_path and folder.is_dir()
+    files = [Path(f) for f in store.files()]
+    assert len(files) == STEPS and len(set(files)) == STEPS
+    assert sorted(folder.iterdir()) == sorted(files)
+
+    from safetensors import safe_open
+
+    for j, path in enumerate(files):
+        with safe_open(str(path), framework="pt") as f:
+            on_disk = sum(f.get_tensor(k).numel() * 2 for k in f.keys())
+        assert on_disk == store.nbytes_by_step()[j]
+
+    # the data read back is the data captured (same as a cpu store fed the same passes)
+    ref = capture(AttentionStore(make_config(), "cpu"))
+    for j in range(STEPS):
+        for layer in STORED:
+            for f in ("q", "k", "probs"):
+                assert torch.equal(store.get(j, layer.name, f), ref.get(j, layer.name, f))
+
+    store.release()
+    assert not folder.exists()
+    assert tmp_path.exists()  # only the private folder goes
+
+
+def test_disk_deleted_when_garbage_collected(tmp_path):
+    store = capture(AttentionStore(make_config(), "disk", disk_dir=str(tmp_path)))
+    folder = Path(store.directory)
+    assert len(list(folder.iterdir())) == STEPS
+    del store
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_disk_deleted_at_interpreter_exit(tmp_path):
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(REPO)!r})
+from fatezero_core.keyframes import parse_key_rule
+from fatezero_core.store import AttentionStore, CaptureConfig
+cfg = CaptureConfig(num_frames=2, latent_size=(8, 8), sigmas=(0.0, 1.0, 2.0),
+                    key_rule=parse_key_rule('mid'), min_st_channels=8, layer_set='relative')
+store = AttentionStore(cfg, 'disk', disk_dir={str(tmp_path)!r})
+store.put(0, 'in_1', 'q', torch.randn(2, 16, 8))
+store.end_step(0)
+keep = [store]   # still referenced when the interpreter exits
+print(store.directory)
+print(len(store.files()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    folder, count = out.stdout.split()
+    assert Path(folder).parent == tmp_path and count == "1"
+    assert not Path(folder).exists()
+
+
+# ------------------------------------------------------------ interrupted capture
+def interrupted_capture(store, stop_at=2):
+    controller = CaptureController(store)
+    with pytest.raises(KeyboardInterrupt):
+        for j in range(STEPS):
+            unet_pass(controller, j, FRAMES, fail_after=3 if j == stop_at else None)
+            store.end_step(j)
+        store.set_latents(latents())
+        store.finish()
+    return store
+
+
+def test_interrupted_capture_is_unreadable(tmp_path):
+    store = interrupted_capture(AttentionStore(make_config(), "disk", disk_dir=str(tmp_path)))
+    assert not store.complete
+    with pytest.raises(StoreReleasedError, match=re.compile("invert again", re.I)):
+        store.get(0, "in_1", "q")
+    with pytest.raises(StoreReleasedError, match=re.compile("invert again", re.I)):
+        store.has(0, "in_1", "q")
+    with pytest.raises(StoreReleasedError):
+        EditController(store, settings())
+    # no latents were kept: finish refuses
+    with pytest.raises(FateZeroError, match="incomplete"):
+        store.finish()
+    # even with latents, the steps that never ran are reported
+    store.set_latents(latents())
+    with pytest.raises(FateZeroError, match=r"steps \[3\] recorded no attention") as err:
+        store.finish()
+    assert "invert again" in str(err.value)
+    assert not store.complete
+
+
+def test_interrupted_disk_store_files_go_with_it(tmp_path):
+    store = interrupted_capture(AttentionStore(make_config(), "disk", disk_dir=str(tmp_path)))
+    old = Path(store.directory)
+    assert len(store.files()) == 2  # steps 0 and 1 were written
+    assert old.is_dir()
+    del store
+    gc.collect()
+    assert not old.exists()
+
+    fresh = capture(AttentionStore(make_config(), "disk", disk_dir=str(tmp_path)))
+    assert Path(fresh.directory) != old
+    assert not old.exists()
+    assert all(Path(f).parent == Path(fresh.directory) for f in fresh.files())
+    assert len(fresh.files()) == STEPS
+    fresh.release()
+
+
+def test_new_capture_never_shares_a_folder(tmp_path):
+    a = interrupted_capture(AttentionStore(make_config(), "disk", disk_dir=str(tmp_path)))
+    b = AttentionStore(make_config(), "disk", disk_dir=str(tmp_path))
+    assert a.directory != b.directory
+    capture(b)
+    assert len(a.files()) == 2 and len(b.files()) == STEPS
+    a_dir = a.directory
+    a.release()
+    assert not Path(a_dir).exists()
+    assert all(Path(f).exists() for f in b.files())  # releasing one never touches the other
+    b.release()
+
+
+# ---------------------------------------------------------------- released store
+@pytest.mark.parametrize("placement", ["cpu", "disk", "recompute"])
+def test_released_store_refuses_reads_and_writes(placement, tmp_path):
+    store = capture(AttentionStore(make_config(), placement, disk_dir=str(tmp_path)))
+    store.release()
+    assert store.released and not store.complete
+    for call in (lambda: store.get(0, "in_1", "q"),
+                 lambda: store.put(0, "in_1", "q", torch.zeros(FRAMES, 64, 16)),
+                 lambda: store.latent(0),
+                 lambda: store.has(0, "in_1", "q"),
+                 lambda: store.finish(),
+                 lambda: store.set_latents(latents())):
+        with pytest.raises(StoreReleasedError, match="released"):
+            call()
+    with pytest.raises(StoreReleasedError):
+        EditController(store, settings())
+
+
+# ------------------------------------------------------------- CaptureConfig
+def request(**kw):
+    base = dict(num_frames=FRAMES, latent_size=(LATENT, LATENT), sigmas=SIGMAS,
+                model_fingerprint="model-a")
+    base.update(kw)
+    return base
+
+
+def test_check_edit_passes_on_equal_settings():
+    cfg = make_config()
+    cfg.check_edit(**request())
+    cfg.check_edit(**request(sigmas=tuple(s * (1 + 1e-7) for s in SIGMAS), latent_size=[LATENT, LATENT]))
+    assert cfg.mismatches(**request()) == []
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(num_frames=FRAMES + 1), ["5 frames", "captured on 4", "same DDIM Invert"]),
+    (dict(latent_size=(LATENT, 2 * LATENT)), ["128x256 px", "captured at 128x128 px", "same frame size"]),
+    (dict(sigmas=SIGMAS[:-1]), ["3 steps", "store has 4", "same number of steps"]),
+    (dict(sigmas=tuple(2 * s for s in SIGMAS)), ["sigma schedule", "same scheduler"]),
+    (dict(model_fingerprint="model-b"), ["different model", "invert again"]),
+])
+def test_check_edit_names_each_mismatch(change, words):
+    with pytest.raises(StoreMismatchError) as err:
+        make_config().check_edit(**request(**change))
+    message = str(err.value)
+    assert message.startswith("This attention store does not match the edit")
+    for word in words:
+        assert word in message, message
+    assert len(make_config().mismatches(**request(**change))) == 1
+
+
+def test_check_edit_lists_all_mismatches_at_once():
+    cfg = make_config()
+    req = request(num_frames=2, latent_size=(8, 8), sigmas=tuple(s + 1 for s in SIGMAS),
+                  model_fingerprint="model-b")
+    problems = cfg.mismatches(**req)
+    assert len(problems) == 4
+    with pytest.raises(StoreMismatchError) as err:
+        cfg.check_edit(**req)
+    for part in ("frames", "px", "sigma schedule", "different model"):
+        assert part in str(err.value)
+
+
+def test_config_describes_itself():
+    cfg = make_config(rule="prev, first")
+    assert cfg.num_steps == STEPS
+    assert cfg.describe() == "4 frames at 128x128 px, 4 steps, key frames [prev, first], layers 'relative'"
+
+
+# ------------------------------------------------------------- EditController
+def settings(steps=STEPS, token_ids=SOURCE_IDS):
+    return EditSettings(mode="replace", mapper=torch.eye(TOKENS), cross_alphas=torch.ones(steps + 1, TOKENS),
+                        self_window=(0, steps), source_token_ids=token_ids)
+
+
+def test_edit_controller_accepts_matching_settings():
+    store = capture(AttentionStore(make_config(), "cpu"))
+    EditController(store, settings())
+    EditController(store, settings(token_ids=()))  # settings without ids are not compared
+
+
+def test_edit_controller_refuses_other_source_prompt():
+    store = capture(AttentionStore(make_config(), "cpu"))
+    with pytest.raises(StoreMismatchError, match="same source text") as err:
+        EditController(store, settings(token_ids=(49406, 320, 2368, 49407)))
+    assert "'a cat'" in str(err.value)
+
+
+def test_edit_controller_refuses_other_step_count():
+    store = capture(AttentionStore(make_config(), "cpu"))
+    with pytest.raises(StoreMismatchError, match="made for 6 steps but the store has 4"):
+        EditController(store, settings(steps=6))
+
+
+# ------------------------------------------------------------------ recompute
+def test_recompute_holds_latents_and_one_step_of_scratch():
+    store = capture(AttentionStore(make_config(), "recompute", dtype="fp16"))
+    assert store.nbytes == store.latent_nbytes == latent_bytes()
+    assert store.nbytes_by_step() == {} and store.nbytes_by_layer() == {}
+    assert store.scratch_nbytes == 0
+    assert len(store.layers("cross")) == len(STORED)  # the manifest is still recorded
+
+    editor = EditController(store, settings())
+    # scratch keeps the source pass's own dtype (float32 here)
+    one_step = sum(expected_step_bytes("mid", FRAMES, 4).values())
+    for i in range(STEPS):
+        j = editor.inversion_step(i)
+        store.begin_regeneration(j)
+        assert store.scratch_nbytes == 0
+        if j + 1 < STEPS:
+            assert not store.has(j + 1, "in_1", "q")  # the previous step is gone
+            with pytest.raises(FateZeroError, match="No regenerated source attention"):
+                store.get(j + 1, "in_1", "q")
+        unet_pass(editor, j, FRAMES, ("source",), call_step=i)
+        assert store.scratch_nbytes == one_step
+        assert store.has(j, "in_1", "q") and store.has(j, "mid", "probs")
+        assert store.nbytes == latent_bytes()  # the scratch is not counted as stored
+
+
+def test_recompute_scratch_equals_captured_store():
+    """Regenerating the source pass gives the tensors a cpu store captured during inversion."""
+    ref = capture(AttentionStore(make_config(), "cpu", dtype="fp32"))
+    store = capture(AttentionStore(make_config(), "recompute", dtype="fp32"))
+    editor = EditController(store, settings())
+    j = 1
+    store.begin_regeneration(j)
+    unet_pass(editor, j, FRAMES, ("source",), call_step=editor.num_steps - 1 - j)
+    for layer in STORED:
+        for f in ("q", "k", "probs"):
+            assert torch.equal(store.get(j, layer.name, f), ref.get(j, layer.name, f))
+
+
+# ------------------------------------------------------------------- cpu/CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device: pinned host copies of GPU tensors")
+def test_cpu_placement_copies_cuda_tensors_to_pinned_host_memory():
+    store = AttentionStore(make_config(frames=2), "cpu", dtype="fp16")
+    q = torch.randn(2, 64, 16, device="cuda")
+    store.put(0, "in_1", "q", q)
+    store.end_step(0)
+    for j in range(1, STEPS):
+        store.put(j, "in_1", "q", q)
+    store.set_latents([torch.zeros(2, 4, LATENT, LATENT, device="cuda")] * (STEPS + 1))
+    store.finish()
+    held = store._steps[0].tensors["in_1.q"]
+    assert held.device.type == "cpu" and held.is_pinned()
+    assert torch.equal(store.get(0, "in_1", "q"), q.half().cpu())
+    back = store.get(0, "in_1", "q", device="cuda")
+    assert back.device.type == "cuda"
+    assert store.nbytes_by_step()[0] == q.numel() * 2
+
+
+def test_unknown_placement_and_field():
+    with pytest.raises(FateZeroError, match="Unknown store placement"):
+        AttentionStore(make_config(), "ram")
+    store = AttentionStore(make_config(), "cpu")
+    with pytest.raises(FateZeroError, match="Unknown store field"):
+        store.put(0, "in_1", "v", torch.zeros(1))
