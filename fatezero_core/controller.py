@@ -57,10 +57,13 @@ class _Controller:
         self.store.put(step, layer.name, "probs", probs)
 
     def _cross_source(self, step, layer, q, k, v, capture: bool):
-        if not (capture and self.layer_set.stores(layer)):
+        if not self.layer_set.stores(layer):
             return attention(q, k, v, layer.heads)
+        # Stored layers always go through the materialised probabilities, captured or not, so an
+        # inversion's latents do not depend on the placement (``recompute`` captures nothing then).
         probs = attention_probs(q, k, layer.heads)
-        self._capture_cross(step, layer, probs)
+        if capture:
+            self._capture_cross(step, layer, probs)
         return apply_probs(probs, v, layer.heads)
 
     def _self_source(self, step, layer, q, k, v, table, capture: bool):
