@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 import comfy.samplers
@@ -17,21 +15,13 @@ from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.keyframes import SD_KEY_RULE, parse_key_rule
 from ..fatezero_core.layers import LAYER_SETS
 from ..fatezero_core.store import PLACEMENTS, STORE_DTYPES, AttentionStore, CaptureConfig
-from .patching import model_fingerprint, model_key_rule, patched_clone
+from .patching import conditioning_fingerprint, model_fingerprint, model_key_rule, patched_clone
 from .samplers import FateZeroGuider, inversion_sampler, zero_noise
 from .schedule import SCHEDULE_ENDS, inversion_sigmas
 from .sockets import AttnStore
 
 KEY_FRAME_CHOICES = ["auto", "mid", "self, mid", "prev, first", "first", "self"]
 OFFICIAL_MIN_CHANNELS = 640  # official least_sc_channel for SD configs
-
-
-def conditioning_fingerprint(conditioning) -> str:
-    """Hash of the text embeddings, so the edit can check it uses the same source prompt."""
-    h = hashlib.sha256()
-    for cond, _ in conditioning:
-        h.update(cond.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def resolve_key_rule(choice: str, model):

@@ -8,6 +8,7 @@ shares them instead of duplicating the controller.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import torch
@@ -108,3 +109,11 @@ def model_fingerprint(model) -> str:
 def model_key_rule(model):
     """The key-frame rule a model asks for (Tune-A-Video: previous + first frame), or None."""
     return model.model_options.get("transformer_options", {}).get(KEY_RULE_KEY)
+
+
+def conditioning_fingerprint(conditioning) -> str:
+    """Hash of the text embeddings, so the edit can check it uses the same source prompt."""
+    h = hashlib.sha256()
+    for cond, _ in conditioning:
+        h.update(cond.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

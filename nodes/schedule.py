@@ -19,10 +19,11 @@ def edit_sigmas(model_sampling, steps: int, end: str = "comfy") -> torch.Tensor:
     """Descending sigmas ``[s_N, ..., s_1, s_end]`` for FateZero editing."""
     if end not in SCHEDULE_ENDS:
         raise FateZeroError(f"Unknown schedule end '{end}'; use one of {SCHEDULE_ENDS}.")
-    t = diffusers_timesteps(steps, num_train_timesteps=len(model_sampling.sigmas))
-    sigmas = model_sampling.sigma(torch.as_tensor(t, dtype=torch.float32)).float().cpu()
-    tail = 0.0 if end == "comfy" else float(model_sampling.sigma(torch.tensor(0.0)))
-    return torch.cat([sigmas, torch.tensor([tail])])
+    table = model_sampling.sigmas.float().cpu()
+    t = diffusers_timesteps(steps, num_train_timesteps=len(table))
+    # Index the table (as ddim_uniform does) rather than interpolate, so the sigmas are bit-equal.
+    tail = torch.zeros(1) if end == "comfy" else table[:1]
+    return torch.cat([table[torch.as_tensor(t, dtype=torch.long)], tail])
 
 
 def inversion_sigmas(model_sampling, steps: int, end: str = "comfy") -> torch.Tensor:

@@ -1,0 +1,338 @@
+"""FateZero Attention Blend Settings: both prompts, encoded once, plus the edit options.
+
+The node encodes the source and target prompts exactly as core CLIPTextEncode does and emits the
+``fatezero_core.edit_spec.EditSpec`` that FateZero Sample uses to fuse attention. The spec maps
+words to token positions with the same CLIP tokenizer that encoded the prompts, so the words the
+settings name are the tokens that were encoded (design decision 7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Callable
+
+from comfy_api.latest import io
+
+from ..fatezero_core.edit_spec import EditSpec
+from ..fatezero_core.prompt_align import MODES, tokenize_prompt
+from .patching import conditioning_fingerprint
+from .sockets import BlendSettings
+from .user_errors import FateZeroNodeError, user_errors
+
+MODE_OPTIONS = ["auto"] + [m for m in MODES if m != "auto"]
+
+_SEPARATORS = re.compile(r"[,;\n]")
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_RANGE = re.compile(rf"^\s*({_NUMBER})\s*(?:-|\.\.|to)\s*({_NUMBER})\s*$")
+
+
+# --------------------------------------------------------------------------------------------
+# Small text fields
+# --------------------------------------------------------------------------------------------
+
+
+def _entries(text: str | None) -> list[str]:
+    """Comma-, semicolon- or newline-separated entries, stripped, empty ones dropped."""
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        raise FateZeroNodeError(f"Expected text, got {type(text).__name__}.")
+    return [part.strip() for part in _SEPARATORS.split(text) if part.strip()]
+
+
+def parse_words(text: str | None, field: str) -> tuple[str, ...]:
+    """``"jeep, Wonder Woman"`` -> ``("jeep", "Wonder Woman")``; duplicates are dropped."""
+    words = []
+    for entry in _entries(text):
+        if ":" in entry:
+            raise FateZeroNodeError(
+                f"{field}: '{entry}' contains ':'. List plain words separated by commas, "
+                "for example 'jeep, car'."
+            )
+        if entry.lower() not in (w.lower() for w in words):
+            words.append(entry)
+    return tuple(words)
+
+
+def _split_entry(entry: str, field: str, example: str) -> tuple[str, str]:
+    word, sep, value = entry.rpartition(":")
+    word, value = word.strip(), value.strip()
+    if not sep or not word or not value:
+        raise FateZeroNodeError(
+            f"{field}: could not read '{entry}'. Write 'word: value' entries separated by "
+            f"commas, for example '{example}'."
+        )
+    return word, value
+
+
+def _float(value: str, field: str, word: str, example: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise FateZeroNodeError(
+            f"{field}: the value '{value}' for '{word}' is not a number. Use entries like "
+            f"'{example}'."
+        )
+    return number
+
+
+def _add_unique(mapping: dict, word: str, value, field: str) -> None:
+    key = word.lower()
+    if any(k.lower() == key for k in mapping):
+        raise FateZeroNodeError(f"{field}: '{word}' is listed twice; keep one entry per word.")
+    mapping[word] = value
+
+
+def parse_reweight(text: str | None) -> dict[str, float] | None:
+    """``"watercolor: 10, silver: 2"`` -> ``{"watercolor": 10.0, "silver": 2.0}`` (None if empty)."""
+    field, example = "reweight", "watercolor: 10, silver: 2"
+    weights: dict[str, float] = {}
+    for entry in _entries(text):
+        word, value = _split_entry(entry, field, example)
+        _add_unique(weights, word, _float(value, field, word, example), field)
+    return weights or None
+
+
+def _fraction(value: float, field: str, word: str) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise FateZeroNodeError(
+            f"{field}: {value:g} for '{word}' is outside 0..1. Windows are fractions of the "
+            "sampling steps, for example 0.5 (the first half) or 0.2-0.9."
+        )
+    return value
+
+
+def parse_cross_replace_words(text: str | None) -> dict[str, object]:
+    """``"watercolor: 0.5, jeep: 0.2-0.9"`` -> ``{"watercolor": 0.5, "jeep": (0.2, 0.9)}``.
+
+    A single number ``c`` means the window ``0..c``; ``a-b`` (also ``a..b``, ``a to b``) means
+    ``a..b``. Both are fractions of the sampling steps.
+    """
+    field, example = "cross_replace_words", "watercolor: 0.5, jeep: 0.2-0.9"
+    windows: dict[str, object] = {}
+    for entry in _entries(text):
+        word, value = _split_entry(entry, field, example)
+        match = _RANGE.match(value)
+        if match:
+            start = _fraction(_float(match.group(1), field, word, example), field, word)
+            end = _fraction(_float(match.group(2), field, word, example), field, word)
+            if start > end:
+                raise FateZeroNodeError(
+                    f"{field}: the window {value} for '{word}' ends before it starts; write the "
+                    f"smaller number first, for example {end:g}-{start:g}."
+                )
+            window: object = (start, end)
+        else:
+            window = _fraction(_float(value, field, word, example), field, word)
+        _add_unique(windows, word, window, field)
+    return windows
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP
+# --------------------------------------------------------------------------------------------
+
+
+def clip_tokenizer(clip) -> Callable[[str], list[int]]:
+    """``text -> content token ids`` (no BOS/EOS) from the CLIP model's own SD1 tokenizer."""
+    if clip is None:
+        raise FateZeroNodeError(
+            "No CLIP is connected: connect the CLIP output of Load Checkpoint (or of a LoRA loader)."
+        )
+    hf_tokenizer = getattr(getattr(getattr(clip, "tokenizer", None), "clip_l", None), "tokenizer", None)
+    if hf_tokenizer is None or not callable(hf_tokenizer):
+        raise FateZeroNodeError(
+            "This CLIP has no SD1 (CLIP-L) tokenizer. FateZero supports Stable Diffusion 1.x "
+            "checkpoints only: load an SD1.x checkpoint and connect its CLIP."
+        )
+
+    def tokenize(text: str) -> list[int]:
+        return list(hf_tokenizer(text)["input_ids"][1:-1])
+
+    return tokenize
+
+
+def encode(clip, text: str, which: str, expected_ids: tuple[int, ...]):
+    """CONDITIONING for ``text``, encoded as core CLIPTextEncode does.
+
+    Checks that ComfyUI's tokenization is the one the word alignment used: prompt weights such as
+    ``(word:1.2)`` and textual-inversion embeddings change the token layout and are refused.
+    """
+    tokens = clip.tokenize(text)
+    if set(tokens) != {"l"}:
+        raise FateZeroNodeError(
+            f"This CLIP produces {sorted(tokens)} token streams; FateZero supports Stable Diffusion "
+            "1.x checkpoints only (a single CLIP-L text encoder). Load an SD1.x checkpoint."
+        )
+    chunks = tokens["l"]
+    ids = tuple(t[0] if isinstance(t[0], int) else None for t in chunks[0]) if len(chunks) == 1 else ()
+    if ids != tuple(expected_ids):
+        raise FateZeroNodeError(
+            f"The {which} prompt '{text}' is tokenized differently by ComfyUI than word by word, so "
+            "FateZero cannot match words to tokens. Remove prompt weights like '(word:1.2)', "
+            "brackets and 'embedding:' names; use the reweight field to strengthen words."
+        )
+    return clip.encode_from_tokens_scheduled(tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Node
+# --------------------------------------------------------------------------------------------
+
+
+class FateZeroAttentionBlendSettings(io.ComfyNode):
+    """Source/target prompts and FateZero's attention-fusion settings."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FateZero_AttentionBlendSettings",
+            display_name="FateZero Attention Blend Settings",
+            category="FateZero/attention",
+            description=(
+                "Type the source prompt (what the video shows) and the target prompt (what it "
+                "should become) once: this node encodes both with the CLIP (like CLIP Text Encode) "
+                "and bundles the word-level edit settings for FateZero Sample. Words keep their "
+                "place in the video where the prompts agree; blend words mark the region that may "
+                "change. SD1.x only."
+            ),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of the SD1.x checkpoint used for inversion and editing."),
+                io.String.Input(
+                    "source_prompt", multiline=True, dynamic_prompts=False,
+                    tooltip=(
+                        "Describes the input video, e.g. 'a silver jeep driving down a curvy road'. "
+                        "Use the same prompt as for FateZero DDIM Invert (connect the source output)."
+                    ),
+                ),
+                io.String.Input(
+                    "target_prompt", multiline=True, dynamic_prompts=False,
+                    tooltip=(
+                        "The edited video, e.g. 'a Porsche car driving down a curvy road'. At most 75 "
+                        "tokens; no '(word:1.2)' weights (use reweight)."
+                    ),
+                ),
+                io.String.Input(
+                    "blend_words", default="",
+                    tooltip=(
+                        "Comma-separated words of the SOURCE prompt whose region may change (e.g. "
+                        "'jeep'); their attention makes the blend mask. Empty: self-attention is "
+                        "replaced everywhere (style edits)."
+                    ),
+                ),
+                io.String.Input(
+                    "target_blend_words", default="", optional=True,
+                    tooltip=(
+                        "Optional comma-separated words of the TARGET prompt added to the local "
+                        "latent blend mask (e.g. 'Porsche car')."
+                    ),
+                ),
+                io.Float.Input(
+                    "cross_replace_steps", default=0.8, min=0.0, max=1.0, step=0.01,
+                    tooltip=(
+                        "Fraction of the steps (from the start) during which the source prompt's "
+                        "cross-attention replaces the target's for unchanged words."
+                    ),
+                ),
+                io.String.Input(
+                    "cross_replace_words", default="", optional=True,
+                    tooltip=(
+                        "Optional per-word windows for target words, overriding cross_replace_steps: "
+                        "'watercolor: 0.5, jeep: 0.2-0.9' (fractions of the steps; a single number "
+                        "means from 0)."
+                    ),
+                ),
+                io.Float.Input(
+                    "self_replace_steps", default=0.6, min=0.0, max=1.0, step=0.01,
+                    tooltip=(
+                        "Fraction of the steps (from the start) during which the source's "
+                        "self-attention is blended in, keeping structure and motion."
+                    ),
+                ),
+                io.Float.Input(
+                    "blend_threshold", default=0.3, min=0.0, max=10.0, step=0.01,
+                    tooltip=(
+                        "Mask threshold on the normalised blend-word attention: lower grows the "
+                        "edited region. 1 or more means full replacement (no region changes)."
+                    ),
+                ),
+                io.String.Input(
+                    "reweight", default="", optional=True,
+                    tooltip=(
+                        "Optional attention scale for target words: 'watercolor: 10, silver: 2' "
+                        "(1 = unchanged)."
+                    ),
+                ),
+                io.Combo.Input(
+                    "mode", options=MODE_OPTIONS, default="auto",
+                    tooltip=(
+                        "replace: swap words one for one (both prompts need the same number of "
+                        "words). refine: add or remove words. auto: replace when the word counts "
+                        "match, refine otherwise."
+                    ),
+                ),
+                io.Boolean.Input(
+                    "local_latent_blend", default=False,
+                    tooltip=(
+                        "Also blend the latents: outside the blend-word mask the source video is "
+                        "kept exactly. Needs blend_words."
+                    ),
+                ),
+                io.Boolean.Input(
+                    "soft_mask", default=False,
+                    tooltip="Use the attention values as a soft mask instead of thresholding them.",
+                ),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="source", tooltip="The encoded source prompt."),
+                io.Conditioning.Output(display_name="target", tooltip="The encoded target prompt."),
+                BlendSettings.Output(
+                    display_name="blend_settings",
+                    tooltip="Prompts, tokenizer and fusion settings for FateZero Sample.",
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, source_prompt, target_prompt, blend_words, cross_replace_steps,
+                self_replace_steps, blend_threshold, mode, local_latent_blend, soft_mask,
+                target_blend_words="", cross_replace_words="", reweight="") -> io.NodeOutput:
+        tokenize = clip_tokenizer(clip)
+        for which, text in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
+            if not isinstance(text, str) or not text.strip():
+                raise FateZeroNodeError(f"{which} is empty: describe the video in a few words.")
+        if mode not in MODE_OPTIONS:
+            raise FateZeroNodeError(f"mode must be one of {', '.join(MODE_OPTIONS)} (got {mode!r}).")
+
+        per_word = parse_cross_replace_words(cross_replace_words)
+        cross = {"default_": float(cross_replace_steps), **per_word} if per_word else float(cross_replace_steps)
+        spec = EditSpec(
+            source_prompt=source_prompt,
+            target_prompt=target_prompt,
+            tokenize=tokenize,
+            mode=mode,
+            cross_replace_steps=cross,
+            self_replace_steps=float(self_replace_steps),
+            blend_words=parse_words(blend_words, "blend_words"),
+            target_blend_words=parse_words(target_blend_words, "target_blend_words"),
+            blend_threshold=float(blend_threshold),
+            soft_mask=bool(soft_mask),
+            reweight=parse_reweight(reweight),
+            latent_blend=bool(local_latent_blend),
+        )
+        with user_errors():
+            spec.check()
+            source_ids = tokenize_prompt(source_prompt, tokenize).ids
+            target_ids = tokenize_prompt(target_prompt, tokenize).ids
+
+        source = encode(clip, source_prompt, "source", source_ids)
+        target = encode(clip, target_prompt, "target", target_ids)
+        spec = dataclasses.replace(spec, source_fingerprint=conditioning_fingerprint(source))
+        return io.NodeOutput(source, target, spec)
+
+
+NODES = [FateZeroAttentionBlendSettings]

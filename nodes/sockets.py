@@ -1,0 +1,14 @@
+"""Socket types this pack adds to ComfyUI.
+
+Sockets match by type name, so these strings are part of saved workflows: never rename them.
+"""
+
+from comfy_api.latest import io
+
+AttnStore = io.Custom("FATEZERO_ATTN_STORE")
+"""Attention captured by FateZero DDIM Invert, consumed by FateZero Sample."""
+
+BlendSettings = io.Custom("FATEZERO_BLEND_SETTINGS")
+"""A ``fatezero_core.edit_spec.EditSpec``: both prompts, the tokenizer and the fusion options."""
+
+__all__ = ["AttnStore", "BlendSettings"]

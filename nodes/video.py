@@ -1,0 +1,224 @@
+"""FateZero Load Video Frames: a clip from ComfyUI's input folder as an IMAGE batch.
+
+Thin adapter over ``fatezero_core.video_io``: the node lists and resolves files in the input
+folder, reports decoding progress to ComfyUI, and lets the core do the reading and resizing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..fatezero_core.errors import FateZeroError
+from ..fatezero_core.video_io import (
+    RESIZE_MODES,
+    frames_fingerprint,
+    is_image_file,
+    is_video_file,
+    load_frames,
+    natural_sort_key,
+    safe_input_path,
+)
+from .user_errors import FateZeroNodeError, user_errors
+
+MAX_FRAMES = 100_000
+MAX_SIZE = 8192
+
+
+def _has_images(directory: str) -> bool:
+    """True when ``directory`` directly holds at least one still image (stops at the first)."""
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if not entry.name.startswith(".") and is_image_file(entry.name) and entry.is_file():
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def list_input_sources() -> list[str]:
+    """Video files, GIFs and images in the input folder, then sub-folders holding image sequences.
+
+    Folders are listed with a trailing ``/`` so they read as image sequences in the dropdown.
+    """
+    base = folder_paths.get_input_directory()
+    files: list[str] = []
+    folders: list[str] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            if entry.is_file():
+                if is_video_file(entry.name) or is_image_file(entry.name):
+                    files.append(entry.name)
+            elif entry.is_dir() and _has_images(entry.path):
+                folders.append(entry.name + "/")
+        except OSError:
+            continue
+    return sorted(files, key=natural_sort_key) + sorted(folders, key=natural_sort_key)
+
+
+def resolve_source(video: str) -> str:
+    """Real path of a dropdown value, refused when it leaves the input folder.
+
+    Accepts ComfyUI's annotated names (``"clip.mp4 [output]"``); anything else is relative to the
+    input folder.
+    """
+    if not isinstance(video, str) or not video.strip():
+        raise FateZeroNodeError(
+            "No video was chosen: upload a video, GIF or image, or put an image-sequence folder in "
+            f"ComfyUI's input folder '{folder_paths.get_input_directory()}' and pick it."
+        )
+    name, base = folder_paths.annotated_filepath(video.strip())
+    if base is None:
+        base = folder_paths.get_input_directory()
+    with user_errors():
+        return safe_input_path(base, name)
+
+
+def _missing_message(video: str, path: str) -> str:
+    folder = folder_paths.get_input_directory()
+    return (
+        f"'{video}' was not found in ComfyUI's input folder '{folder}' (looked for '{path}'). "
+        "Upload the video again, or copy it into that folder and refresh the page."
+    )
+
+
+class FateZeroLoadVideoFrames(io.ComfyNode):
+    """Load a video, GIF, image or image-sequence folder as frames for FateZero."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FateZero_LoadVideoFrames",
+            display_name="FateZero Load Video Frames",
+            category="FateZero/video",
+            description=(
+                "Loads a clip from ComfyUI's input folder (video file, GIF, single image, or a "
+                "sub-folder of images read as a sequence in natural order) as an IMAGE batch, one "
+                "frame per batch element. The default 'crop' resize is FateZero's own "
+                "preprocessing: short side to `size`, then a centre crop to size x size. The "
+                "official FateZero clips are 8 frames at 512 px."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "video",
+                    options=list_input_sources(),
+                    upload=io.UploadType.video,
+                    tooltip=(
+                        "A file in ComfyUI's input folder: video (mp4, mov, webm, mkv, avi, ...), "
+                        "GIF or image, or a sub-folder (shown with a trailing '/') whose images are "
+                        "read as frames in natural order. Use the upload button to add a video."
+                    ),
+                ),
+                io.Int.Input(
+                    "frame_load_cap", default=8, min=0, max=MAX_FRAMES, step=1,
+                    tooltip=(
+                        "Most frames to load after skipping and striding; 0 loads every frame. "
+                        "FateZero's official clips are 8 frames; memory and time grow with this."
+                    ),
+                ),
+                io.Int.Input(
+                    "skip_first_frames", default=0, min=0, max=10 * MAX_FRAMES, step=1,
+                    tooltip="Frames to drop from the start of the clip before loading.",
+                ),
+                io.Int.Input(
+                    "select_every_nth", default=1, min=1, max=1000, step=1,
+                    tooltip=(
+                        "Keep every n-th frame after skipping (1 keeps all). The fps output is "
+                        "divided by n so the clip keeps its duration."
+                    ),
+                ),
+                io.Int.Input(
+                    "size", default=512, min=8, max=MAX_SIZE, step=8,
+                    tooltip=(
+                        "Target size in pixels, a multiple of 8. 'crop': output is size x size; "
+                        "'keep_aspect': the short side becomes size. SD1.x works best at 512."
+                    ),
+                ),
+                io.Combo.Input(
+                    "resize_mode", options=list(RESIZE_MODES), default="crop",
+                    tooltip=(
+                        "crop: short side to size, then centre crop to a square (official FateZero "
+                        "preprocessing). keep_aspect: short side to size, long side scaled and "
+                        "rounded down to a multiple of 8. none: original size, rounded down to "
+                        "multiples of 8 by cropping."
+                    ),
+                ),
+                io.Float.Input(
+                    "sequence_fps", default=8.0, min=0.01, max=1000.0, step=0.01, optional=True,
+                    tooltip=(
+                        "Frame rate reported for image sequences and single images (video files "
+                        "report their own rate)."
+                    ),
+                ),
+            ],
+            outputs=[
+                io.Image.Output(display_name="frames", tooltip="The frames, [F, H, W, 3] in 0..1."),
+                io.Int.Output(display_name="frame_count", tooltip="Number of frames loaded (F)."),
+                io.Float.Output(
+                    display_name="fps",
+                    tooltip="Playback rate of the loaded frames (source rate / select_every_nth).",
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, video) -> bool | str:
+        if video is None:  # connected from another node: checked when it runs
+            return True
+        try:
+            path = resolve_source(video)
+        except FateZeroNodeError as exc:
+            return str(exc)
+        if not os.path.exists(path):
+            return _missing_message(video, path)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, video, frame_load_cap, skip_first_frames, select_every_nth, size,
+                           resize_mode, sequence_fps=8.0):
+        try:
+            path = resolve_source(video)
+            return frames_fingerprint(
+                path, frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
+                select_every_nth=select_every_nth, size=size, resize_mode=resize_mode,
+                sequence_fps=sequence_fps,
+            )
+        except (FateZeroError, FateZeroNodeError, OSError):
+            return math.nan  # never equal to itself: the node runs and reports the problem
+
+    @classmethod
+    def execute(cls, video, frame_load_cap, skip_first_frames, select_every_nth, size,
+                resize_mode, sequence_fps=8.0) -> io.NodeOutput:
+        path = resolve_source(video)
+        if not os.path.exists(path):
+            raise FateZeroNodeError(_missing_message(video, path))
+
+        pbar = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal pbar
+            if pbar is None:
+                pbar = comfy.utils.ProgressBar(total)
+            pbar.update_absolute(done, total)
+
+        with user_errors():
+            frames, fps = load_frames(
+                path, frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
+                select_every_nth=select_every_nth, size=size, resize_mode=resize_mode,
+                sequence_fps=sequence_fps, progress=progress,
+            )
+        return io.NodeOutput(frames, int(frames.shape[0]), float(fps))
+
+
+NODES = [FateZeroLoadVideoFrames]

@@ -1,0 +1,202 @@
+"""FateZero Attention Blend Settings, driven in-process with a tiny CLIP and ComfyUI's real tokenizer."""
+
+import copy
+import types
+
+import pytest
+import torch
+
+SOURCE = "a silver jeep driving down a curvy road in the countryside"
+TARGET = "a Porsche car driving down a curvy road in the countryside"
+
+
+@pytest.fixture
+def node(comfy_nodes):
+    return comfy_nodes.nodes.blend_settings.FateZeroAttentionBlendSettings
+
+
+@pytest.fixture
+def node_error(comfy_nodes):
+    return comfy_nodes.nodes.user_errors.FateZeroNodeError
+
+
+def run(node, clip, **overrides):
+    params = dict(source_prompt=SOURCE, target_prompt=TARGET, blend_words="jeep",
+                  cross_replace_steps=0.8, self_replace_steps=0.6, blend_threshold=0.3,
+                  mode="auto", local_latent_blend=False, soft_mask=False)
+    params.update(overrides)
+    return node.execute(clip=clip, **params)
+
+
+def expect_error(node, clip, node_error, match, **overrides):
+    with pytest.raises(node_error, match=match) as info:
+        run(node, clip, **overrides)
+    error = info.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+    return error
+
+
+# ------------------------------------------------------------------------------------------------
+# Schema
+# ------------------------------------------------------------------------------------------------
+
+
+def test_schema(node):
+    schema = node.GET_SCHEMA()
+    assert schema.node_id == "FateZero_AttentionBlendSettings"
+    assert schema.display_name == "FateZero Attention Blend Settings"
+    assert schema.category == "FateZero/attention"
+    assert schema.description
+    assert all(i.tooltip for i in schema.inputs)
+    info = node.GET_NODE_INFO_V1()
+    assert info["output"] == ["CONDITIONING", "CONDITIONING", "FATEZERO_BLEND_SETTINGS"]
+    inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
+    assert inputs["clip"][0] == "CLIP"
+    assert inputs["source_prompt"][1]["multiline"] and inputs["target_prompt"][1]["multiline"]
+    assert inputs["cross_replace_steps"][1]["default"] == 0.8
+    assert inputs["self_replace_steps"][1]["default"] == 0.6
+    assert inputs["blend_threshold"][1]["default"] == 0.3 and inputs["blend_threshold"][1]["max"] == 10.0
+    assert inputs["mode"][1]["options"] == ["auto", "replace", "refine"]
+    assert inputs["mode"][1]["default"] == "auto"
+    assert inputs["local_latent_blend"][1]["default"] is False
+    assert inputs["soft_mask"][1]["default"] is False
+    for name in ("blend_words", "target_blend_words", "cross_replace_words", "reweight"):
+        assert inputs[name][0] == "STRING"
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs
+# ------------------------------------------------------------------------------------------------
+
+
+def test_conditioning_equals_clip_text_encode(node, tiny_clip):
+    import nodes as comfy_core_nodes
+
+    source, target, _ = run(node, tiny_clip).args
+    for cond, text in ((source, SOURCE), (target, TARGET)):
+        (expected,) = comfy_core_nodes.CLIPTextEncode().encode(tiny_clip, text)
+        assert len(cond) == len(expected) == 1
+        assert torch.equal(cond[0][0], expected[0][0])
+        assert torch.equal(cond[0][1]["pooled_output"], expected[0][1]["pooled_output"])
+    assert not torch.equal(source[0][0], target[0][0])
+
+
+def test_spec_carries_prompts_words_and_options(comfy_nodes, node, tiny_clip):
+    _, _, spec = run(
+        node, tiny_clip, blend_words="jeep, silver", target_blend_words="Porsche car",
+        cross_replace_words="Porsche: 0.5, road: 0.2-0.9", reweight="Porsche: 2, curvy: 0.5",
+        self_replace_steps=0.7, blend_threshold=0.4, mode="replace", local_latent_blend=True,
+        soft_mask=True,
+    ).args
+    assert isinstance(spec, comfy_nodes.fatezero_core.edit_spec.EditSpec)
+    assert spec.source_prompt == SOURCE and spec.target_prompt == TARGET
+    assert spec.blend_words == ("jeep", "silver")
+    assert spec.target_blend_words == ("Porsche car",)
+    assert spec.cross_replace_steps == {"default_": 0.8, "Porsche": 0.5, "road": (0.2, 0.9)}
+    assert spec.reweight == {"Porsche": 2.0, "curvy": 0.5}
+    assert spec.self_replace_steps == pytest.approx(0.7)
+    assert spec.blend_threshold == pytest.approx(0.4)
+    assert spec.mode == "replace" and spec.latent_blend and spec.soft_mask
+    assert copy.deepcopy(spec) is spec
+
+    settings = spec.edit_settings(num_steps=10)
+    assert settings is not None
+
+
+def test_tokenizer_is_the_clip_models_own(node, tiny_clip):
+    _, _, spec = run(node, tiny_clip).args
+    assert spec.tokenize("cat") == [2368]
+    hf = tiny_clip.tokenizer.clip_l.tokenizer
+    assert spec.tokenize("countryside,") == hf("countryside,")["input_ids"][1:-1]
+    encoded = [t[0] for t in tiny_clip.tokenize(SOURCE)["l"][0]]
+    assert list(spec.source_token_ids()) == encoded
+
+
+def test_empty_blend_words_mean_full_replacement(node, tiny_clip):
+    _, _, spec = run(node, tiny_clip, blend_words="  ").args
+    assert spec.blend_words == ()
+    assert spec.cross_replace_steps == pytest.approx(0.8)
+    assert spec.reweight is None
+
+
+def test_refine_with_different_word_counts(node, tiny_clip):
+    _, _, spec = run(node, tiny_clip, target_prompt="a watercolor painting of " + SOURCE, blend_words="").args
+    settings = spec.edit_settings(num_steps=5)
+    assert settings is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_blend_word_not_in_prompt(node, tiny_clip, node_error):
+    err = expect_error(node, tiny_clip, node_error, "blend word 'car' is not in the prompt", blend_words="car")
+    assert "jeep" in str(err)  # lists the words that can be used
+
+
+def test_target_blend_word_not_in_target(node, tiny_clip, node_error):
+    expect_error(node, tiny_clip, node_error, "target blend word 'jeep' is not in the prompt",
+                 target_blend_words="jeep")
+
+
+def test_replace_with_unequal_word_counts(node, tiny_clip, node_error):
+    expect_error(node, tiny_clip, node_error, "replace mode needs prompts with the same number of words",
+                 mode="replace", target_prompt="a red Porsche car driving down a curvy road in the countryside")
+
+
+def test_prompt_over_75_tokens(node, tiny_clip, node_error):
+    long_prompt = " ".join(["jeep"] * 80)
+    expect_error(node, tiny_clip, node_error, "at most 75 fit", source_prompt=long_prompt)
+
+
+def test_prompt_weights_are_refused(node, tiny_clip, node_error):
+    expect_error(node, tiny_clip, node_error, "tokenized differently by ComfyUI",
+                 target_prompt="a (Porsche:1.3) car driving down a curvy road in the countryside",
+                 mode="refine", blend_words="")
+
+
+def test_empty_prompt(node, tiny_clip, node_error):
+    expect_error(node, tiny_clip, node_error, "source_prompt is empty", source_prompt="  ")
+
+
+def test_reweight_word_not_in_target(node, tiny_clip, node_error):
+    expect_error(node, tiny_clip, node_error, "reweight word 'jeep' is not in the prompt", reweight="jeep: 2")
+
+
+def test_latent_blend_needs_blend_words(node, tiny_clip, node_error):
+    expect_error(node, tiny_clip, node_error, "latent blend needs blend words",
+                 blend_words="", local_latent_blend=True)
+
+
+@pytest.mark.parametrize("field,text,match", [
+    ("reweight", "Porsche 2", "could not read 'Porsche 2'"),
+    ("reweight", "Porsche: lots", "'lots' for 'Porsche' is not a number"),
+    ("reweight", "Porsche: 2, porsche: 3", "'porsche' is listed twice"),
+    ("cross_replace_words", "Porsche: 1.5", "outside 0..1"),
+    ("cross_replace_words", "Porsche: 0.9-0.2", "ends before it starts"),
+    ("cross_replace_words", ": 0.5", "could not read"),
+    ("blend_words", "jeep: 2", "contains ':'"),
+])
+def test_text_field_parse_errors(node, tiny_clip, node_error, field, text, match):
+    expect_error(node, tiny_clip, node_error, match, **{field: text})
+
+
+def test_cross_replace_word_not_in_target(node, tiny_clip, node_error):
+    expect_error(node, tiny_clip, node_error, "cross_replace_steps word 'jeep' is not in the prompt",
+                 cross_replace_words="jeep: 0.5")
+
+
+def test_missing_clip(node, node_error):
+    expect_error(node, None, node_error, "No CLIP is connected")
+
+
+def test_non_sd1_clip(node, node_error):
+    fake = types.SimpleNamespace(tokenizer=types.SimpleNamespace(clip_g=object()))
+    expect_error(node, fake, node_error, "FateZero supports Stable Diffusion 1.x")
+
+
+def test_clip_with_extra_token_streams(node, tiny_clip, node_error, monkeypatch):
+    original = tiny_clip.tokenize
+    monkeypatch.setattr(tiny_clip, "tokenize", lambda text, **kw: {**original(text, **kw), "g": []})
+    expect_error(node, tiny_clip, node_error, "Stable Diffusion 1.x")

@@ -1,0 +1,243 @@
+"""FateZero Load Video Frames, driven in-process with files the tests write into the input folder.
+
+The clip: 12 frames of 96x64 (W x H) at 8 fps; frame k has a grey background of value 20*k+10,
+which survives MJPEG compression well enough to tell frames apart.
+"""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+N, H, W, FPS = 12, 64, 96, 8.0
+
+
+def frames_array(n=N, h=H, w=W):
+    data = np.empty((n, h, w, 3), np.uint8)
+    for k in range(n):
+        data[k] = 20 * k + 10
+        data[k, 24:40, 24 + 2 * k:40 + 2 * k] = (255, 0, 0)
+    return torch.from_numpy(data).float() / 255.0
+
+
+def brightness_codes(frames):
+    """Recover k from each frame's background (top-left corner)."""
+    corner = frames[:, :8, :8, :].mean(dim=(1, 2, 3)) * 255.0
+    return [round((v.item() - 10) / 20) for v in corner]
+
+
+@pytest.fixture
+def video_io(comfy_nodes):
+    return comfy_nodes.fatezero_core.video_io
+
+
+@pytest.fixture
+def node(comfy_nodes):
+    return comfy_nodes.nodes.video.FateZeroLoadVideoFrames
+
+
+@pytest.fixture
+def clip_file(comfy_input_dir, video_io):
+    video_io.write_video(comfy_input_dir / "clip.avi", frames_array(), FPS)
+    return "clip.avi"
+
+
+def run(node, video, **overrides):
+    params = dict(frame_load_cap=8, skip_first_frames=0, select_every_nth=1, size=64, resize_mode="crop")
+    params.update(overrides)
+    return node.execute(video=video, **params)
+
+
+def node_error(comfy_nodes):
+    return comfy_nodes.nodes.user_errors.FateZeroNodeError
+
+
+# ------------------------------------------------------------------------------------------------
+# Schema
+# ------------------------------------------------------------------------------------------------
+
+
+def test_schema(node):
+    schema = node.GET_SCHEMA()
+    assert schema.node_id == "FateZero_LoadVideoFrames"
+    assert schema.display_name == "FateZero Load Video Frames"
+    assert schema.category == "FateZero/video"
+    assert schema.description
+    assert all(i.tooltip for i in schema.inputs)
+    info = node.GET_NODE_INFO_V1()
+    assert info["output"] == ["IMAGE", "INT", "FLOAT"]
+    video_input = info["input"]["required"]["video"]
+    assert video_input[0] == "COMBO" and video_input[1]["video_upload"] is True
+    required = info["input"]["required"]
+    assert required["frame_load_cap"][1]["default"] == 8
+    assert required["skip_first_frames"][1]["default"] == 0
+    assert required["select_every_nth"][1]["default"] == 1
+    assert required["size"][1]["default"] == 512 and required["size"][1]["step"] == 8
+    assert required["resize_mode"][1]["options"] == ["crop", "keep_aspect", "none"]
+    assert required["resize_mode"][1]["default"] == "crop"
+
+
+def test_lists_videos_images_and_sequence_folders(node, comfy_input_dir, clip_file, video_io):
+    frames = frames_array(3)
+    video_io.write_image_sequence(comfy_input_dir / "seq", frames)
+    video_io.write_image_sequence(comfy_input_dir, frames[:1], prefix="still")
+    (comfy_input_dir / "empty_folder").mkdir()
+    (comfy_input_dir / "notes.txt").write_text("not a video")
+    (comfy_input_dir / ".hidden.mp4").write_bytes(b"x")
+    options = node.GET_NODE_INFO_V1()["input"]["required"]["video"][1]["options"]
+    assert options == ["clip.avi", "still00000.png", "seq/"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+
+def test_loads_frames_count_and_fps(node, clip_file):
+    out = run(node, clip_file, frame_load_cap=4)
+    frames, count, fps = out.args
+    assert frames.shape == (4, 64, 64, 3) and frames.dtype == torch.float32
+    assert 0.0 <= frames.min() and frames.max() <= 1.0
+    assert count == 4 and isinstance(count, int)
+    assert fps == pytest.approx(FPS) and isinstance(fps, float)
+    assert brightness_codes(frames) == [0, 1, 2, 3]
+
+
+def test_selection_and_fps(node, clip_file):
+    frames, count, fps = run(node, clip_file, frame_load_cap=0, skip_first_frames=3, select_every_nth=2).args
+    assert brightness_codes(frames) == [3, 5, 7, 9, 11]
+    assert count == 5 and fps == pytest.approx(FPS / 2)
+
+
+def test_resize_modes(node, clip_file):
+    assert run(node, clip_file, size=32, resize_mode="crop").args[0].shape[1:3] == (32, 32)
+    assert run(node, clip_file, size=32, resize_mode="keep_aspect").args[0].shape[1:3] == (32, 48)
+    assert run(node, clip_file, size=32, resize_mode="none").args[0].shape[1:3] == (64, 96)
+
+
+def test_image_sequence_folder(node, comfy_input_dir, video_io):
+    video_io.write_image_sequence(comfy_input_dir / "seq", frames_array(5))
+    frames, count, fps = node.execute(video="seq/", frame_load_cap=0, skip_first_frames=0,
+                                      select_every_nth=1, size=64, resize_mode="crop",
+                                      sequence_fps=12.0).args
+    assert count == 5 and brightness_codes(frames) == [0, 1, 2, 3, 4]
+    assert fps == pytest.approx(12.0)
+    assert run(node, "seq", frame_load_cap=2).args[1] == 2  # without the trailing '/'
+
+
+def test_progress_bar(node, clip_file, monkeypatch):
+    import comfy.utils
+
+    calls = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda value, total, preview, node_id=None: calls.append((value, total)))
+    run(node, clip_file, frame_load_cap=5)
+    assert [v for v, _ in calls] == [1, 2, 3, 4, 5]
+    assert calls[-1] == (5, 5)
+
+
+def test_interrupt_during_decoding_propagates(node, clip_file, monkeypatch):
+    import comfy.model_management
+    import comfy.utils
+
+    def hook(value, total, preview, node_id=None):
+        raise comfy.model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run(node, clip_file)
+
+
+# ------------------------------------------------------------------------------------------------
+# Caching
+# ------------------------------------------------------------------------------------------------
+
+
+def fingerprint(node, video, **overrides):
+    params = dict(frame_load_cap=8, skip_first_frames=0, select_every_nth=1, size=64, resize_mode="crop")
+    params.update(overrides)
+    return node.fingerprint_inputs(video=video, **params)
+
+
+def test_fingerprint_follows_content_and_params(node, clip_file, comfy_input_dir, video_io):
+    first = fingerprint(node, clip_file)
+    assert first == fingerprint(node, clip_file)
+    assert first != fingerprint(node, clip_file, size=32)
+    assert first != fingerprint(node, clip_file, select_every_nth=2)
+    assert first != fingerprint(node, clip_file, resize_mode="keep_aspect")
+    video_io.write_video(comfy_input_dir / "clip.avi", frames_array().flip(0), FPS)
+    assert fingerprint(node, clip_file) != first
+
+
+def test_fingerprint_of_missing_file_never_matches(node, comfy_input_dir):
+    value = fingerprint(node, "gone.mp4")
+    assert isinstance(value, float) and math.isnan(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation and errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_validate_inputs(node, clip_file, comfy_input_dir):
+    assert node.validate_inputs(video=clip_file) is True
+    missing = node.validate_inputs(video="missing.mp4")
+    assert isinstance(missing, str) and "missing.mp4" in missing and "was not found" in missing
+    assert str(comfy_input_dir) in missing
+    outside = node.validate_inputs(video="../outside.mp4")
+    assert isinstance(outside, str) and "must be inside the input folder" in outside
+    absolute = node.validate_inputs(video=os.path.abspath(os.sep + "etc" + os.sep + "passwd"))
+    assert isinstance(absolute, str) and "must be inside the input folder" in absolute
+
+
+def test_symlink_leaving_the_input_folder_is_refused(node, comfy_input_dir, tmp_path, video_io):
+    outside = tmp_path / "outside"
+    video_io.write_video(outside / "secret.avi", frames_array(2), FPS)
+    os.symlink(outside, comfy_input_dir / "link")
+    assert "must be inside the input folder" in node.validate_inputs(video="link/secret.avi")
+
+
+def expect_node_error(comfy_nodes, node, video, match, **overrides):
+    with pytest.raises(node_error(comfy_nodes), match=match) as info:
+        run(node, video, **overrides)
+    error = info.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+    return info.value
+
+
+def test_missing_file_error(comfy_nodes, node, comfy_input_dir):
+    expect_node_error(comfy_nodes, node, "nothing_here.mp4", "was not found in ComfyUI's input folder")
+
+
+def test_path_outside_input_error(comfy_nodes, node, comfy_input_dir):
+    expect_node_error(comfy_nodes, node, "../../etc/passwd", "must be inside the input folder")
+
+
+def test_zero_frames_selected_error(comfy_nodes, node, clip_file):
+    err = expect_node_error(comfy_nodes, node, clip_file, "No frames left to load", skip_first_frames=50)
+    assert "skip_first_frames" in str(err)
+
+
+def test_empty_file_error(comfy_nodes, node, comfy_input_dir):
+    (comfy_input_dir / "empty.mp4").write_bytes(b"")
+    expect_node_error(comfy_nodes, node, "empty.mp4", "is empty")
+
+
+def test_unreadable_file_error(comfy_nodes, node, comfy_input_dir):
+    (comfy_input_dir / "broken.mp4").write_bytes(b"this is not a video" * 100)
+    expect_node_error(comfy_nodes, node, "broken.mp4", "Could not read any frames")
+
+
+def test_folder_without_images_error(comfy_nodes, node, comfy_input_dir):
+    (comfy_input_dir / "nothing").mkdir()
+    expect_node_error(comfy_nodes, node, "nothing/", "holds no images")
+
+
+def test_size_not_multiple_of_8_error(comfy_nodes, node, clip_file):
+    expect_node_error(comfy_nodes, node, clip_file, "multiple of 8", size=60)
+
+
+def test_empty_choice_error(comfy_nodes, node, comfy_input_dir):
+    expect_node_error(comfy_nodes, node, "", "No video was chosen")
