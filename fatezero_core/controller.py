@@ -166,8 +166,7 @@ class EditController(_Controller):
 
     def __init__(self, store: AttentionStore, settings: EditSettings):
         super().__init__(store)
-        if not store.complete:
-            store._check_readable()
+        store.check_readable()
         self.settings = settings
         self.num_steps = self.config.num_steps
         self._check_settings()

@@ -18,7 +18,7 @@ eq. 8 is ``["self", "mid"]``. Layers whose channel count is below ``min_channels
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 
@@ -131,7 +131,3 @@ def is_identity_table(table: torch.Tensor) -> bool:
         torch.equal(table[:, 0], torch.arange(table.shape[0], dtype=table.dtype))
     )
 
-
-def describe_rules() -> Sequence[str]:
-    """The accepted rule names, for node tooltips."""
-    return ("self", "first", "last", "mid", "prev", "next", "<integer offset>")

@@ -253,7 +253,8 @@ class AttentionStore:
                 "This attention store was released; run FateZero DDIM Invert again."
             )
 
-    def _check_readable(self):
+    def check_readable(self):
+        """Raise unless the capture finished and the store was not released."""
         self._check_alive()
         if not self.complete:
             raise StoreReleasedError(
@@ -278,7 +279,7 @@ class AttentionStore:
         return self._cached_step[1]
 
     def has(self, step: int, layer: str, name: str) -> bool:
-        self._check_readable()
+        self.check_readable()
         if self.placement == "recompute":
             return step in self._scratch and _key(layer, name) in self._scratch[step].tensors
         if self.placement == "disk":
@@ -287,7 +288,7 @@ class AttentionStore:
 
     def get(self, step: int, layer: str, name: str, device=None, dtype=None) -> torch.Tensor:
         """The stored tensor, moved to ``device``/``dtype`` (non-blocking from pinned memory)."""
-        self._check_readable()
+        self.check_readable()
         try:
             t = self._step_tensors(step)[_key(layer, name)]
         except KeyError:
@@ -299,13 +300,13 @@ class AttentionStore:
 
     def latent(self, index: int) -> torch.Tensor:
         """Inversion latent ``z_index`` (0 = clean input, N = the edit's starting noise)."""
-        self._check_readable()
+        self.check_readable()
         return self._latents[index]
 
     # ------------------------------------------------------------- recompute
     def begin_regeneration(self, step: int) -> None:
         """``recompute``: drop the previous step's regenerated attention before a source pass."""
-        self._check_readable()
+        self.check_readable()
         self._scratch = {step: _StepData()}
 
     @property
