@@ -11,12 +11,14 @@ from comfy_api.latest import ComfyExtension, io
 from .blend_settings import FateZeroAttentionBlendSettings
 from .invert import FateZeroDDIMInvert
 from .sample import FateZeroSample
+from .tav_loader import FateZeroTuneAVideoLoader
 from .video import FateZeroLoadVideoFrames
 
 
 def node_classes() -> list[type[io.ComfyNode]]:
     """Every node class of the pack, in menu order."""
-    return [FateZeroLoadVideoFrames, FateZeroDDIMInvert, FateZeroAttentionBlendSettings, FateZeroSample]
+    return [FateZeroLoadVideoFrames, FateZeroTuneAVideoLoader, FateZeroDDIMInvert, FateZeroAttentionBlendSettings,
+            FateZeroSample]
 
 
 class FateZeroExtension(ComfyExtension):

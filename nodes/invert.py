@@ -50,6 +50,20 @@ def frames_latent(latent: dict) -> torch.Tensor:
     return samples
 
 
+INVERTED_LATENT_KEY = "inverted_latent"  # store.extras key of the output latent's fingerprint
+
+
+def latent_fingerprint(samples: torch.Tensor) -> dict:
+    """Cheap identity of a latent tensor: its shape, sum and sum of absolute values (float64).
+
+    FateZero Sample compares it with the latent it receives, so a latent from another inversion
+    (another video, step count or schedule end) is refused instead of silently mis-edited.
+    """
+    values = samples.detach().to(device="cpu", dtype=torch.float64)  # MPS has no float64
+    return {"shape": tuple(samples.shape), "sum": float(values.sum()),
+            "abs_sum": float(values.abs().sum())}
+
+
 class FateZeroDDIMInvert(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -117,5 +131,6 @@ class FateZeroDDIMInvert(io.ComfyNode):
                             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
         store.set_latents(latents)
         store.extras.update(source_conditioning=source, source_fingerprint=conditioning_fingerprint(source))
+        store.extras[INVERTED_LATENT_KEY] = latent_fingerprint(out)
         store.finish()
         return io.NodeOutput({"samples": out}, store)

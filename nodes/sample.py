@@ -10,14 +10,14 @@ import torch.nn.functional as F
 import comfy.samplers
 import comfy.utils
 import latent_preview
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..fatezero_core import blend_mask as bm
 from ..fatezero_core.controller import EditController
 from ..fatezero_core.edit_spec import EditSpec
-from ..fatezero_core.errors import FateZeroError, StoreMismatchError
+from ..fatezero_core.errors import FateZeroError, StoreMismatchError, StoreReleasedError
 from ..fatezero_core.store import AttentionStore
-from .invert import frames_latent
+from .invert import INVERTED_LATENT_KEY, frames_latent, latent_fingerprint
 from .patching import model_fingerprint, patched_clone
 from .samplers import FateZeroGuider, edit_sampler, latent_blend_step, zero_noise
 from .sockets import AttnStore, BlendSettings
@@ -28,9 +28,46 @@ log = logging.getLogger("comfyui-fatezero")
 def check_store(store, samples, model) -> None:
     if not isinstance(store, AttentionStore):
         raise FateZeroError("'attention_store' must come from FateZero DDIM Invert.")
+    if store.released:
+        raise StoreReleasedError(
+            "This attention store was released; run FateZero DDIM Invert again.")
+    if not store.complete:
+        raise StoreReleasedError(
+            "This attention store is incomplete (its inversion was interrupted or failed); run "
+            "FateZero DDIM Invert again.")
     frames, _, h, w = samples.shape
     store.config.check_edit(num_frames=frames, latent_size=(h, w), sigmas=store.config.sigmas,
                             model_fingerprint=model_fingerprint(model))
+    check_inverted_latent(store, samples)
+
+
+LATENT_RTOL = 1e-6
+
+
+def check_inverted_latent(store, samples) -> None:
+    """Refuse a latent that is not the one DDIM Invert output together with ``store``.
+
+    Compares the fingerprint recorded at inversion (shape, sum, abs-sum) with a relative tolerance,
+    so moving the latent between devices is fine; a latent from another inversion is not.
+    """
+    expected = store.extras.get(INVERTED_LATENT_KEY)
+    if expected is None:
+        return
+    actual = latent_fingerprint(samples)
+    scale = max(expected["abs_sum"], actual["abs_sum"], 1e-30)
+    differences = []
+    if tuple(actual["shape"]) != tuple(expected["shape"]):
+        differences.append(f"shape {list(actual['shape'])} vs {list(expected['shape'])}")
+    else:
+        if abs(actual["sum"] - expected["sum"]) > LATENT_RTOL * scale:
+            differences.append("values (sum)")
+        if abs(actual["abs_sum"] - expected["abs_sum"]) > LATENT_RTOL * scale:
+            differences.append("magnitude (sum of absolute values)")
+    if differences:
+        raise StoreMismatchError(
+            "This latent is not the inverted latent of this attention store (it differs in "
+            + ", ".join(differences) + "): connect FateZero DDIM Invert's inverted_latent and "
+            "attention_store outputs from the same node.")
 
 
 def check_spec(spec, store) -> None:
@@ -121,4 +158,4 @@ class FateZeroSample(io.ComfyNode):
         out = guider.sample(zero_noise(samples), samples, sampler, sigmas, callback=callback,
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
         preview = preview_image(controller, samples.shape[0], tuple(samples.shape[-2:]))
-        return io.NodeOutput({"samples": out}, preview)
+        return io.NodeOutput({"samples": out}, preview, ui=ui.PreviewImage(preview, cls=cls))

@@ -56,6 +56,13 @@ class _Conv1d(nn.Conv1d):
         return F.conv1d(x, _like(self.weight, x), _like(self.bias, x), self.stride, self.padding)
 
 
+def _like_layout(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` (a permuted view) copied into ``x``'s memory layout, so the layers after this one
+    see the same strides as without it (kernels choose their algorithm from the layout, and sizes
+    of 1 make a permuted view look channels-last)."""
+    return torch.empty_like(x).copy_(out)
+
+
 def _check_frames(batch: int, num_frames: int) -> None:
     """The batch must hold whole clips of ``num_frames`` frames (frame-major layout)."""
     if num_frames < 1 or batch % num_frames != 0:
@@ -126,7 +133,7 @@ class TemporalAttention(nn.Module):
         tokens = x.shape[1]
         h = rearrange(x, "(b f) d c -> (b d) f c", f=num_frames)
         h = h + self.attn_temporal(self.norm_temporal(h))
-        return rearrange(h, "(b d) f c -> (b f) d c", d=tokens)
+        return _like_layout(rearrange(h, "(b d) f c -> (b f) d c", d=tokens), x)
 
     @classmethod
     def from_state_dict(cls, state_dict: Dict[str, torch.Tensor], heads: int = 8) -> "TemporalAttention":
@@ -200,7 +207,7 @@ class TemporalConv(nn.Module):
         height, width = x.shape[-2:]
         h = rearrange(x, "(b f) c h w -> (b h w) c f", f=num_frames)
         h = self.conv_temporal(h)
-        return rearrange(h, "(b h w) c f -> (b f) c h w", h=height, w=width)
+        return _like_layout(rearrange(h, "(b h w) c f -> (b f) c h w", h=height, w=width), x)
 
     @classmethod
     def from_state_dict(cls, state_dict: Dict[str, torch.Tensor]) -> "TemporalConv":

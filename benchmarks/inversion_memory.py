@@ -1,0 +1,143 @@
+"""Measured peak memory of a real FateZero DDIM Invert, per store placement.
+
+Run with ComfyUI's python::
+
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfyui-venv/bin/python benchmarks/inversion_memory.py
+
+Model: a UNet of SD1.5 shape (model_channels 320, 8 heads, context 768, ~860 M parameters) with
+seeded random weights; fp32 on the CPU, fp16 on a GPU. Each run is a fresh subprocess (peaks never
+mix): it builds the model, resets the peak RSS (``/proc/self/clear_refs``) and the CUDA peak, runs
+the ``FateZero DDIM Invert`` node in-process (as ComfyUI's executor does, under
+``torch.inference_mode``) and reports:
+
+- ``peak RSS``: peak resident memory of the process during the inversion (``VmHWM``);
+- ``peak - base``: that peak minus the resident memory just before the inversion (model built);
+- ``held after``: resident memory after the inversion minus the same base (what the store and the
+  inverted latent keep alive in RAM);
+- ``store``: bytes the store accounts for (``AttentionStore.nbytes``), plus its files for ``disk``;
+- ``CUDA peak``: ``torch.cuda.max_memory_allocated`` during the inversion (GPU only).
+
+``plain`` is the same model through core ``KSamplerAdvanced`` (ddim, cfg 1, one forward of all
+frames per step, no hooks): the memory any sampling of these frames needs. Defaults: 128x128 px
+(16x16 latent), 8 frames, 10 steps on the CPU; 512x512 px on a GPU. Results go to
+``benchmarks/results/inversion_memory.json``. The 512 px byte targets are in ``store_memory.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _host  # noqa: E402
+
+RUNS = ("plain", "cpu", "disk", "recompute")
+
+
+def child(args) -> dict:
+    nodes = _host.setup(threads=args.threads)
+    import torch
+
+    start = time.perf_counter()
+    rss_host = _host.rss_bytes()
+    model = _host.build_sd15()
+    clip = _host.build_clip()
+    source, _, _ = _host.blend_settings(nodes, clip)
+    latent = _host.moving_latent(args.frames, args.size // 8)
+    build_s = time.perf_counter() - start
+    base = _host.rss_bytes()
+    reset_ok = _host.reset_peak()
+    start = time.perf_counter()
+    store = None
+    with torch.inference_mode():
+        if args.run == "plain":
+            out = _host.core_ddim(model, source, source, {"samples": latent}, args.steps, 1.0)
+        else:
+            out, store = _host.invert(nodes, model, source, latent, args.steps, args.run)
+    _host.sync()
+    seconds = time.perf_counter() - start
+    peak = _host.peak_rss_bytes()
+    after = _host.rss_bytes()
+    result = dict(run=args.run, frames=args.frames, size=args.size, steps=args.steps,
+                  rss_host=rss_host, rss_base=base, peak_rss=peak, peak_over_base=peak - base,
+                  held_after=after - base, peak_reset=reset_ok, cuda_peak=_host.cuda_peak_bytes(),
+                  seconds=seconds, build_seconds=build_s, finite=bool(torch.isfinite(out["samples"]).all()),
+                  parameters=_host.parameter_count(model), machine=_host.machine())
+    if store is not None:
+        result.update(store_nbytes=store.nbytes, store_latent_nbytes=store.latent_nbytes,
+                      store_attention_nbytes=store.nbytes - store.latent_nbytes,
+                      store_disk_bytes=_host.dir_bytes(store.directory))
+        store.release()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=None, help="frame side in px (CPU 128, GPU 512)")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma list of {RUNS}")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: auto)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--run", default="cpu", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+
+    _host.check_environment()
+    import torch
+
+    gpu = torch.cuda.is_available()
+    size = args.size or (512 if gpu else 128)
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    t0 = time.perf_counter()
+    results = []
+    for run in runs:
+        child_args = ["--run", run, "--size", str(size), "--frames", str(args.frames),
+                      "--steps", str(args.steps)] + (["--threads", str(args.threads)] if args.threads else [])
+        r = _host.run_child(Path(__file__).resolve(), child_args)
+        print(f"  {run}: {r['seconds']:.0f} s, peak RSS {_host.mb(r['peak_rss'])}", flush=True)
+        results.append(r)
+    m = results[0]["machine"]
+    where = (f"on {m['gpu']} (CUDA)" if gpu else
+             f"on CPU ({m['cpu']}, {m['cpu_cores']} cores; {m['threads_note']}), no GPU: reduced resolution")
+    print(f"\nFateZero DDIM Invert, peak memory per placement: SD1.5-shape UNet "
+          f"({results[0]['parameters'] / 1e6:.0f} M parameters, {'fp16' if gpu else 'fp32'}, random "
+          f"weights), {size}x{size} px, {args.frames} frames, {args.steps} steps, store fp16, "
+          f"layers 'relative'. Ran {where}; each run in a fresh process.")
+    plain = next((r for r in results if r["run"] == "plain"), None)
+    rows = []
+    for r in results:
+        extra = r["peak_over_base"] - plain["peak_over_base"] if plain and r is not plain else None
+        store = r.get("store_nbytes")
+        rows.append((r["run"], _host.mb(r["rss_base"]), _host.mb(r["peak_rss"]),
+                     _host.mb(r["peak_over_base"]), "-" if extra is None else _host.mb(extra),
+                     _host.mb(r["held_after"]), "-" if store is None else _host.mb(store),
+                     _host.mb(r["store_disk_bytes"]) if r.get("store_disk_bytes") else "-",
+                     "-" if r["cuda_peak"] is None else _host.mb(r["cuda_peak"]),
+                     f"{r['seconds']:.1f}"))
+    print(_host.table(("run", "base RSS", "peak RSS", "peak - base", "vs plain", "held after",
+                       "store (acct.)", "store files", "CUDA peak", "seconds"), rows))
+    print("base = resident after building the model; vs plain = (peak - base) minus plain "
+          "sampling's; held after = resident after the node returned, minus base.")
+    checks = []
+    for r in results:
+        if r["run"] in ("cpu", "recompute") and r.get("store_nbytes"):
+            ratio = r["held_after"] / r["store_nbytes"]
+            checks.append((r["run"], ratio))
+            print(f"check {r['run']}: resident growth / accounted store bytes = {ratio:.2f}")
+    path = _host.write_json("inversion_memory.json", dict(
+        setting=dict(size=size, frames=args.frames, steps=args.steps, store_dtype="fp16",
+                     layer_set="relative", model="SD1.5 shape, random weights",
+                     dtype="fp16" if gpu else "fp32", reduced_resolution=not gpu),
+        machine=m, results=results, script_seconds=time.perf_counter() - t0))
+    print(f"wrote {path.relative_to(_host.ROOT)} ({time.perf_counter() - t0:.0f} s)")
+    return 0 if all(r["finite"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Scaling: time and memory of inversion + edit vs the number of frames (8, 16, 32, 64).
+
+Run with ComfyUI's python::
+
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfyui-venv/bin/python benchmarks/scaling.py
+
+Model: SD1.5 shape (model_channels 320, 8 heads, seeded random weights; fp32 on the CPU, fp16 on a
+GPU) at a fixed small resolution (CPU: 64x64 px, GPU: 256x256 px). Each frame count runs in a
+fresh subprocess: build the model, reset the peak RSS and CUDA peak, run ``FateZero DDIM Invert``
+(``cpu`` placement) then ``FateZero Sample`` (cfg 7.5, cross and self windows 1.0, blend word
+"cat"), and report:
+
+- per-step time of the inversion and of the edit (intervals between per-step callbacks) and
+  their sum, ``step pair``; also in process CPU seconds;
+- ``peak - base``: peak resident memory above the memory with the model loaded (``VmHWM`` after
+  a ``clear_refs`` reset); on a GPU also the CUDA peak above the model's own allocation;
+- the store's accounted bytes.
+
+Exponents are least-squares slopes of log(value) against log(frames); linear growth is 1, and a
+fixed cost per step (weights read once per forward) pulls them below 1. Quadratic growth would
+show as 2. Results go to ``benchmarks/results/scaling.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _host  # noqa: E402
+
+FRAMES = (8, 16, 32, 64)
+GOAL = 1.15
+
+
+def child(args) -> dict:
+    nodes = _host.setup(threads=args.threads)
+    import torch
+
+    model = _host.build_sd15()
+    clip = _host.build_clip()
+    source, target, spec = _host.blend_settings(nodes, clip, blend_words="cat",
+                                                cross_replace_steps=1.0, self_replace_steps=1.0)
+    negative = _host.empty_conditioning(clip)
+    latent = _host.moving_latent(args.frames, args.size // 8)
+    if _host.on_gpu():  # load the weights first, so the CUDA peak below is above them
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([model])
+    base = _host.rss_bytes()
+    _host.reset_peak()
+    cuda_base = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+    with torch.inference_mode():
+        with _host.StepTimer() as inv:
+            inverted, store = _host.invert(nodes, model, source, latent, args.steps, "cpu")
+        with _host.StepTimer() as edit:
+            out, _ = _host.fatezero_sample(nodes, model, target, negative, inverted, store, spec, 7.5)
+    peak = _host.peak_rss_bytes()
+    cuda_peak = _host.cuda_peak_bytes()
+    result = dict(frames=args.frames, size=args.size, steps=args.steps,
+                  invert_per_step=inv.per_step, edit_per_step=edit.per_step,
+                  invert_cpu_per_step=inv.cpu_per_step, edit_cpu_per_step=edit.cpu_per_step,
+                  invert_wall=inv.wall, edit_wall=edit.wall, rss_base=base, peak_rss=peak,
+                  peak_over_base=peak - base, store_nbytes=store.nbytes,
+                  cuda_peak=cuda_peak, cuda_peak_over_base=None if cuda_peak is None else cuda_peak - cuda_base,
+                  finite=bool(torch.isfinite(out["samples"]).all()), machine=_host.machine())
+    store.release()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=None, help="frame side in px (CPU 64, GPU 256)")
+    parser.add_argument("--frames", default=",".join(map(str, FRAMES)))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: auto)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.frames = int(args.frames)
+        print(json.dumps(child(args)))
+        return 0
+
+    _host.check_environment()
+    import torch
+
+    gpu = torch.cuda.is_available()
+    size = args.size or (256 if gpu else 64)
+    frames = [int(f) for f in args.frames.split(",")]
+    t0 = time.perf_counter()
+    results = []
+    for f in frames:
+        child_args = ["--frames", str(f), "--size", str(size), "--steps", str(args.steps)]
+        if args.threads:
+            child_args += ["--threads", str(args.threads)]
+        r = _host.run_child(Path(__file__).resolve(), child_args, timeout=3600)
+        r["pair_per_step"] = r["invert_per_step"] + r["edit_per_step"]
+        r["pair_cpu_per_step"] = r["invert_cpu_per_step"] + r["edit_cpu_per_step"]
+        print(f"  {f} frames: step pair {r['pair_per_step']:.2f} s, peak - base "
+              f"{_host.mb(r['peak_over_base'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        results.append(r)
+    m = results[0]["machine"]
+    where = (f"on {m['gpu']} (CUDA)" if gpu else
+             f"on CPU ({m['cpu']}, {m['cpu_cores']} cores; {m['threads_note']}), no GPU: reduced resolution")
+    print(f"\nScaling of FateZero DDIM Invert + FateZero Sample (cpu store, cfg 7.5, every step fused) "
+          f"with frames: SD1.5-shape UNet, {size}x{size} px, {args.steps} steps. Ran {where}; "
+          "each frame count in a fresh process.")
+    rows = [(r["frames"], f"{r['invert_per_step']:.2f}", f"{r['edit_per_step']:.2f}",
+             f"{r['pair_per_step']:.2f}", f"{r['pair_cpu_per_step']:.2f}",
+             f"{r['pair_per_step'] / r['frames']:.3f}", _host.mb(r["peak_over_base"]),
+             _host.mb(r["store_nbytes"]),
+             "-" if r["cuda_peak_over_base"] is None else _host.mb(r["cuda_peak_over_base"]))
+            for r in results]
+    print(_host.table(("frames", "invert s/step", "edit s/step", "step pair s", "pair CPU s",
+                       "s per frame", "peak - base", "store", "CUDA peak - base"), rows))
+
+    xs = [r["frames"] for r in results]
+    exponents = {
+        "time": _host.fit_exponent(xs, [r["pair_per_step"] for r in results]),
+        "time_cpu_seconds": _host.fit_exponent(xs, [r["pair_cpu_per_step"] for r in results]),
+        "memory": _host.fit_exponent(xs, [max(1, r["peak_over_base"]) for r in results]),
+        "store_bytes": _host.fit_exponent(xs, [r["store_nbytes"] for r in results]),
+    }
+    if gpu:
+        exponents["cuda_memory"] = _host.fit_exponent(xs, [max(1, r["cuda_peak_over_base"]) for r in results])
+    print("\nfitted exponents (log value vs log frames): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in exponents.items()))
+    targets = {name: exponents[name] for name in ("time", "memory") + (("cuda_memory",) if gpu else ())}
+    lines, status = [], {}
+    for name, value in targets.items():
+        line, ok = _host.target_line(f"{name}_exponent", value, GOAL)
+        lines.append(line)
+        status[name] = dict(measured=value, goal=GOAL, ok=ok)
+    path = _host.write_json("scaling.json", dict(
+        setting=dict(size=size, steps=args.steps, frames=frames, placement="cpu", cfg=7.5,
+                     reduced_resolution=not gpu),
+        machine=m, results=results, exponents=exponents, targets=status,
+        script_seconds=time.perf_counter() - t0))
+    print(f"wrote {path.relative_to(_host.ROOT)}; total {time.perf_counter() - t0:.0f} s")
+    for line in lines:
+        print(line)
+    return 0 if all(r["finite"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

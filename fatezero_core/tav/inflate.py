@@ -1,0 +1,140 @@
+"""Inserting Tune-A-Video temporal layers into an ldm-style (ComfyUI) SD1.x UNet.
+
+The host swaps whole containers (object patches) instead of renaming modules, so every 2D weight
+keeps its state-dict key and weight patches such as LoRA still find it:
+
+- temporal attention runs after a transformer block: the block list ``<...>.transformer_blocks``
+  becomes ``ModuleList([*blocks, temporal])`` (the original blocks keep their indices);
+- a temporal conv runs on an inflated conv's output: the ``nn.Sequential`` whose *last* element is
+  the conv (``in_layers``, ``out_layers``, ``input_blocks.0``, ``out``), or whose last element is a
+  module ending with that conv (``Downsample.op``, ``Upsample.conv``), is rebuilt with the same
+  type and the same module objects, plus the temporal layer appended.
+
+Functions here only build the replacement containers; the host installs them (and undoes that) at
+the paths returned. ``FrameContext`` carries the frame count of the batch now running to layers
+that cannot see it themselves (convs get no side information in the UNet's forward).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
+
+from torch import nn
+
+from ..errors import CheckpointError, FateZeroError
+
+
+def frames_per_chunk(batch: int, chunks: int) -> int:
+    """Frames of one clip in a frame-major batch of ``chunks`` clips (``batch = chunks * F``)."""
+    if chunks < 1 or batch % chunks != 0:
+        raise FateZeroError(
+            f"A batch of {batch} latents cannot hold {chunks} whole clips. Temporal layers need "
+            "every frame of the clip in the same batch: turn off context windows or batch "
+            "splitting for this model."
+        )
+    return batch // chunks
+
+
+class FrameContext:
+    """How many clips (e.g. uncond and cond for CFG) the batch now running through the UNet holds.
+
+    The host sets it around each UNet call (``with context.running(chunks): ...``); inserted
+    layers ask ``frames(batch)``. Outside a call, or when the host gives no count, the whole batch
+    is one clip. Shared, never copied: a deep copy returns the same object, so model clones that
+    copy their options keep talking to the layers that are actually installed.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: Optional[int] = None
+
+    @property
+    def chunks(self) -> Optional[int]:
+        return self._chunks
+
+    @contextmanager
+    def running(self, chunks: Optional[int]) -> Iterator["FrameContext"]:
+        previous, self._chunks = self._chunks, chunks
+        try:
+            yield self
+        finally:
+            self._chunks = previous
+
+    def frames(self, batch: int) -> int:
+        return frames_per_chunk(batch, self._chunks or 1)
+
+    def __call__(self, batch: int) -> int:
+        return self.frames(batch)
+
+    def __deepcopy__(self, memo) -> "FrameContext":
+        return self
+
+
+def _split(path: str) -> Tuple[str, str]:
+    if "." not in path:
+        raise CheckpointError(f"'{path}' is not a path inside the UNet.")
+    parent, child = path.rsplit(".", 1)
+    return parent, child
+
+
+def _submodule(root: nn.Module, path: str, what: str) -> nn.Module:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        raise CheckpointError(
+            f"The model has no {what} at '{path}'; it is not an SD1.x UNet as ComfyUI builds it."
+        ) from None
+
+
+def _is_last(container: nn.Module, child: str) -> bool:
+    return child == str(len(container) - 1)
+
+
+def block_list_patch(unet: nn.Module, block_path: str, extra: nn.Module) -> Tuple[str, nn.ModuleList]:
+    """``(path, replacement)`` that runs ``extra`` after the transformer block at ``block_path``
+    (e.g. ``input_blocks.1.1.transformer_blocks.0``): the block list with ``extra`` appended.
+
+    The block must be the last of its list, so no other block moves."""
+    owner, child = _split(block_path)
+    blocks = _submodule(unet, owner, "transformer block list")
+    if not isinstance(blocks, nn.ModuleList) or not _is_last(blocks, child):
+        raise CheckpointError(
+            f"Cannot insert temporal attention after '{block_path}': it is not the last block of "
+            f"'{owner}'. Tune-A-Video models are SD1.x UNets with one block per transformer."
+        )
+    return owner, nn.ModuleList([*blocks, extra])
+
+
+def conv_patch(unet: nn.Module, conv_path: str, extra: nn.Module) -> Tuple[str, nn.Sequential]:
+    """``(path, replacement)`` that runs ``extra`` on the output of the conv at ``conv_path``.
+
+    The replacement is the nearest ``nn.Sequential`` ancestor (same type, same module objects) with
+    ``extra`` appended: the conv's own Sequential when the conv is its last element
+    (``...in_layers.2``, ``out.2``, ``input_blocks.0.0``), else the Sequential whose last element
+    is the conv's owner when the conv is that owner's final operation (``Downsample.op``,
+    ``Upsample.conv``: ``input_blocks.3.0.op`` -> ``input_blocks.3``)."""
+    parent_path, child = _split(conv_path)
+    parent = _submodule(unet, parent_path, "conv owner")
+    if isinstance(parent, nn.Sequential):
+        if not _is_last(parent, child):
+            raise CheckpointError(
+                f"Cannot insert a temporal conv after '{conv_path}': it is not the last layer of "
+                f"'{parent_path}', so appending would move other weights."
+            )
+        return parent_path, type(parent)(*parent, extra)
+    if child not in ("op", "conv"):
+        raise CheckpointError(
+            f"Cannot insert a temporal conv after '{conv_path}': only convs in a Sequential or the "
+            "conv of a Downsample/Upsample can be inflated."
+        )
+    outer_path, owner = _split(parent_path)
+    outer = _submodule(unet, outer_path, "block")
+    if not isinstance(outer, nn.Sequential) or not _is_last(outer, owner):
+        raise CheckpointError(
+            f"Cannot insert a temporal conv after '{conv_path}': '{parent_path}' is not the last "
+            f"layer of a Sequential."
+        )
+    return outer_path, type(outer)(*outer, extra)
+
+
+__all__ = ["FrameContext", "block_list_patch", "conv_patch", "frames_per_chunk"]

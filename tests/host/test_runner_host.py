@@ -1,0 +1,103 @@
+"""``tools/fatezero_run.py`` end to end against the headless ComfyUI with the tiny checkpoint.
+
+The runner runs as a subprocess, as a user would run it: it uploads the clip through
+``/upload/image``, queues a shipped API workflow (the checkpoint and frame size swapped for tiny
+ones with ``--set``), follows the websocket, and downloads what the run wrote.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from fatezero_core.video_io import write_video
+
+REPO = Path(__file__).resolve().parents[2]
+RUNNER = REPO / "tools" / "fatezero_run.py"
+API = REPO / "workflows" / "api"
+
+
+def write_clip(path: Path, shade: int = 0) -> Path:
+    frames = torch.zeros(5, 40, 72, 3)
+    for k in range(5):
+        frames[k] = (25 * k + 30 + shade) / 255.0
+        frames[k, 8:24, 6 + 6 * k:22 + 6 * k] = torch.tensor([0.2, 0.3, 0.9])
+    write_video(path, frames, 10.0)
+    return path
+
+
+def run(server, workflow: str, video: Path, out: Path, *extra: str, timeout: float = 900):
+    cmd = [sys.executable, str(RUNNER), str(API / f"{workflow}.json"), "--video", str(video),
+           "--server", server.url, "--out", str(out), "--steps", "2", "--frames", "2",
+           "--set", f"CheckpointLoaderSimple.ckpt_name={server.checkpoint}",
+           "--set", "FateZero_LoadVideoFrames.size=64", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def check_video(path: Path, frames: int = 2, size: int = 64) -> None:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        decoded = list(container.decode(stream))
+    assert len(decoded) == frames and (stream.width, stream.height) == (size, size)
+
+
+def test_runner_edits_a_clip_with_progress_and_downloads(comfy_server, tmp_path):
+    clip = write_clip(tmp_path / "runner clip.mp4")
+    out = tmp_path / "out"
+    result = run(comfy_server, "style_watercolor", clip, out,
+                 "--source", "a silver jeep driving down a curvy road in the countryside",
+                 "--target", "watercolor painting of a silver jeep driving down a curvy road in the countryside")
+    assert result.returncode == 0, (result.stderr, comfy_server.log_tail())
+    assert (comfy_server.input_dir / "runner clip.mp4").read_bytes() == clip.read_bytes()
+    err = result.stderr
+    assert "runner clip.mp4 | FateZero Sample (#7) [" in err and "] 2/2" in err
+    assert "FateZero DDIM Invert (capture attention) (#5)" in err
+    videos = sorted(out.glob("*.mp4"))
+    assert len(videos) == 1
+    check_video(videos[0])
+    previews = sorted((out / "previews").glob("*.png"))
+    # the blend mask of each frame, from Preview Image (and from FateZero Sample's own node preview)
+    assert len(previews) >= 2 and len(previews) % 2 == 0
+    assert sorted(result.stdout.split()) == sorted(str(p) for p in videos + previews)
+
+
+def test_runner_queues_a_folder(comfy_server, tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    write_clip(folder / "bear_a.mp4", shade=3)
+    write_clip(folder / "bear_b.avi", shade=9)
+    (folder / "readme.txt").write_text("not a clip")
+    out = tmp_path / "out"
+    result = run(comfy_server, "attribute_edit", folder, out)
+    assert result.returncode == 0, (result.stderr, comfy_server.log_tail())
+    for stem in ("bear_a", "bear_b"):
+        videos = list((out / stem).glob("*.mp4"))
+        assert len(videos) == 1, result.stderr
+        check_video(videos[0])
+        previews = list((out / stem / "previews").glob("*.png"))
+        assert len(previews) >= 2 and len(previews) % 2 == 0
+
+
+def test_runner_reports_an_execution_error_and_exits_1(comfy_server, tmp_path):
+    clip = write_clip(tmp_path / "runner_err.mp4", shade=20)
+    result = run(comfy_server, "attribute_edit", clip, tmp_path / "out",
+                 "--source", "a silver jeep on a road", "--target", "a red jeep on a road")
+    assert result.returncode == 1
+    assert "ComfyUI could not run the workflow" in result.stderr
+    assert "(FateZero_AttentionBlendSettings): FateZeroNodeError:" in result.stderr
+    assert "blend word 'bear' is not in the prompt" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_runner_reports_a_refused_workflow_and_exits_1(comfy_server, tmp_path):
+    clip = write_clip(tmp_path / "runner_refused.mp4", shade=30)
+    result = run(comfy_server, "style_watercolor", clip, tmp_path / "out",
+                 "--set", "CheckpointLoaderSimple.ckpt_name=v1-5-pruned-emaonly.safetensors")
+    assert result.returncode == 1
+    assert "ComfyUI refused the workflow" in result.stderr
+    assert "node 1 (CheckpointLoaderSimple): Value not in list: ckpt_name: 'v1-5-pruned-emaonly.safetensors'" in result.stderr

@@ -1,0 +1,406 @@
+"""The shipped workflows against a live ComfyUI: schema snapshot and end-to-end runs.
+
+- ``/object_info`` of the server, normalised as ``tests/test_workflows.py`` does, must equal
+  ``tests/data/object_info.json`` for every node the workflows use and every FateZero node. Run
+  with ``FATEZERO_UPDATE_OBJECT_INFO=1`` to rewrite the snapshot from the server instead.
+- Every API workflow is queued with only the files and sizes swapped for tiny ones (the tiny SD1.5
+  checkpoint, a clip written here, 2-3 frames at 64 px, 2 DDIM steps; a tiny LoRA and a tiny
+  ControlNet for the tiny checkpoint's UNet) and must finish with ``success``; its video and mask
+  previews must be on disk. Prompts, blend words and every other setting are the shipped ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from fatezero_core.video_io import write_video
+from host_server import execution_error, free_port
+from test_workflows import (
+    FILE_INPUTS,
+    OBJECT_INFO,
+    REPO,
+    PACK_PREFIX,
+    VIRTUAL_NODES,
+    load_api,
+    load_snapshot,
+    load_ui,
+    normalize_node,
+    workflow_names,
+)
+
+UPDATE_ENV = "FATEZERO_UPDATE_OBJECT_INFO"
+FRAMES, SIZE, STEPS = 2, 64, 2
+LORA_NAME = "fatezero_tiny_lora.safetensors"
+CONTROLNET_NAME = "fatezero_tiny_controlnet.pth"
+LORA_RANK = 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Snapshot
+# ------------------------------------------------------------------------------------------------
+
+
+def used_node_types() -> set[str]:
+    used = set()
+    for name in workflow_names():
+        used |= {n["type"] for n in load_ui(name)["nodes"] if n["type"] not in VIRTUAL_NODES}
+        used |= {n["class_type"] for n in load_api(name).values()}
+    return used
+
+
+def build_snapshot(object_info: dict, comfyui_version: str, names=None) -> dict:
+    """The snapshot file's content for ``names`` (default: used types and every FateZero node)."""
+    if names is None:
+        names = used_node_types() | {n for n in object_info if n.startswith(PACK_PREFIX)}
+    missing = sorted(n for n in names if n not in object_info)
+    if missing:
+        raise KeyError(f"the server does not know {missing}")
+    return {
+        "comfyui_version": comfyui_version,
+        "nodes": {n: normalize_node(n, object_info[n]) for n in sorted(names)},
+    }
+
+
+def write_snapshot(snapshot: dict, path: Path = OBJECT_INFO) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(snapshot, indent=1, ensure_ascii=False) + "\n")
+
+
+def comfyui_version(server) -> str:
+    return server.get_json("/system_stats")["system"]["comfyui_version"]
+
+
+@pytest.fixture(scope="module")
+def live_object_info(comfy_server) -> dict:
+    return comfy_server.object_info()
+
+
+def test_object_info_snapshot_matches_the_live_server(comfy_server, live_object_info):
+    fresh = build_snapshot(live_object_info, comfyui_version(comfy_server))
+    if os.environ.get(UPDATE_ENV):
+        write_snapshot(fresh)
+        return
+    stored = load_snapshot()
+    hint = f"the node schemas changed; rerun this test with {UPDATE_ENV}=1 to rewrite {OBJECT_INFO}"
+    assert stored["comfyui_version"] == fresh["comfyui_version"], hint
+    assert sorted(stored["nodes"]) == sorted(fresh["nodes"]), hint
+    for name, spec in fresh["nodes"].items():
+        if stored["nodes"][name] != spec:
+            diff = "\n".join(difflib.unified_diff(
+                json.dumps(stored["nodes"][name], indent=1).splitlines(),
+                json.dumps(spec, indent=1).splitlines(), "snapshot", "server", lineterm=""))
+            pytest.fail(f"{name}: {hint}\n{diff}")
+
+
+def test_every_non_file_combo_has_fixed_options(live_object_info):
+    """A combo listing files must be in FILE_INPUTS, or the snapshot would record this machine's files."""
+    snapshot = load_snapshot()["nodes"]
+    for name, spec in snapshot.items():
+        for inp in spec["inputs"]:
+            if inp["type"] == "COMBO" and "options" in inp:
+                assert not any(re.search(r"\.(safetensors|ckpt|pth?|bin|mp4|avi|webm|mov|gif|png)$", o)
+                               for o in inp["options"]), f"{name}.{inp['name']} lists files"
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny models and clip
+# ------------------------------------------------------------------------------------------------
+
+
+def write_clip(folder: Path, name: str, frames: int = 6) -> str:
+    data = torch.zeros(frames, 48, 80, 3)
+    for k in range(frames):
+        data[k] = (30 * k + 20) / 255.0
+        data[k, 12:30, 8 + 5 * k:26 + 5 * k] = torch.tensor([0.9, 0.8, 0.1])
+    write_video(folder / name, data, 8.0)
+    return name
+
+
+def write_tiny_lora(path: Path) -> list[str]:
+    """A kohya-style LoRA (``lora_unet_<diffusers name>``) for a few attention projections of the
+    tiny checkpoint's UNet (320 channels on every level). Returns the LoRA's layer names."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(7)
+    layers = [
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_v",
+        "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_out_0",
+    ]
+    in_dims = {"attn2_to_k": 768}
+    tensors = {}
+    for layer in layers:
+        in_dim = next((d for suffix, d in in_dims.items() if layer.endswith(suffix)), 320)
+        tensors[f"{layer}.lora_down.weight"] = torch.randn(LORA_RANK, in_dim, generator=generator) * 0.01
+        tensors[f"{layer}.lora_up.weight"] = torch.randn(320, LORA_RANK, generator=generator) * 0.01
+        tensors[f"{layer}.alpha"] = torch.tensor(float(LORA_RANK))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return layers
+
+
+def write_tiny_controlnet(path: Path) -> None:
+    """An SD1.5 ControlNet (``control_model.*`` keys) shaped for the tiny checkpoint's UNet.
+
+    ControlNetLoader detects its UNet config from the keys as it does for real SD1.5 ControlNets;
+    its zero-conv outputs must match the tiny UNet's channels (320 on every level), so it is built
+    from the same config. Weights are seeded strided views of a few buffers (a few MB on disk).
+    """
+    import comfy.cldm.cldm
+    import tiny_models
+
+    config = tiny_models.sd15_unet_config(320, channel_mult=list(tiny_models.CHECKPOINT_CHANNEL_MULT))
+    for key in ("out_channels", "use_temporal_attention", "use_temporal_resblock"):
+        config.pop(key, None)
+    with torch.device("meta"):
+        net = comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=torch.float32, device="meta", **config)
+    storage = tiny_models._SharedStorage(seed=11)
+    state = {f"control_model.{k}": storage.tensor(k, v.shape) for k, v in sorted(net.state_dict().items())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(comfy_server) -> str:
+    write_tiny_lora(comfy_server.base / "models" / "loras" / LORA_NAME)
+    return LORA_NAME
+
+
+@pytest.fixture(scope="module")
+def tiny_controlnet(comfy_server) -> str:
+    write_tiny_controlnet(comfy_server.base / "models" / "controlnet" / CONTROLNET_NAME)
+    return CONTROLNET_NAME
+
+
+# ------------------------------------------------------------------------------------------------
+# Running the shipped API workflows
+# ------------------------------------------------------------------------------------------------
+
+
+def shrink(api: dict, server, video: str, prefix: str, frames: int = FRAMES, files: dict | None = None) -> dict:
+    """``api`` with the model/clip files and the sizes swapped for tiny ones; nothing else changes."""
+    files = files or {}
+    prompt = copy.deepcopy(api)
+    for node in prompt.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = server.checkpoint
+        elif kind == "FateZero_LoadVideoFrames":
+            inputs.update(video=video, frame_load_cap=frames, size=SIZE, skip_first_frames=0,
+                          select_every_nth=1)
+        elif kind == "FateZero_DDIMInvert":
+            inputs["steps"] = STEPS
+        elif kind == "LoraLoaderModelOnly":
+            inputs["lora_name"] = files["lora"]
+        elif kind == "ControlNetLoader":
+            inputs["control_net_name"] = files["controlnet"]
+        elif kind in ("SaveVideo", "SaveImage"):
+            inputs["filename_prefix"] = f"{prefix}/{node['class_type']}"
+    return prompt
+
+
+def run_shipped(server, name: str, frames: int = FRAMES, files: dict | None = None) -> tuple[dict, dict]:
+    api = load_api(name)
+    video = write_clip(server.input_dir, f"wf_{name}.avi")
+    prompt = shrink(api, server, video, prefix=f"wf_{name}_{uuid.uuid4().hex[:6]}", frames=frames, files=files)
+    entry = server.run(prompt, timeout=900)
+    assert entry["status"]["status_str"] == "success", (name, execution_error(entry), server.log_tail())
+    return prompt, entry
+
+
+def check_outputs(server, prompt: dict, entry: dict, frames: int) -> None:
+    for node_id, node in prompt.items():
+        if node["class_type"] == "SaveVideo":
+            saved = entry["outputs"][node_id]["images"]
+            assert len(saved) == 1
+            path = server.output_dir / saved[0]["subfolder"] / saved[0]["filename"]
+            assert path.suffix == ".mp4" and path.stat().st_size > 0
+            import av
+
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                decoded = [f for f in container.decode(stream)]
+            assert len(decoded) == frames and (stream.width, stream.height) == (SIZE, SIZE)
+        elif node["class_type"] == "PreviewImage":
+            previews = entry["outputs"][node_id]["images"]
+            assert len(previews) == frames
+            assert all(p["type"] == "temp" for p in previews)
+
+
+@pytest.mark.parametrize("name", ["style_watercolor", "attribute_edit"])
+def test_shipped_workflow_runs_end_to_end(comfy_server, name):
+    prompt, entry = run_shipped(comfy_server, name)
+    check_outputs(comfy_server, prompt, entry, FRAMES)
+
+
+def test_long_clip_workflow_runs_end_to_end_with_recompute(comfy_server):
+    assert load_api("long_clip_recompute")
+    prompt, entry = run_shipped(comfy_server, "long_clip_recompute", frames=3)
+    assert any(n["class_type"] == "FateZero_DDIMInvert" and n["inputs"]["store_placement"] == "recompute"
+               for n in prompt.values())
+    check_outputs(comfy_server, prompt, entry, 3)
+
+
+def test_lora_workflow_runs_end_to_end(comfy_server, tiny_lora):
+    start = len(comfy_server.log_tail(10_000_000))
+    prompt, entry = run_shipped(comfy_server, "lora_edit", files={"lora": tiny_lora})
+    check_outputs(comfy_server, prompt, entry, FRAMES)
+    log = comfy_server.log_tail(10_000_000)[start:]
+    assert "lora key not loaded" not in log, log[-3000:]
+
+
+def test_controlnet_workflow_runs_end_to_end(comfy_server, tiny_controlnet):
+    prompt, entry = run_shipped(comfy_server, "controlnet_edit", files={"controlnet": tiny_controlnet})
+    check_outputs(comfy_server, prompt, entry, FRAMES)
+    canny = next(i for i, n in prompt.items() if n["class_type"] == "Canny")
+    hint_previews = [i for i, n in prompt.items()
+                     if n["class_type"] == "PreviewImage" and n["inputs"]["images"] == [canny, 0]]
+    assert all(len(entry["outputs"][i]["images"]) == FRAMES for i in hint_previews)
+
+
+@pytest.mark.parametrize("name", workflow_names())
+def test_every_shipped_workflow_passes_server_validation(comfy_server, name):
+    """Queued as shipped (real model and clip names, absent here): the server refuses it only for
+    the missing files, so every other value passes its validation."""
+    api = load_api(name)
+    status, body = comfy_server.submit(api)
+    assert status == 400, f"{name}: expected the missing files to be refused, got {status}: {body}"
+    assert body["node_errors"], body
+    refused = set()
+    for node_id, errors in body["node_errors"].items():
+        kind = api[node_id]["class_type"]
+        for error in errors["errors"]:
+            input_name = error.get("extra_info", {}).get("input_name")
+            assert input_name in FILE_INPUTS.get(kind, {}), (
+                f"{name}: node {node_id} ({kind}) refused for something other than a missing file: {error}")
+            assert error["type"] in ("value_not_in_list", "custom_validation_failed"), error
+            refused.add(kind)
+    assert "FateZero_LoadVideoFrames" in refused  # the clip is not in this server's input folder
+
+
+# ------------------------------------------------------------------------------------------------
+# The real frontend reads the UI workflows as this repo's tests do
+# ------------------------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def runner_module():
+    """``tools/fatezero_run.py`` (not a package), imported by path once."""
+    if "fatezero_run" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fatezero_run", REPO / "tools" / "fatezero_run.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fatezero_run"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["fatezero_run"]
+
+
+class Page:
+    """One Chromium tab driven over the DevTools protocol (with the runner's websocket client)."""
+
+    def __init__(self, ws_url: str):
+        self.ws = runner_module().WebSocket(ws_url, timeout=60)
+        self.next_id = 0
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            message = self.ws.recv(timeout=5)
+            if message is None:
+                continue
+            reply = json.loads(message)
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise AssertionError(f"{method}: {reply['error']}")
+                return reply["result"]
+        raise AssertionError(f"{method}: no reply from Chromium")
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(json.dumps(result["exceptionDetails"])[:3000])
+        return result["result"].get("value")
+
+
+@pytest.fixture(scope="module")
+def frontend(comfy_server, tmp_path_factory):
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    port = free_port()
+    profile = tmp_path_factory.mktemp("chromium_profile")
+    process = subprocess.Popen(
+        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--remote-debugging-port={port}", f"--user-data-dir={profile}", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        devtools = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(devtools + "/json/version", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.25)
+        request = urllib.request.Request(devtools + "/json/new?about:blank", method="PUT")
+        target = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        page = Page(target["webSocketDebuggerUrl"])
+        page.call("Page.navigate", url=comfy_server.url)
+        ready = ("!!(window.app && window.app.graph && window.LiteGraph && "
+                 "window.LiteGraph.registered_node_types.FateZero_Sample)")
+        deadline = time.monotonic() + 120
+        while not page.evaluate(ready):
+            assert time.monotonic() < deadline, "the ComfyUI frontend did not load"
+            time.sleep(0.5)
+        yield page
+        page.ws.close()
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=20)
+
+
+def _slots(node: dict) -> list:
+    return [(i["name"], i["type"], i.get("link"), i.get("widget")) for i in node.get("inputs", [])]
+
+
+@pytest.mark.parametrize("name", workflow_names())
+def test_frontend_loads_the_ui_workflow_and_exports_its_api_twin(frontend, name):
+    """ComfyUI's own frontend loads ``workflows/<name>.json``, saves it back unchanged (widget
+    values, sockets, links) and exports exactly ``workflows/api/<name>.json`` for ``/prompt``."""
+    ui = load_ui(name)
+    result = json.loads(frontend.evaluate(f"""(async () => {{
+        await window.app.loadGraphData({json.dumps(ui)}, true, true, {json.dumps(name)});
+        const p = await window.app.graphToPrompt();
+        return JSON.stringify({{output: p.output, workflow: p.workflow}});
+    }})()"""))
+    assert result["output"] == load_api(name)
+    saved = {n["id"]: n for n in result["workflow"]["nodes"]}
+    assert sorted(saved) == sorted(n["id"] for n in ui["nodes"])
+    for node in ui["nodes"]:
+        again = saved[node["id"]]
+        assert again["type"] == node["type"]
+        assert again.get("widgets_values", []) == node["widgets_values"], f"{name}: node {node['id']}"
+        assert _slots(again) == _slots(node), f"{name}: node {node['id']} inputs"
+        assert [(o["name"], o["type"], o.get("links") or []) for o in again.get("outputs", [])] == [
+            (o["name"], o["type"], o.get("links") or []) for o in node["outputs"]], f"{name}: node {node['id']} outputs"
+    assert result["workflow"]["links"] == ui["links"]

@@ -1,0 +1,562 @@
+"""``tools/fatezero_run.py`` against a fake ComfyUI (stdlib HTTP server + websocket) on 127.0.0.1.
+
+The fake speaks the parts of ComfyUI's API the runner uses, as ComfyUI 0.3.64 does:
+``POST /upload/image`` (multipart, renames a different file of the same name to ``name (1).ext``),
+``POST /prompt`` (``prompt_id`` or 400 with ``node_errors``), ``GET /history/<id>``, ``GET /view``,
+``POST /queue`` / ``/interrupt`` and ``/ws?clientId=`` (RFC 6455; it sends progress, a binary
+preview frame, a ping and a fragmented text message, and checks that client frames are masked).
+The real server is exercised by ``tests/host/test_runner_host.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.parser
+import email.policy
+import hashlib
+import importlib.util
+import io
+import json
+import socket
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+STYLE_API = REPO / "workflows" / "api" / "style_watercolor.json"
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def load_runner():
+    if "fatezero_run" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fatezero_run", REPO / "tools" / "fatezero_run.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fatezero_run"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["fatezero_run"]
+
+
+runner = load_runner()
+
+
+# ------------------------------------------------------------------------------------------------
+# Websocket frames, written independently of the runner's client
+# ------------------------------------------------------------------------------------------------
+
+
+def server_frame(payload: bytes, opcode: int, fin: bool = True) -> bytes:
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([n])
+    elif n < 1 << 16:
+        head += bytes([126]) + struct.pack(">H", n)
+    else:
+        head += bytes([127]) + struct.pack(">Q", n)
+    return head + payload
+
+
+def read_client_frame(rfile) -> tuple[int, bytes, bool]:
+    """``(opcode, payload, masked)`` of one frame sent by the client."""
+    b1, b2 = rfile.read(2)
+    n = b2 & 0x7F
+    if n == 126:
+        n = struct.unpack(">H", rfile.read(2))[0]
+    elif n == 127:
+        n = struct.unpack(">Q", rfile.read(8))[0]
+    masked = bool(b2 & 0x80)
+    mask = rfile.read(4) if masked else b"\0\0\0\0"
+    data = rfile.read(n)
+    return b1 & 0x0F, bytes(c ^ mask[i % 4] for i, c in enumerate(data)), masked
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake ComfyUI
+# ------------------------------------------------------------------------------------------------
+
+
+class FakeComfy:
+    def __init__(self, websocket: bool = True):
+        self.websocket = websocket
+        self.uploads: dict[str, bytes] = {}
+        self.prompts: list[dict] = []
+        self.history: dict[str, dict] = {}
+        self.files: dict[tuple[str, str, str], bytes] = {}
+        self.refusal: dict | None = None
+        self.failure: dict | None = None
+        self.fail_only: set[int] = set()  # 1-based prompt numbers that fail (empty: all, when set)
+        self.queue_calls: list = []
+        self.client_frames: list[tuple[int, bytes, bool]] = []
+        self.ws_clients: dict[str, tuple] = {}
+        self.ws_query: list[str] = []
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status: int, body, content_type="application/json"):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def body(self) -> bytes:
+                return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+            def do_GET(self):
+                url = urllib.parse.urlsplit(self.path)
+                query = dict(urllib.parse.parse_qsl(url.query))
+                if url.path == "/ws":
+                    if not fake.websocket:
+                        return self.reply(404, {"error": "no websocket here"})
+                    return self.websocket(query.get("clientId", ""))
+                if url.path.startswith("/history/"):
+                    prompt_id = url.path.rsplit("/", 1)[1]
+                    entry = fake.history.get(prompt_id)
+                    return self.reply(200, {prompt_id: entry} if entry else {})
+                if url.path == "/view":
+                    key = (query.get("filename"), query.get("subfolder", ""), query.get("type", "output"))
+                    if key not in fake.files:
+                        return self.reply(404, {"error": "not found"})
+                    return self.reply(200, fake.files[key], "application/octet-stream")
+                self.reply(404, {"error": "unknown"})
+
+            def websocket(self, client_id: str):
+                fake.ws_query.append(client_id)
+                key = self.headers["Sec-WebSocket-Key"]
+                accept = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
+                lock = threading.Lock()
+                fake.ws_clients[client_id] = (self.wfile, lock)
+                with lock:
+                    self.send_response(101, "Switching Protocols")
+                    self.send_header("Upgrade", "websocket")
+                    self.send_header("Connection", "Upgrade")
+                    self.send_header("Sec-WebSocket-Accept", accept)
+                    self.end_headers()
+                    self.wfile.write(server_frame(json.dumps(
+                        {"type": "status", "data": {"sid": client_id}}).encode(), 1))
+                    self.wfile.flush()
+                try:
+                    while True:
+                        frame = read_client_frame(self.rfile)
+                        fake.client_frames.append(frame)
+                        if frame[0] == 0x8:
+                            return
+                except (ValueError, OSError):
+                    return
+
+            def do_POST(self):
+                path = urllib.parse.urlsplit(self.path).path
+                if path == "/upload/image":
+                    return self.reply(200, fake.upload(self.headers["Content-Type"], self.body()))
+                if path == "/prompt":
+                    body = json.loads(self.body())
+                    if fake.refusal is not None:
+                        return self.reply(400, fake.refusal)
+                    with fake.lock:
+                        fake.prompts.append(body)
+                        number = len(fake.prompts)
+                    prompt_id = f"prompt-{number}"
+                    self.reply(200, {"prompt_id": prompt_id, "number": number, "node_errors": {}})
+                    threading.Thread(target=fake.play, args=(prompt_id, number, body), daemon=True).start()
+                    return
+                if path in ("/queue", "/interrupt"):
+                    fake.queue_calls.append((path, json.loads(self.body() or b"{}")))
+                    return self.reply(200, {})
+                self.reply(404, {"error": "unknown"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+
+    # -------------------------------------------------------------- behaviour
+    def upload(self, content_type: str, body: bytes) -> dict:
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+        fields, name, data = {}, None, None
+        for part in message.iter_parts():
+            field = part.get_param("name", header="content-disposition")
+            if part.get_filename():
+                name, data = part.get_filename(), part.get_payload(decode=True)
+            else:
+                fields[field] = part.get_content().strip()
+        assert fields.get("type") == "input" and name and data is not None
+        stem, dot, ext = name.rpartition(".")
+        candidate, i = name, 1
+        while candidate in self.uploads and self.uploads[candidate] != data:
+            candidate, i = f"{stem} ({i}).{ext}", i + 1
+        self.uploads[candidate] = data
+        return {"name": candidate, "subfolder": "", "type": "input"}
+
+    def send(self, client_id: str, frame: bytes) -> None:
+        wfile, lock = self.ws_clients[client_id]
+        with lock:
+            wfile.write(frame)
+            wfile.flush()
+
+    def send_json(self, client_id: str, kind: str, data: dict, fragmented: bool = False) -> None:
+        payload = json.dumps({"type": kind, "data": data}).encode()
+        if fragmented:
+            third = len(payload) // 3
+            self.send(client_id, server_frame(payload[:third], 0x1, fin=False))
+            self.send(client_id, server_frame(payload[third:2 * third], 0x0, fin=False))
+            self.send(client_id, server_frame(payload[2 * third:], 0x0, fin=True))
+        else:
+            self.send(client_id, server_frame(payload, 0x1))
+
+    def play(self, prompt_id: str, number: int, body: dict) -> None:
+        """What ComfyUI sends while it runs a prompt: progress, previews, then success or error."""
+        client = body.get("client_id")
+        ws = client in self.ws_clients
+        graph = body["prompt"]
+        sample = next(i for i, n in graph.items() if n["class_type"] == "FateZero_Sample")
+        video = graph[next(i for i, n in graph.items() if n["class_type"] == "FateZero_LoadVideoFrames")]["inputs"]["video"]
+        stem = video.rsplit(".", 1)[0].replace(" ", "_")
+        if ws:
+            self.send_json(client, "execution_start", {"prompt_id": prompt_id})
+            self.send_json(client, "executing", {"node": sample, "prompt_id": prompt_id})
+            self.send(client, server_frame(b"\x00\x00\x00\x01" + b"\x89PNG" + b"\0" * 70_000, 0x2))
+            self.send(client, server_frame(b"are you there", 0x9))
+            for value in range(1, 4):
+                self.send_json(client, "progress", {"value": value, "max": 3, "prompt_id": prompt_id,
+                                                    "node": sample}, fragmented=value == 2)
+        failing = self.failure is not None and (not self.fail_only or number in self.fail_only)
+        if failing:
+            data = dict(self.failure, prompt_id=prompt_id)
+            self.history[prompt_id] = {"outputs": {}, "status": {
+                "status_str": "error", "completed": False, "messages": [["execution_error", data]]}}
+            if ws:
+                self.send_json(client, "execution_error", data)
+            return
+        video_name, mask_name = f"{stem}_00001_.mp4", f"{stem}_mask_00001_.png"
+        self.files[(video_name, "fatezero", "output")] = b"VIDEO:" + video.encode()
+        self.files[(mask_name, "", "temp")] = b"PNG:" + video.encode()
+        self.history[prompt_id] = {
+            "outputs": {
+                "10": {"images": [{"filename": video_name, "subfolder": "fatezero", "type": "output"}],
+                       "animated": [True]},
+                "11": {"images": [{"filename": mask_name, "subfolder": "", "type": "temp"}]},
+            },
+            "status": {"status_str": "success", "completed": True, "messages": []},
+        }
+        if ws:
+            self.send_json(client, "executed", {"node": "10", "prompt_id": prompt_id, "output": {}})
+            self.send_json(client, "execution_success", {"prompt_id": prompt_id})
+            self.send_json(client, "executing", {"node": None, "prompt_id": prompt_id})
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    with FakeComfy() as server:
+        yield server
+
+
+def write_clip(folder: Path, name: str, content: bytes | None = None) -> Path:
+    path = folder / name
+    path.write_bytes(content if content is not None else f"not really a video: {name}".encode())
+    return path
+
+
+def run(argv: list[str]) -> tuple[int, str]:
+    stream = io.StringIO()
+    code = runner.main([str(a) for a in argv], stream=stream)
+    return code, stream.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs
+# ------------------------------------------------------------------------------------------------
+
+
+def test_one_clip_is_uploaded_edited_and_downloaded(fake, tmp_path, capsys):
+    clip = write_clip(tmp_path, "jeep.mp4")
+    out = tmp_path / "out"
+    code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", out,
+                     "--source", "a red bus", "--target", "a yellow bus", "--steps", 3, "--frames", 4])
+    assert code == 0, err
+    assert fake.uploads == {"jeep.mp4": clip.read_bytes()}
+    body = fake.prompts[0]
+    assert body["client_id"] == fake.ws_query[0]  # progress reaches this client only
+    graph = body["prompt"]
+    shipped = json.loads(STYLE_API.read_text())
+    assert graph["2"]["inputs"]["video"] == "jeep.mp4" and graph["2"]["inputs"]["frame_load_cap"] == 4
+    assert graph["3"]["inputs"]["source_prompt"] == "a red bus"
+    assert graph["3"]["inputs"]["target_prompt"] == "a yellow bus"
+    assert graph["5"]["inputs"]["steps"] == 3
+    assert {k: v for k, v in graph["3"]["inputs"].items() if "prompt" not in k} == {
+        k: v for k, v in shipped["3"]["inputs"].items() if "prompt" not in k}
+    assert (out / "jeep_00001_.mp4").read_bytes() == b"VIDEO:jeep.mp4"
+    assert (out / "previews" / "jeep_mask_00001_.png").read_bytes() == b"PNG:jeep.mp4"
+    assert "FateZero Sample (#7) [##############################] 3/3" in err
+    assert "0/3" not in err and "1/3" in err  # one line per step change when not on a terminal
+    assert "done: 2 file(s)" in err
+    printed = capsys.readouterr().out.split()
+    assert sorted(printed) == sorted([str(out / "jeep_00001_.mp4"), str(out / "previews" / "jeep_mask_00001_.png")])
+    pongs = [f for f in fake.client_frames if f[0] == 0xA]
+    assert pongs and pongs[0][1] == b"are you there"
+    assert all(masked for _, _, masked in fake.client_frames)  # RFC 6455: clients mask every frame
+
+
+def test_a_folder_queues_every_video_in_it(fake, tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for name in ("b.mov", "a.mp4", "clip10.mp4", "clip9.webm", "notes.txt", ".hidden.mp4"):
+        write_clip(folder, name)
+    (folder / "sub.mp4").mkdir()
+    out = tmp_path / "out"
+    code, err = run([STYLE_API, "--video", folder, "--server", fake.address, "--out", out])
+    assert code == 0, err
+    videos = [p["prompt"]["2"]["inputs"]["video"] for p in fake.prompts]
+    assert videos == ["a.mp4", "b.mov", "clip9.webm", "clip10.mp4"]  # natural order
+    for stem in ("a", "b", "clip9", "clip10"):
+        assert (out / stem / f"{stem}_00001_.mp4").exists()
+        assert (out / stem / "previews" / f"{stem}_mask_00001_.png").exists()
+    assert len({p["client_id"] for p in fake.prompts}) == 1
+
+
+def test_an_upload_renamed_by_the_server_is_what_the_loader_gets(fake, tmp_path):
+    fake.uploads["jeep.mp4"] = b"someone else's clip"
+    clip = write_clip(tmp_path, "jeep.mp4")
+    code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o"])
+    assert code == 0, err
+    assert fake.prompts[0]["prompt"]["2"]["inputs"]["video"] == "jeep (1).mp4"
+
+
+def test_set_overrides_any_input_by_id_or_class(fake, tmp_path):
+    clip = write_clip(tmp_path, "jeep.mp4")
+    code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o",
+                     "--set", "CheckpointLoaderSimple.ckpt_name=tiny.ckpt", "--set", "7.cfg=6.5",
+                     "--set", "FateZero_AttentionBlendSettings.local_latent_blend=true",
+                     "--set", "3.reweight=watercolor: 5"])
+    assert code == 0, err
+    graph = fake.prompts[0]["prompt"]
+    assert graph["1"]["inputs"]["ckpt_name"] == "tiny.ckpt"
+    assert graph["7"]["inputs"]["cfg"] == 6.5
+    assert graph["3"]["inputs"]["local_latent_blend"] is True
+    assert graph["3"]["inputs"]["reweight"] == "watercolor: 5"
+
+
+def test_progress_falls_back_to_polling_without_a_websocket(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "POLL_EVERY_S", 0.2)
+    with FakeComfy(websocket=False) as fake:
+        clip = write_clip(tmp_path, "jeep.mp4")
+        code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o"])
+    assert code == 0, err
+    assert "polling" in err
+    assert (tmp_path / "o" / "jeep_00001_.mp4").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Failures carry the server's words
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_refused_workflow_exits_1_with_the_node_errors(fake, tmp_path):
+    fake.refusal = {
+        "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                  "details": "", "extra_info": {}},
+        "node_errors": {"1": {"class_type": "CheckpointLoaderSimple", "dependent_outputs": ["10"], "errors": [
+            {"type": "value_not_in_list", "message": "Value not in list",
+             "details": "ckpt_name: 'v1-5-pruned-emaonly.safetensors' not in []", "extra_info": {}}]}},
+    }
+    clip = write_clip(tmp_path, "jeep.mp4")
+    code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o"])
+    assert code == 1
+    assert "ComfyUI refused the workflow" in err and "Prompt outputs failed validation" in err
+    assert ("node 1 (CheckpointLoaderSimple): Value not in list: ckpt_name: "
+            "'v1-5-pruned-emaonly.safetensors' not in []") in err
+
+
+def test_an_execution_error_exits_1_with_the_exception(fake, tmp_path):
+    fake.failure = {"node_id": "3", "node_type": "FateZero_AttentionBlendSettings",
+                    "exception_type": "comfyui_fatezero.nodes.user_errors.FateZeroNodeError",
+                    "exception_message": "blend word 'car' is not in the prompt 'a silver jeep'",
+                    "traceback": ["  File \"blend_settings.py\", line 1\n"]}
+    clip = write_clip(tmp_path, "jeep.mp4")
+    code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o"])
+    assert code == 1
+    assert ("node 3 (FateZero_AttentionBlendSettings): FateZeroNodeError: blend word 'car' is not in "
+            "the prompt 'a silver jeep'") in err
+    assert "blend_settings.py" not in err
+    code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o", "--verbose"])
+    assert code == 1 and "blend_settings.py" in err
+
+
+def test_one_failing_clip_of_a_folder_does_not_stop_the_others(fake, tmp_path):
+    fake.failure = {"node_id": "2", "node_type": "FateZero_LoadVideoFrames",
+                    "exception_type": "FateZeroNodeError", "exception_message": "No frames left to load"}
+    fake.fail_only = {1}
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    write_clip(folder, "a.mp4")
+    write_clip(folder, "b.mp4")
+    code, err = run([STYLE_API, "--video", folder, "--server", fake.address, "--out", tmp_path / "o"])
+    assert code == 1
+    assert "a.mp4 | ComfyUI could not run the workflow: node 2 (FateZero_LoadVideoFrames)" in err
+    assert (tmp_path / "o" / "b" / "b_00001_.mp4").exists()
+
+
+def test_local_problems_exit_2_before_anything_is_sent(fake, tmp_path):
+    clip = write_clip(tmp_path, "jeep.mp4")
+    ui = REPO / "workflows" / "style_watercolor.json"
+    code, err = run([ui, "--video", clip, "--server", fake.address])
+    assert code == 2 and "UI workflow" in err
+    code, err = run([STYLE_API, "--video", tmp_path / "missing.mp4", "--server", fake.address])
+    assert code == 2 and "does not exist" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run([STYLE_API, "--video", empty, "--server", fake.address])
+    assert code == 2 and "no video files" in err
+    code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--set", "nonsense"])
+    assert code == 2 and "NODE.INPUT=VALUE" in err
+    code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--set", "KSampler.cfg=1"])
+    assert code == 2 and "no node" in err
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"1": {"class_type": "CheckpointLoaderSimple", "inputs": {}}}))
+    code, err = run([broken, "--video", clip, "--server", fake.address])
+    assert code == 2 and "FateZero_LoadVideoFrames" in err
+    assert not fake.uploads and not fake.prompts
+
+
+def test_an_unreachable_server_is_reported(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clip = write_clip(tmp_path, "jeep.mp4")
+    code, err = run([STYLE_API, "--video", clip, "--server", f"127.0.0.1:{port}"])
+    assert code == 1 and "cannot reach ComfyUI at http://127.0.0.1:" in err
+
+
+def test_bad_numbers_are_refused_by_the_argument_parser(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        runner.parse_args([str(STYLE_API), "--video", "x.mp4", "--steps", "0"])
+    assert info.value.code == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# The websocket client on its own
+# ------------------------------------------------------------------------------------------------
+
+
+class ScriptedSocketServer:
+    """Accepts one connection, answers the handshake (optionally wrongly), then sends ``frames``."""
+
+    def __init__(self, frames: list[bytes], accept_override: str | None = None, status: int = 101):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.frames, self.accept_override, self.status = frames, accept_override, status
+        self.received: list[tuple[int, bytes, bool]] = []
+        self.request = b""
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        conn, _ = self.listener.accept()
+        with conn:
+            rfile = conn.makefile("rb")
+            while not self.request.endswith(b"\r\n\r\n"):
+                self.request += rfile.read(1)
+            key = next(line.split(b":", 1)[1].strip().decode() for line in self.request.split(b"\r\n")
+                       if line.lower().startswith(b"sec-websocket-key:"))
+            accept = self.accept_override or base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
+            conn.sendall(f"HTTP/1.1 {self.status} Switching Protocols\r\nUpgrade: websocket\r\n"
+                         f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n".encode())
+            if self.status != 101:
+                return
+            for frame in self.frames:
+                if frame == b"PAUSE":
+                    time.sleep(0.3)
+                    continue
+                conn.sendall(frame)
+            try:
+                while True:
+                    frame = read_client_frame(rfile)
+                    self.received.append(frame)
+                    if frame[0] == 0x8:
+                        return
+            except (ValueError, OSError):
+                return
+
+
+def test_websocket_reads_text_skips_binary_answers_pings_and_times_out():
+    long_text = json.dumps({"type": "x", "data": "a" * 70_000})
+    medium_text = "m" * 300
+    frames = [
+        server_frame(b"\x00" * 200, 0x2),
+        server_frame(b"ping!", 0x9),
+        server_frame(b'{"type": "hel', 0x1, fin=False),
+        server_frame(b"", 0x9),  # a control frame between fragments is allowed
+        server_frame(b'lo"}', 0x0),
+        server_frame(medium_text.encode(), 0x1),
+        server_frame(long_text.encode(), 0x1),
+        b"PAUSE",
+        server_frame("é".encode(), 0x1),
+    ]
+    server = ScriptedSocketServer(frames)
+    ws = runner.WebSocket(f"ws://127.0.0.1:{server.port}/ws?clientId=abc")
+    assert b"GET /ws?clientId=abc HTTP/1.1" in server.request
+    assert json.loads(ws.recv(timeout=5)) == {"type": "hello"}
+    assert ws.recv(timeout=5) == medium_text
+    assert ws.recv(timeout=5) == long_text
+    assert ws.recv(timeout=0.05) is None  # nothing yet: a timeout, not an error
+    assert ws.recv(timeout=5) == "é"
+    ws.send("from the client")
+    ws.close()
+    server.thread.join(5)
+    kinds = [(op, data) for op, data, _ in server.received]
+    assert kinds[:2] == [(0xA, b"ping!"), (0xA, b"")]
+    assert (0x1, b"from the client") in kinds and kinds[-1][0] == 0x8
+    assert all(masked for _, _, masked in server.received)
+
+
+def test_websocket_closed_by_the_server_raises():
+    server = ScriptedSocketServer([server_frame(struct.pack(">H", 1001), 0x8)])
+    ws = runner.WebSocket(f"ws://127.0.0.1:{server.port}/ws")
+    with pytest.raises(runner.WebSocketClosed):
+        ws.recv(timeout=5)
+    ws.sock.close()
+
+
+@pytest.mark.parametrize("accept, status", [("bm90IHRoZSByaWdodCBrZXk=", 101), (None, 404)])
+def test_websocket_handshake_is_checked(accept, status):
+    server = ScriptedSocketServer([], accept_override=accept, status=status)
+    with pytest.raises(ConnectionError):
+        runner.WebSocket(f"ws://127.0.0.1:{server.port}/ws")
+
+
+def test_progress_bar_redraws_in_place_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    bar = runner.ProgressBar("clip.mp4", stream, width=10)
+    for value in range(0, 5):
+        bar.update("FateZero Sample (#7)", value, 4)
+    bar.message("done")
+    text = stream.getvalue()
+    assert text.count("\r") == 5 and text.count("\n") == 2  # redrawn in place, then closed
+    assert "\rclip.mp4 | FateZero Sample (#7) [##########] 4/4" in text
+    assert text.endswith("clip.mp4 | done\n")

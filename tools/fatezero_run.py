@@ -1,0 +1,626 @@
+#!/usr/bin/env python3
+"""Run a FateZero workflow (API format) on a running ComfyUI, headless.
+
+    python tools/fatezero_run.py workflows/api/style_watercolor.json --video clip.mp4 \\
+        --source "a silver jeep driving down a curvy road in the countryside" \\
+        --target "watercolor painting of a silver jeep driving down a curvy road in the countryside"
+
+Uploads the clip (``--video`` may also be a folder: every video in it is queued), points the
+workflow's FateZero Load Video Frames node at it, puts the prompts on FateZero Attention Blend
+Settings, queues the graph on ``--server`` (default 127.0.0.1:8188), shows a progress bar from the
+server's websocket, and downloads every file the run wrote (videos, previews) into ``--out``.
+Exits 0 when every clip succeeded, 1 with the server's error text when ComfyUI refused or failed
+a run, 2 for problems found before anything was sent, 130 when interrupted (queued runs are
+cancelled). Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import re
+import socket
+import ssl
+import struct
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+LOADER = "FateZero_LoadVideoFrames"
+SETTINGS = "FateZero_AttentionBlendSettings"
+INVERT = "FateZero_DDIMInvert"
+VIDEO_EXTENSIONS = frozenset({
+    ".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif", ".mpg", ".mpeg", ".wmv", ".flv",
+    ".ts", ".mts", ".m2ts", ".3gp", ".ogv",
+})
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+POLL_EVERY_S = 5.0
+
+
+class RunnerError(Exception):
+    """A problem to report and exit with (``code`` 1: from the server, 2: local)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------------
+# A minimal websocket client (RFC 6455): client handshake, masked sends, text messages in.
+# ------------------------------------------------------------------------------------------------
+
+
+class WebSocketClosed(ConnectionError):
+    pass
+
+
+class WebSocket:
+    """Blocking websocket client for ``ws://`` and ``wss://`` URLs.
+
+    ``recv(timeout)`` returns the next text message (binary messages, such as ComfyUI's preview
+    images, are skipped), or None when ``timeout`` passes first. Pings are answered.
+    """
+
+    def __init__(self, url: str, timeout: float = 10.0):
+        parts = urllib.parse.urlsplit(url)
+        secure = parts.scheme == "wss"
+        host, port = parts.hostname, parts.port or (443 if secure else 80)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if secure:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        self.sock, self.buf = sock, b""
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        if len(lines[0].split()) < 2 or lines[0].split()[1] != "101":
+            sock.close()
+            raise ConnectionError(f"websocket handshake refused: {lines[0]}")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        if headers.get("sec-websocket-accept") != accept:
+            sock.close()
+            raise ConnectionError("websocket handshake: wrong Sec-WebSocket-Accept")
+        self.parts: list[bytes] = []
+        self.opcode = 0
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise WebSocketClosed("the server closed the connection")
+        self.buf += chunk
+
+    def _frame(self):
+        """``(fin, opcode, payload)`` if a whole frame is buffered, else None."""
+        if len(self.buf) < 2:
+            return None
+        b1, b2 = self.buf[0], self.buf[1]
+        length, pos = b2 & 0x7F, 2
+        if length >= 126:
+            size = 2 if length == 126 else 8
+            if len(self.buf) < pos + size:
+                return None
+            length = int.from_bytes(self.buf[pos:pos + size], "big")
+            pos += size
+        mask = b""
+        if b2 & 0x80:
+            mask, pos = self.buf[pos:pos + 4], pos + 4
+        if len(self.buf) < pos + length:
+            return None
+        payload, self.buf = self.buf[pos:pos + length], self.buf[pos + length:]
+        if mask:
+            payload = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+        return bool(b1 & 0x80), b1 & 0x0F, payload
+
+    def send(self, payload: bytes | str, opcode: int | None = None) -> None:
+        data = payload.encode() if isinstance(payload, str) else payload
+        opcode = opcode if opcode is not None else (1 if isinstance(payload, str) else 2)
+        n = len(data)
+        header = bytes([0x80 | opcode])
+        if n < 126:
+            header += bytes([0x80 | n])
+        elif n < 1 << 16:
+            header += bytes([0x80 | 126]) + struct.pack(">H", n)
+        else:
+            header += bytes([0x80 | 127]) + struct.pack(">Q", n)
+        mask = os.urandom(4)
+        self.sock.sendall(header + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(data)))
+
+    def recv(self, timeout: float | None = None) -> str | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            frame = self._frame()
+            if frame is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self.sock.settimeout(remaining)
+                try:
+                    self._fill()
+                except (socket.timeout, TimeoutError):
+                    return None
+                continue
+            fin, opcode, payload = frame
+            if opcode == 0x9:
+                self.send(payload, opcode=0xA)
+            elif opcode == 0x8:
+                try:
+                    self.send(payload[:2], opcode=0x8)
+                except OSError:
+                    pass
+                raise WebSocketClosed("the server closed the websocket")
+            elif opcode in (0x0, 0x1, 0x2):
+                if opcode:
+                    self.opcode, self.parts = opcode, []
+                self.parts.append(payload)
+                if fin:
+                    message, self.parts = b"".join(self.parts), []
+                    if self.opcode == 0x1:
+                        return message.decode("utf-8")
+
+    def close(self) -> None:
+        try:
+            self.send(struct.pack(">H", 1000), opcode=0x8)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# HTTP
+# ------------------------------------------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, server: str, timeout: float = 60.0):
+        if "://" not in server:
+            server = "http://" + server
+        parts = urllib.parse.urlsplit(server)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise RunnerError(f"--server: cannot read '{server}'; use host:port or http://host:port", 2)
+        self.base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        self.ws_base = ("wss" if parts.scheme == "https" else "ws") + self.base[len(parts.scheme):]
+        self.timeout = timeout
+        self.client_id = uuid.uuid4().hex
+
+    def request(self, path: str, data: bytes | None = None, headers: dict | None = None,
+                method: str | None = None):
+        req = urllib.request.Request(self.base + path, data=data, headers=headers or {}, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise RunnerError(f"cannot reach ComfyUI at {self.base}: {reason}. Is the server running "
+                              "(python main.py --listen ...) and is --server right?") from None
+
+    def json(self, path: str, body=None, method: str | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        status, raw = self.request(path, data, headers, method)
+        try:
+            return status, json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            return status, {"error": raw.decode("utf-8", "replace")}
+
+    def upload(self, path: Path) -> str:
+        """Upload ``path`` into the server's input folder; returns the name the loader takes."""
+        boundary = uuid.uuid4().hex
+        name = path.name.replace('"', "_")
+        body = b"".join([
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode(),
+            path.read_bytes(),
+            f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="type"\r\n\r\ninput\r\n'
+            f"--{boundary}--\r\n".encode(),
+        ])
+        status, raw = self.request("/upload/image", body,
+                                   {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        if status != 200:
+            raise RunnerError(f"uploading {path} failed ({status}): {raw.decode('utf-8', 'replace')[:500]}")
+        info = json.loads(raw)
+        return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
+
+    def download(self, item: dict, dest: Path) -> Path:
+        query = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
+                                        "type": item.get("type", "output")})
+        status, raw = self.request(f"/view?{query}")
+        if status != 200:
+            raise RunnerError(f"downloading {item['filename']} failed ({status})")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(raw)
+        return dest
+
+    def websocket(self, stream=None) -> WebSocket | None:
+        try:
+            return WebSocket(f"{self.ws_base}/ws?clientId={self.client_id}", timeout=self.timeout)
+        except (OSError, ConnectionError) as err:
+            print(f"fatezero_run: no websocket ({err}); polling for the result instead",
+                  file=stream or sys.stderr)
+            return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Workflow editing
+# ------------------------------------------------------------------------------------------------
+
+
+def load_workflow(path: Path) -> dict:
+    try:
+        graph = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunnerError(f"cannot read the workflow {path}: {err}", 2) from None
+    if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
+        raise RunnerError(f"{path} is a UI workflow; use its API-format twin (workflows/api/) or save "
+                          "it with 'Export (API)' in ComfyUI", 2)
+    if not isinstance(graph, dict) or not graph or not all(
+            isinstance(n, dict) and "class_type" in n and isinstance(n.get("inputs"), dict)
+            for n in graph.values()):
+        raise RunnerError(f"{path} is not an API-format workflow ({{id: {{class_type, inputs}}}})", 2)
+    return graph
+
+
+def nodes_of(graph: dict, class_type: str) -> list[str]:
+    return [i for i, n in graph.items() if n["class_type"] == class_type]
+
+
+def one_node(graph: dict, class_type: str, why: str) -> str:
+    found = nodes_of(graph, class_type)
+    if len(found) != 1:
+        raise RunnerError(f"{why} needs exactly one {class_type} node in the workflow, found {len(found)}", 2)
+    return found[0]
+
+
+def parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_sets(graph: dict, sets: list[str]) -> None:
+    """``--set NODE.INPUT=VALUE``: NODE is a node id or a class_type (every node of that type);
+    VALUE is read as JSON when it parses (numbers, true/false), else taken as text."""
+    for item in sets:
+        target, sep, value = item.partition("=")
+        node, dot, input_name = target.rpartition(".")
+        if not sep or not dot or not node or not input_name:
+            raise RunnerError(f"--set {item!r}: write NODE.INPUT=VALUE, e.g. FateZero_Sample.cfg=6", 2)
+        ids = [node] if node in graph else nodes_of(graph, node)
+        if not ids:
+            raise RunnerError(f"--set {item!r}: no node with id or class_type '{node}'", 2)
+        for node_id in ids:
+            graph[node_id]["inputs"][input_name] = parse_value(value)
+
+
+def prepare(graph: dict, video_name: str, args) -> dict:
+    graph = json.loads(json.dumps(graph))
+    loader = one_node(graph, LOADER, "--video")
+    graph[loader]["inputs"]["video"] = video_name
+    if args.frames is not None:
+        graph[loader]["inputs"]["frame_load_cap"] = args.frames
+    if args.source is not None or args.target is not None:
+        settings = one_node(graph, SETTINGS, "--source/--target")
+        if args.source is not None:
+            graph[settings]["inputs"]["source_prompt"] = args.source
+        if args.target is not None:
+            graph[settings]["inputs"]["target_prompt"] = args.target
+    if args.steps is not None:
+        for node_id in nodes_of(graph, INVERT) or [one_node(graph, INVERT, "--steps")]:
+            graph[node_id]["inputs"]["steps"] = args.steps
+    apply_sets(graph, args.set or [])
+    return graph
+
+
+def find_videos(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        def natural(p: Path):
+            return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
+        videos = sorted((p for p in path.iterdir()
+                         if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".")),
+                        key=natural)
+        if not videos:
+            raise RunnerError(f"no video files in {path} ({', '.join(sorted(VIDEO_EXTENSIONS))})", 2)
+        return videos
+    raise RunnerError(f"--video: {path} does not exist", 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors and progress
+# ------------------------------------------------------------------------------------------------
+
+
+def refusal_text(body: dict, graph: dict) -> str:
+    """The server's answer to a refused /prompt, as lines a person can act on."""
+    lines = []
+    error = body.get("error")
+    if isinstance(error, dict):
+        lines.append(": ".join(x for x in (error.get("message"), error.get("details")) if x))
+    elif error:
+        lines.append(str(error))
+    for node_id, info in (body.get("node_errors") or {}).items():
+        kind = info.get("class_type") or graph.get(node_id, {}).get("class_type", "?")
+        for err in info.get("errors", []):
+            text = ": ".join(x for x in (err.get("message"), err.get("details")) if x)
+            lines.append(f"  node {node_id} ({kind}): {text}")
+    return "\n".join(lines) or json.dumps(body)
+
+
+def failure_text(entry: dict | None, data: dict | None, verbose: bool) -> str:
+    """Text of an execution_error / execution_interrupted (from the websocket or /history)."""
+    if data is None and entry:
+        for kind, msg in entry.get("status", {}).get("messages", []):
+            if kind in ("execution_error", "execution_interrupted"):
+                data = dict(msg, _kind=kind)
+    if not data:
+        return "the run failed; the server gave no error message"
+    if data.get("_kind") == "execution_interrupted":
+        return f"interrupted at node {data.get('node_id')} ({data.get('node_type')})"
+    text = (f"node {data.get('node_id')} ({data.get('node_type')}): "
+            f"{data.get('exception_type', 'Error').rsplit('.', 1)[-1]}: {data.get('exception_message', '').strip()}")
+    if verbose and data.get("traceback"):
+        text += "\n" + "".join(data["traceback"])
+    return text
+
+
+class ProgressBar:
+    """A text bar on stderr: redrawn in place on a terminal, a line per 10% otherwise."""
+
+    def __init__(self, label: str, stream=None, width: int = 30):
+        self.label, self.stream, self.width = label, stream or sys.stderr, width
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.key = None
+        self.last_decile = -1
+        self.open = False
+
+    def update(self, node: str, value: int, maximum: int) -> None:
+        maximum = max(int(maximum), 1)
+        value = min(max(int(value), 0), maximum)
+        filled = round(self.width * value / maximum)
+        line = (f"{self.label} | {node} [{'#' * filled}{'-' * (self.width - filled)}] "
+                f"{value}/{maximum}")
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+            self.open = True
+        else:
+            if (node, maximum) != self.key:
+                self.key, self.last_decile = (node, maximum), -1
+            decile = 10 * value // maximum
+            if decile != self.last_decile:
+                self.last_decile = decile
+                self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        self.finish()
+        self.stream.write(f"{self.label} | {text}\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open = False
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------------
+
+
+class Job:
+    def __init__(self, video: Path, graph: dict):
+        self.video, self.graph = video, graph
+        self.prompt_id: str | None = None
+        self.error: str | None = None
+        self.done = False
+        self.failure: dict | None = None
+        self.files: list[Path] = []
+
+
+class Runner:
+    def __init__(self, client: Client, out: Path, timeout: float | None, verbose: bool, stream=None):
+        self.client, self.out, self.timeout, self.verbose = client, out, timeout, verbose
+        self.stream = stream or sys.stderr
+        self.ws: WebSocket | None = None
+        self.events: dict[str, dict] = {}  # prompt_id -> {"done": bool, "failure": data}
+
+    def node_label(self, graph: dict, node_id) -> str:
+        node = graph.get(str(node_id), {})
+        title = node.get("_meta", {}).get("title") or node.get("class_type") or "?"
+        return f"{title} (#{node_id})"
+
+    def submit(self, job: Job) -> None:
+        status, body = self.client.json("/prompt", {"prompt": job.graph, "client_id": self.client.client_id})
+        if status != 200 or "prompt_id" not in body:
+            job.error = "ComfyUI refused the workflow:\n" + refusal_text(body, job.graph)
+            job.done = True
+            return
+        job.prompt_id = body["prompt_id"]
+
+    def handle(self, message: str, bars: dict[str, ProgressBar], graphs: dict[str, dict]) -> None:
+        try:
+            msg = json.loads(message)
+        except json.JSONDecodeError:
+            return
+        kind, data = msg.get("type"), msg.get("data") or {}
+        prompt_id = data.get("prompt_id")
+        if prompt_id not in graphs:
+            return
+        state = self.events.setdefault(prompt_id, {"done": False, "failure": None})
+        bar = bars[prompt_id]
+        if kind == "progress":
+            bar.update(self.node_label(graphs[prompt_id], data.get("node")), data.get("value", 0), data.get("max", 1))
+        elif kind == "executing" and data.get("node") is None:
+            state["done"] = True
+        elif kind == "execution_success":
+            state["done"] = True
+        elif kind in ("execution_error", "execution_interrupted"):
+            state["failure"] = dict(data, _kind=kind)
+            state["done"] = True
+
+    def wait(self, job: Job, bars: dict, graphs: dict) -> dict:
+        """Wait for ``job`` to finish; returns its /history entry."""
+        deadline = None if not self.timeout else time.monotonic() + self.timeout
+        next_poll = time.monotonic() + POLL_EVERY_S
+        bar = bars[job.prompt_id]
+        while True:
+            state = self.events.get(job.prompt_id, {})
+            if state.get("done"):
+                entry = self.history(job.prompt_id, wait=10.0)
+                if entry is not None:
+                    return entry
+            if deadline is not None and time.monotonic() > deadline:
+                raise RunnerError(f"{job.video.name}: no result within {self.timeout:g} s (prompt {job.prompt_id})")
+            if self.ws is not None:
+                try:
+                    message = self.ws.recv(timeout=1.0)
+                except (OSError, ConnectionError) as err:
+                    bar.message(f"websocket lost ({err}); polling instead")
+                    self.ws = None
+                    message = None
+                if message is not None:
+                    self.handle(message, bars, graphs)
+            else:
+                time.sleep(0.5)
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + POLL_EVERY_S
+                entry = self.history(job.prompt_id)
+                if entry is not None:
+                    return entry
+
+    def history(self, prompt_id: str, wait: float = 0.0) -> dict | None:
+        end = time.monotonic() + wait
+        while True:
+            status, body = self.client.json(f"/history/{prompt_id}")
+            entry = body.get(prompt_id) if status == 200 else None
+            if entry and entry.get("status", {}).get("completed") is not None:
+                return entry
+            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+                return entry
+            if time.monotonic() >= end:
+                return None
+            time.sleep(0.25)
+
+    def collect(self, job: Job, entry: dict, subfolder: str) -> None:
+        target = self.out / subfolder if subfolder else self.out
+        for outputs in entry.get("outputs", {}).values():
+            for items in outputs.values():
+                if not isinstance(items, list):
+                    continue
+                for item in items:
+                    if isinstance(item, dict) and item.get("filename"):
+                        folder = target / "previews" if item.get("type") == "temp" else target
+                        job.files.append(self.client.download(item, folder / Path(item["filename"]).name))
+
+    def run(self, jobs: list[Job]) -> int:
+        self.ws = self.client.websocket(self.stream)
+        bars = {}
+        graphs = {}
+        try:
+            for job in jobs:
+                label = job.video.name
+                self.submit(job)
+                bar = ProgressBar(label, self.stream)
+                if job.error:
+                    bar.message(job.error)
+                    continue
+                bars[job.prompt_id], graphs[job.prompt_id] = bar, job.graph
+                bar.message(f"queued as {job.prompt_id}")
+            for job in jobs:
+                if job.error:
+                    continue
+                bar = bars[job.prompt_id]
+                entry = self.wait(job, bars, graphs)
+                job.done = True
+                bar.finish()
+                status = entry.get("status", {}).get("status_str")
+                if status != "success":
+                    failure = self.events.get(job.prompt_id, {}).get("failure")
+                    job.error = "ComfyUI could not run the workflow: " + failure_text(entry, failure, self.verbose)
+                    bar.message(job.error)
+                    continue
+                self.collect(job, entry, job.video.stem if len(jobs) > 1 else "")
+                for path in job.files:
+                    print(path, file=sys.stdout)
+                bar.message(f"done: {len(job.files)} file(s) in {self.out}")
+        except KeyboardInterrupt:
+            pending = [j.prompt_id for j in jobs if j.prompt_id and not j.done]
+            if pending:
+                self.client.json("/queue", {"delete": pending})
+                self.client.json("/interrupt", {})
+            print("fatezero_run: interrupted; queued runs cancelled", file=self.stream)
+            return 130
+        finally:
+            if self.ws is not None:
+                self.ws.close()
+        failed = [j for j in jobs if j.error]
+        return 1 if failed else 0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="fatezero_run.py",
+        description="Run a FateZero API-format workflow on a running ComfyUI, with a progress bar.")
+    parser.add_argument("workflow", type=Path, help="API-format workflow (e.g. workflows/api/style_watercolor.json)")
+    parser.add_argument("--video", type=Path, required=True,
+                        help="a clip, or a folder: every video file in it is queued")
+    parser.add_argument("--source", help="source prompt: what the clip shows")
+    parser.add_argument("--target", help="target prompt: what it should become")
+    parser.add_argument("--server", default="127.0.0.1:8188", help="ComfyUI address (default 127.0.0.1:8188)")
+    parser.add_argument("--out", type=Path, default=Path("fatezero_output"),
+                        help="folder for the results (default ./fatezero_output)")
+    parser.add_argument("--steps", type=int, help="DDIM steps (FateZero DDIM Invert; the edit reuses them)")
+    parser.add_argument("--frames", type=int, help="frames to load (frame_load_cap; 0 = all)")
+    parser.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
+                        help="set any input, NODE being a node id or class_type; repeatable "
+                             "(e.g. --set CheckpointLoaderSimple.ckpt_name=my_model.safetensors)")
+    parser.add_argument("--timeout", type=float, default=0, help="seconds to wait per clip (0: no limit)")
+    parser.add_argument("--verbose", action="store_true", help="print the server's traceback on failure")
+    args = parser.parse_args(argv)
+    for name in ("steps", "frames"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "steps" else 0):
+            parser.error(f"--{name} must be {'at least 1' if name == 'steps' else '0 or more'}")
+    return args
+
+
+def main(argv=None, stream=None) -> int:
+    args = parse_args(argv)
+    stream = stream or sys.stderr
+    try:
+        graph = load_workflow(args.workflow)
+        videos = find_videos(args.video)
+        client = Client(args.server)
+        prepare(graph, "check.mp4", args)  # report workflow problems before uploading anything
+        jobs = []
+        for video in videos:
+            name = client.upload(video)
+            jobs.append(Job(video, prepare(graph, name, args)))
+        return Runner(client, args.out, args.timeout or None, args.verbose, stream).run(jobs)
+    except RunnerError as err:
+        print(f"fatezero_run: {err}", file=stream)
+        return err.code
+    except KeyboardInterrupt:
+        print("fatezero_run: interrupted", file=stream)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
