@@ -177,6 +177,23 @@ def comfy_input_dir(comfyui_path, tmp_path, monkeypatch) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def comfy_temp_dir(tmp_path_factory):
+    """ComfyUI's temp folder for in-process runs, so preview PNGs never land in the checkout."""
+    if HOST_SKIP is not None:
+        yield None
+        return
+    import folder_paths
+
+    saved = folder_paths.get_temp_directory()
+    folder = tmp_path_factory.mktemp("comfy_temp")
+    folder_paths.set_temp_directory(str(folder))
+    try:
+        yield folder
+    finally:
+        folder_paths.set_temp_directory(saved)
+
+
 @pytest.fixture(scope="session")
 def comfy_server(comfyui_path, tiny_checkpoint, tmp_path_factory):
     """A headless ``main.py --cpu`` server with this pack and the tiny checkpoint installed.
