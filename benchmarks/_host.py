@@ -112,8 +112,16 @@ def choose_metric(metric: str) -> tuple[str, str]:
     return "wall", "wall-clock time"
 
 
-def setup(force_cpu: bool | None = None, threads: int | None = None):
-    """Import ComfyUI (``--cpu`` without a GPU) and this pack; returns the pack's ``nodes`` package."""
+HOST_ATTENTION_FLAGS = {"default": [], "pytorch": ["--use-pytorch-cross-attention"],
+                        "sub-quad": ["--use-quad-cross-attention"], "split": ["--use-split-cross-attention"]}
+
+
+def setup(force_cpu: bool | None = None, threads: int | None = None, host_attention: str = "default"):
+    """Import ComfyUI (``--cpu`` without a GPU) and this pack; returns the pack's ``nodes`` package.
+
+    ``host_attention`` picks ComfyUI's own attention kernel (its command-line flag), used by every
+    layer the pack does not fuse and by the plain baselines: ``default`` is ComfyUI's choice
+    (sub-quadratic on the CPU, SDPA on a GPU); the fused layers always use torch SDPA."""
     if "nodes" in _state:
         return _state["nodes"]
     path = check_environment()
@@ -125,7 +133,7 @@ def setup(force_cpu: bool | None = None, threads: int | None = None):
         sys.path.remove(path)
     sys.path.insert(0, path)
     saved = sys.argv
-    sys.argv = [saved[0], "--cpu"] if cpu else [saved[0]]
+    sys.argv = ([saved[0], "--cpu"] if cpu else [saved[0]]) + HOST_ATTENTION_FLAGS[host_attention]
     try:
         import comfy.options
 
@@ -153,7 +161,7 @@ def setup(force_cpu: bool | None = None, threads: int | None = None):
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # no tqdm bars, for core and FateZero nodes alike
     sys.path.insert(0, str(ROOT / "tests" / "host"))  # tiny_models: seeded parameter init
-    _state.update(nodes=pack.nodes, cpu=cpu, torch=torch)
+    _state.update(nodes=pack.nodes, cpu=cpu, torch=torch, host_attention=host_attention)
     return pack.nodes
 
 
@@ -505,8 +513,14 @@ def target_line(name: str, measured: float, goal: float, fmt: str = "{:.3f}") ->
     return f"target {name}: {fmt.format(measured)} (goal <= {goal}) {'ok' if ok else 'MISS'}", ok
 
 
-def write_json(name: str, payload: dict) -> Path:
+def write_json(name: str, payload: dict, host_attention: str | None = None) -> Path:
+    """Write ``benchmarks/results/<name>``; a run with a non-default host attention kernel gets its
+    own file (``speed.host-pytorch.json``), so it never replaces the default run's results."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    kernel = host_attention or _state.get("host_attention", "default")
+    if kernel != "default":
+        stem, _, suffix = name.rpartition(".")
+        name = f"{stem}.host-{kernel}.{suffix}"
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=2, default=str))
     return path

@@ -24,7 +24,9 @@ other processes on the machine do not inflate). The target lines use wall time, 
 the CPU is oversubscribed by other processes (``--metric auto``; the script says which). Ratios are
 medians over repetitions of (variant / the plain run of the same repetition). On a GPU the times
 are absolute, with the CUDA peak of each run; on the CPU the script runs at reduced resolution
-and says so. Results go to ``benchmarks/results/speed.json``.
+(128x128 px, 3 steps) and says so. Below 128 px the CPU UNet is bound by reading its weights
+(a forward of 8 frames costs 80% of one of 16 at 64 px), which inflates the ``recompute`` ratio,
+whose extra source pass is a second UNet call per step (``benchmarks/NOTES.md``). Results go to ``benchmarks/results/speed.json``.
 """
 
 from __future__ import annotations
@@ -47,13 +49,15 @@ TARGETS = (  # (name, variant, baseline, goal)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=None, help="frame side in px (CPU 64, GPU 512)")
+    parser.add_argument("--size", type=int, default=None, help="frame side in px (CPU 128, GPU 512)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (CPU 3, GPU 10)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--placements", default=",".join(PLACEMENTS))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: auto)")
+    parser.add_argument("--host-attention", choices=sorted(_host.HOST_ATTENTION_FLAGS), default="default",
+                        help="ComfyUI's attention kernel for unfused layers and the plain baselines")
     parser.add_argument("--metric", choices=("auto", "wall", "cpu"), default="auto",
                         help="time for the target ratios: wall clock, or process CPU seconds "
                              "(auto: cpu when other processes oversubscribe the CPU)")
@@ -62,11 +66,11 @@ def main() -> int:
                              "with torch.profiler and print the top ops")
     args = parser.parse_args()
     t_script = time.perf_counter()
-    nodes = _host.setup(threads=args.threads)
+    nodes = _host.setup(threads=args.threads, host_attention=args.host_attention)
     import torch
 
     gpu = _host.on_gpu()
-    size = args.size or (512 if gpu else 64)
+    size = args.size or (512 if gpu else 128)
     steps = args.steps or (10 if gpu else 3)
     placements = [p.strip() for p in args.placements.split(",") if p.strip()]
     metric, metric_why = _host.choose_metric(args.metric)

@@ -521,17 +521,48 @@ def test_ui_workflow_is_the_twin_of_the_api_workflow():
     assert next(n for n in api.values() if n["class_type"] == "FateZero_Sample")["inputs"]["cfg"] == 7.5
 
 
-def test_shape_edit_workflow_runs_headless(comfy_server, tiny_sd15):
-    """The shipped API workflow with the tiny files: the clip, the tiny checkpoint (CLIP, VAE) and a
-    tiny Tune-A-Video UNet; frames, size and steps shrunk. The tiny checkpoint's UNet is not SD1.x
-    shaped (320 channels on every level), so the loader builds its model from the UNet alone here
-    (base_model unlinked); every other setting is the shipped one."""
+def shared_tav_diffusers_file(folder: Path, seed: int = 5) -> str:
+    """A diffusers-layout Tune-A-Video UNet of the real SD1.5 shape (FateZero layout, LoRA temporal
+    convs) as ``unet/diffusion_pytorch_model.bin``: every tensor a seeded strided view of a few
+    shared buffers, so the 900 M-parameter file is a few MB on disk (``torch.save`` writes a
+    storage once)."""
+    import tiny_models
+
+    storage = tiny_models._SharedStorage(seed)
+    shapes = dict(core_tav.sd1_unet_key_shapes(320))
+    for block in core_tav.sd1_transformer_blocks():
+        c = shapes[f"{block}.norm1.weight"][0]
+        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+            shapes[f"{block}.attn_temporal.{proj}.weight"] = (c, c)
+        shapes[f"{block}.attn_temporal.to_out.0.bias"] = (c,)
+        shapes[f"{block}.norm_temporal.weight"] = (c,)
+        shapes[f"{block}.norm_temporal.bias"] = (c,)
+    for name in core_tav.sd1_inflated_convs():
+        c = shapes[f"{name}.weight"][0]
+        r = core_tav.effective_lora_rank(c, 8)
+        shapes[f"{name}.conv_temporal.down.weight"] = (r, c, 3)
+        shapes[f"{name}.conv_temporal.up.weight"] = (c, r, 3)
+    sd = {k: storage.tensor(k, torch.Size(v)) for k, v in sorted(shapes.items())}
+    path = folder / "unet" / "diffusion_pytorch_model.bin"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, str(path))
+    return folder.name
+
+
+def test_shape_edit_workflow_runs_headless(comfy_server):
+    """The shipped API workflow, unchanged but for file names and sizes: a checkpoint of the real
+    SD1.5 UNet shape (random weights, as the base MODEL plus its CLIP and VAE), a Tune-A-Video
+    UNet tuned from that shape (a diffusers folder), a 4-frame clip at 64 px and 2 steps."""
     import av
     from fatezero_core.video_io import write_video
     from host_server import execution_error
 
-    tav_name = "fatezero_tiny_tav.safetensors"
-    save(add_temporal(diffusers_unet(tiny_sd15), gain=0.2), comfy_server.base / "models" / "tuneavideo" / tav_name)
+    import tiny_models
+
+    base_name = "fatezero_sd15_shape.ckpt"
+    tiny_models.write_tiny_sd15_checkpoint(comfy_server.base / "models" / "checkpoints" / base_name,
+                                           channel_mult=tiny_models.SD15_CHANNEL_MULT)
+    tav_name = shared_tav_diffusers_file(comfy_server.base / "models" / "tuneavideo" / "fatezero_sd15_tav")
     clip = torch.zeros(4, 48, 80, 3)
     for k in range(4):
         clip[k] = (30 * k + 20) / 255.0
@@ -543,10 +574,9 @@ def test_shape_edit_workflow_runs_headless(comfy_server, tiny_sd15):
     for node in prompt.values():
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = comfy_server.checkpoint
+            inputs["ckpt_name"] = base_name
         elif kind == "FateZero_TuneAVideoLoader":
             inputs["checkpoint"] = tav_name
-            del inputs["base_model"]
         elif kind == "FateZero_LoadVideoFrames":
             inputs.update(video="tav_jeep.avi", frame_load_cap=FRAMES, size=64)
         elif kind == "FateZero_DDIMInvert":

@@ -49,6 +49,7 @@ TINY_CLIP_INTERMEDIATE = 1024
 # context_dim=768 (comfy/supported_models.py SD15.unet_config), so the file keeps those and the
 # SD1.5 topology but uses channel_mult [1, 1, 1, 1] (320 channels on every level).
 CHECKPOINT_CHANNEL_MULT = [1, 1, 1, 1]
+SD15_CHANNEL_MULT = [1, 2, 4, 4]  # the real SD1.5 UNet, for tests that need its exact shape
 
 TAESD_VAE_SCALE = 0.04
 
@@ -210,16 +211,17 @@ def _meta_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in module.state_dict().items()}
 
 
-def checkpoint_shapes() -> dict[str, torch.Size]:
+def checkpoint_shapes(channel_mult=CHECKPOINT_CHANNEL_MULT) -> dict[str, torch.Size]:
     """Key -> shape of the tiny checkpoint's UNet and CLIP, in the original LDM key layout.
 
-    Built on the meta device, so nothing is allocated.
+    Built on the meta device, so nothing is allocated. ``SD15_CHANNEL_MULT`` gives the real
+    SD1.5 UNet shape (860 M parameters once loaded).
     """
     import comfy.sd1_clip
     import comfy.supported_models
 
     meta = torch.device("meta")
-    config = sd15_unet_config(320, channel_mult=list(CHECKPOINT_CHANNEL_MULT))
+    config = sd15_unet_config(320, channel_mult=list(channel_mult))
     model_config = comfy.supported_models.SD15(config)
     model_config.set_inference_dtype(torch.float32, None)
     unet = model_config.get_model({}, device=meta).diffusion_model
@@ -270,7 +272,7 @@ class _SharedStorage:
         return buf.as_strided(tuple(shape), (row_stride, *inner), offset)
 
 
-def tiny_checkpoint_state_dict(seed: int = SEED) -> dict[str, torch.Tensor]:
+def tiny_checkpoint_state_dict(seed: int = SEED, channel_mult=CHECKPOINT_CHANNEL_MULT) -> dict[str, torch.Tensor]:
     """UNet + CLIP + VAE of the tiny checkpoint in the original LDM key layout.
 
     - ``model.diffusion_model.*``: SD1.5 UNet topology with model_channels 320 and context 768
@@ -283,13 +285,14 @@ def tiny_checkpoint_state_dict(seed: int = SEED) -> dict[str, torch.Tensor]:
     UNet and CLIP tensors are strided views of a few shared buffers (:class:`_SharedStorage`).
     """
     storage = _SharedStorage(seed)
-    sd = {name: storage.tensor(name, shape) for name, shape in sorted(checkpoint_shapes().items())}
+    sd = {name: storage.tensor(name, shape) for name, shape in sorted(checkpoint_shapes(channel_mult).items())}
     for name, value in tiny_vae_state_dict(seed).items():
         sd[f"first_stage_model.{name}"] = value
     return sd
 
 
-def write_tiny_sd15_checkpoint(path: str | os.PathLike, seed: int = SEED) -> str:
+def write_tiny_sd15_checkpoint(path: str | os.PathLike, seed: int = SEED,
+                               channel_mult=CHECKPOINT_CHANNEL_MULT) -> str:
     """Write the tiny SD1.5 checkpoint (``.ckpt``, ``{"state_dict": ...}``) to ``path``.
 
     ``CheckpointLoaderSimple`` / ``comfy.sd.load_checkpoint_guess_config`` load it with
@@ -299,5 +302,5 @@ def write_tiny_sd15_checkpoint(path: str | os.PathLike, seed: int = SEED) -> str
     if not path.endswith(".ckpt"):
         raise ValueError("the tiny checkpoint is a torch pickle: give it a .ckpt name")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"state_dict": tiny_checkpoint_state_dict(seed)}, path)
+    torch.save({"state_dict": tiny_checkpoint_state_dict(seed, channel_mult)}, path)
     return path
