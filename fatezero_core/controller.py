@@ -157,6 +157,12 @@ class EditSettings:
                    equalizer=alignment.equalizer, **options)
 
 
+class SourcePassComplete(Exception):
+    """Raised by a ``recompute`` source pass right after the step's last stored layer is captured
+    (``EditController.stop_source_pass_early``): the rest of that UNet call cannot change what the
+    step keeps, and its output is never used, so the host catches this and skips it."""
+
+
 class EditController(_Controller):
     """Editing (eq. 5): fuse the stored source attention into the ``cond`` chunk.
 
@@ -173,6 +179,10 @@ class EditController(_Controller):
         self._masks: dict[tuple, torch.Tensor] = {}
         self._target_map: torch.Tensor | None = None
         self.preview_map: torch.Tensor | None = None  # source word attention at the first edit step
+        # Host option: end a source-only pass with SourcePassComplete once its last stored layer is
+        # captured (the host must catch it); off by default so a plain driver runs whole passes.
+        self.stop_source_pass_early = False
+        self._last_stored = store.last_stored_layer()
 
     def _check_settings(self):
         s, cfg = self.settings, self.config
@@ -209,7 +219,13 @@ class EditController(_Controller):
                 outs.append(self._fused_self(j, layer, qc, kc, vc, table))
             else:
                 outs.append(spatio_temporal_attention(qc, kc, vc, layer.heads, table))
+        self._maybe_end_source_pass(call, "self")
         return torch.cat(outs)
+
+    def _maybe_end_source_pass(self, call: AttnCall, kind: str) -> None:
+        if (self.stop_source_pass_early and (call.layer.name, kind) == self._last_stored
+                and all(c == "source" for c in call.chunks)):
+            raise SourcePassComplete(call.layer.name)
 
     def _fused_self(self, j, layer, q, k, v, table):
         q_src = self.store.get(j, layer.name, "q", q.device, q.dtype)
@@ -231,6 +247,7 @@ class EditController(_Controller):
                 outs.append(self._fused_cross(i, j, layer, qc, kc, vc))
             else:
                 outs.append(attention(qc, kc, vc, layer.heads))
+        self._maybe_end_source_pass(call, "cross")
         return torch.cat(outs)
 
     def _fused_cross(self, i, j, layer, q, k, v):

@@ -175,6 +175,11 @@ class AttentionStore:
         if (layer.name, kind) not in self._layers:
             self._layers[(layer.name, kind)] = (layer, kind, stored)
 
+    def last_stored_layer(self) -> tuple[str, str] | None:
+        """``(layer name, "self"/"cross")`` of the last stored layer in call order, or None."""
+        stored = [(info.name, k) for info, k, s in self._layers.values() if s]
+        return stored[-1] if stored else None
+
     def layers(self, kind: str | None = None, stored_only: bool = True) -> list:
         """Hooked layers in call order, optionally filtered by ``"self"``/``"cross"``."""
         return [info for info, k, s in self._layers.values()

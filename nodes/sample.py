@@ -146,6 +146,7 @@ class FateZeroSample(io.ComfyNode):
         guider.set_cfg(cfg)
         if fusion and store.placement == "recompute":
             guider.set_source(store.extras["source_conditioning"])
+            controller.stop_source_pass_early = True  # FateZeroGuider catches SourcePassComplete
 
         if sampler is None:
             blend = latent_blend_step(controller, store) if fusion and settings.latent_blend else None

@@ -13,7 +13,7 @@ import comfy.model_patcher
 import comfy.samplers
 
 from ..fatezero_core.ddim import alphas_cumprod_from_sigmas, ddim_invert_step, ve_to_vp, vp_to_ve
-from ..fatezero_core.controller import latent_blend
+from ..fatezero_core.controller import SourcePassComplete, latent_blend
 from .patching import PASS_KEY, sampler_step
 
 
@@ -89,7 +89,9 @@ class FateZeroGuider(comfy.samplers.CFGGuider):
 
     The source pass evaluates the model on the stored inversion latent with the source prompt at
     the current sigma, flagged as ``source`` so the controller captures its attention for this step
-    only (design decision 4). Everything else is plain CFG.
+    only (design decision 4). Its output is never used, so the controller may end it with
+    ``SourcePassComplete`` after the last stored layer (the full-resolution decoder blocks after
+    it are skipped). Everything else is plain CFG.
     """
 
     def __init__(self, model_patcher, store=None):
@@ -112,8 +114,11 @@ class FateZeroGuider(comfy.samplers.CFGGuider):
         self.store.begin_regeneration(j)
         z = self.store.latent(j).to(device=x.device, dtype=x.dtype)
         transformer_options[PASS_KEY] = "source"
-        comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["source"]],
-                                       vp_to_ve(z, timestep[0]), timestep, options)
+        try:
+            comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["source"]],
+                                           vp_to_ve(z, timestep[0]), timestep, options)
+        except SourcePassComplete:
+            pass  # every stored layer of this step is captured
 
 
 def zero_noise(latent: torch.Tensor) -> torch.Tensor:

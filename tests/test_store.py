@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fatezero_core.controller import CaptureController, EditController, EditSettings
+from fatezero_core.controller import CaptureController, EditController, EditSettings, SourcePassComplete
 from fatezero_core.errors import FateZeroError, StoreMismatchError, StoreReleasedError
 from fatezero_core.keyframes import parse_key_rule
 from fatezero_core.layers import AttnCall, LayerInfo
@@ -419,6 +419,52 @@ def test_recompute_scratch_equals_captured_store():
     for layer in STORED:
         for f in ("q", "k", "probs"):
             assert torch.equal(store.get(j, layer.name, f), ref.get(j, layer.name, f))
+
+
+class CallLog:
+    """Wraps a controller and records the layers it was called for."""
+
+    def __init__(self, controller):
+        self.controller, self.seen = controller, []
+
+    def attn1(self, q, k, v, call):
+        self.seen.append((call.layer.name, "self"))
+        return self.controller.attn1(q, k, v, call)
+
+    def attn2(self, q, k, v, call):
+        self.seen.append((call.layer.name, "cross"))
+        return self.controller.attn2(q, k, v, call)
+
+
+def test_recompute_source_pass_ends_after_the_last_stored_layer():
+    """With ``stop_source_pass_early`` a source-only pass raises ``SourcePassComplete`` right after
+    the last stored layer (out_1's cross-attention), the layers after it never run, and the step's
+    regenerated tensors are the ones a cpu store captured; edit passes are never cut short."""
+    ref = capture(AttentionStore(make_config(), "cpu", dtype="fp32"))
+    store = capture(AttentionStore(make_config(), "recompute", dtype="fp32"))
+    assert store.last_stored_layer() == ("out_1", "cross")
+    editor = EditController(store, settings())
+    editor.stop_source_pass_early = True
+    log = CallLog(editor)
+    j = 1
+    i = editor.num_steps - 1 - j
+    store.begin_regeneration(j)
+    with pytest.raises(SourcePassComplete):
+        unet_pass(log, j, FRAMES, ("source",), call_step=i)
+    assert log.seen[-1] == ("out_1", "cross") and ("out_0", "self") not in log.seen
+    for layer in STORED:
+        for f in ("q", "k", "probs"):
+            assert torch.equal(store.get(j, layer.name, f), ref.get(j, layer.name, f))
+    log.seen.clear()
+    unet_pass(log, j, FRAMES, ("uncond", "cond"), call_step=i)  # the edit pass runs whole
+    assert log.seen[-1] == ("out_0", "cross")
+
+
+def test_source_pass_runs_whole_unless_the_host_asks():
+    store = capture(AttentionStore(make_config(), "recompute", dtype="fp32"))
+    editor = EditController(store, settings())
+    store.begin_regeneration(0)
+    unet_pass(editor, 0, FRAMES, ("source",), call_step=editor.num_steps - 1)  # no exception
 
 
 # ------------------------------------------------------------------- cpu/CUDA

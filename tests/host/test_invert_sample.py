@@ -154,6 +154,37 @@ def test_placements_match_cpu(nodes, tiny_sd15, tiny_clip, placement):
     assert torch.equal(prev_a, prev_b)
 
 
+def test_recompute_source_pass_skips_the_blocks_after_the_last_stored_layer(nodes, tiny_sd15, tiny_clip,
+                                                                           monkeypatch):
+    """Each edit step's source pass ends after its last stored layer (the full-resolution decoder
+    blocks never run for it) and the guider goes on with the CFG pass: the UNet's output layer runs
+    once per step, for the edit only."""
+    latent = moving_latent()
+    src, tgt, spec = settings(nodes, tiny_clip, blend_words="cat")
+    inverted, store = invert(nodes, tiny_sd15, src, latent, store_placement="recompute")
+    final = tiny_sd15.model.diffusion_model.out  # the UNet's last module, after every block
+    calls = []
+    handle = final.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    ended = []
+    controller = nodes.sample.EditController
+    original = controller._maybe_end_source_pass
+
+    def spy(self, call, kind):
+        try:
+            original(self, call, kind)
+        except Exception as exc:
+            ended.append(type(exc).__name__)
+            raise
+
+    monkeypatch.setattr(controller, "_maybe_end_source_pass", spy)
+    try:
+        sample(nodes, tiny_sd15, tgt, empty(tiny_clip), inverted, store, spec, cfg=7.5)
+    finally:
+        handle.remove()
+    assert ended == ["SourcePassComplete"] * STEPS
+    assert calls == [2 * FRAMES] * STEPS  # uncond + cond only: no source-pass call reached it
+
+
 def test_edit_differs_and_preview_shows_mask(nodes, tiny_sd15, tiny_clip):
     """At 256 px the mask grid is 8x8 (at 128 px a 3x3-dilated 4x4 grid is all on). A random
     model's cross-attention is nearly flat, so the threshold sits close to the peak."""
