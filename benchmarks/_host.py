@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import importlib
 import importlib.util
@@ -20,9 +21,11 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -160,6 +163,10 @@ def setup(force_cpu: bool | None = None, threads: int | None = None, host_attent
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # no tqdm bars, for core and FateZero nodes alike
+    # FateZero Sample saves its mask previews to ComfyUI's temp folder: use a private one.
+    temp = tempfile.mkdtemp(prefix="fatezero_bench_")
+    folder_paths.set_temp_directory(temp)
+    atexit.register(shutil.rmtree, temp, True)
     sys.path.insert(0, str(ROOT / "tests" / "host"))  # tiny_models: seeded parameter init
     _state.update(nodes=pack.nodes, cpu=cpu, torch=torch, host_attention=host_attention)
     return pack.nodes
