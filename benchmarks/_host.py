@@ -119,6 +119,29 @@ HOST_ATTENTION_FLAGS = {"default": [], "pytorch": ["--use-pytorch-cross-attentio
                         "sub-quad": ["--use-quad-cross-attention"], "split": ["--use-split-cross-attention"]}
 
 
+def add_host_arguments(parser, metric_for: str | None = None) -> None:
+    """``--threads`` and ``--host-attention`` (every script); ``--metric`` when a target is timed."""
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: auto)")
+    parser.add_argument("--host-attention", choices=sorted(HOST_ATTENTION_FLAGS), default="default",
+                        help="ComfyUI's attention kernel for unfused layers and the plain baselines")
+    if metric_for:
+        parser.add_argument("--metric", choices=("auto", "wall", "cpu"), default="auto",
+                            help=f"time for {metric_for}: wall clock, or process CPU seconds "
+                                 "(auto: cpu when other processes oversubscribe the CPU)")
+
+
+def host_child_args(args) -> list[str]:
+    """The ``add_host_arguments`` options of ``args``, for a child process of the same script."""
+    return ["--host-attention", args.host_attention] + (["--threads", str(args.threads)] if args.threads else [])
+
+
+def where_it_ran(m: dict, gpu: bool) -> str:
+    """``on <GPU> (CUDA)`` or the CPU, its threads and the reduced-resolution notice."""
+    if gpu:
+        return f"on {m['gpu']} (CUDA)"
+    return f"on CPU ({m['cpu']}, {m['cpu_cores']} cores; {m['threads_note']}), no GPU: reduced resolution"
+
+
 def setup(force_cpu: bool | None = None, threads: int | None = None, host_attention: str = "default"):
     """Import ComfyUI (``--cpu`` without a GPU) and this pack; returns the pack's ``nodes`` package.
 

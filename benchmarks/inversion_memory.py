@@ -88,9 +88,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma list of {RUNS}")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: auto)")
-    parser.add_argument("--host-attention", choices=sorted(_host.HOST_ATTENTION_FLAGS), default="default",
-                        help="ComfyUI's attention kernel for unfused layers and the plain baselines")
+    _host.add_host_arguments(parser)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run", default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -108,14 +106,12 @@ def main() -> int:
     results = []
     for run in runs:
         child_args = ["--run", run, "--size", str(size), "--frames", str(args.frames),
-                      "--steps", str(args.steps), "--host-attention", args.host_attention]
-        child_args += ["--threads", str(args.threads)] if args.threads else []
+                      "--steps", str(args.steps)] + _host.host_child_args(args)
         r = _host.run_child(Path(__file__).resolve(), child_args)
         print(f"  {run}: {r['seconds']:.0f} s, peak RSS {_host.mb(r['peak_rss'])}", flush=True)
         results.append(r)
     m = results[0]["machine"]
-    where = (f"on {m['gpu']} (CUDA)" if gpu else
-             f"on CPU ({m['cpu']}, {m['cpu_cores']} cores; {m['threads_note']}), no GPU: reduced resolution")
+    where = _host.where_it_ran(m, gpu)
     print(f"\nFateZero DDIM Invert, peak memory per placement: SD1.5-shape UNet "
           f"({results[0]['parameters'] / 1e6:.0f} M parameters, {'fp16' if gpu else 'fp32'}, random "
           f"weights), {size}x{size} px, {args.frames} frames, {args.steps} steps, store fp16, "
@@ -145,18 +141,18 @@ def main() -> int:
     for r in results:
         if r["run"] == "cpu" and r.get("store_nbytes") and floor is not None:
             grown = r["held_after"] - floor["held_after"]
+            ratio = grown / r["store_nbytes"]
             print(f"check cpu: held after minus {floor['run']}'s = {_host.mb(grown)} for "
                   f"{_host.mb(r['store_nbytes'])} accounted store bytes (1 = no hidden copies)")
-            line, ok = _host.target_line("cpu_store_resident_vs_accounted", grown / r["store_nbytes"],
-                                         HELD_GOAL)
+            line, ok = _host.target_line("cpu_store_resident_vs_accounted", ratio, HELD_GOAL)
             lines.append(line)
-            targets["cpu_store_resident_vs_accounted"] = dict(measured=grown / r["store_nbytes"],
-                                                              goal=HELD_GOAL, ok=ok)
+            targets["cpu_store_resident_vs_accounted"] = dict(measured=ratio, goal=HELD_GOAL, ok=ok)
     path = _host.write_json("inversion_memory.json", dict(
         setting=dict(size=size, frames=args.frames, steps=args.steps, store_dtype="fp16",
                      layer_set="relative", model="SD1.5 shape, random weights",
                      dtype="fp16" if gpu else "fp32", reduced_resolution=not gpu),
-        machine=m, results=results, targets=targets, script_seconds=time.perf_counter() - t0), host_attention=args.host_attention)
+        machine=m, results=results, targets=targets, script_seconds=time.perf_counter() - t0),
+        host_attention=args.host_attention)
     print(f"wrote {path.relative_to(_host.ROOT)} ({time.perf_counter() - t0:.0f} s)")
     print("(the byte targets vs the official store are printed by store_memory.py)")
     for line in lines:

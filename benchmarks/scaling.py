@@ -79,12 +79,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=None, help="frame side in px (CPU 64, GPU 256)")
     parser.add_argument("--frames", default=",".join(map(str, FRAMES)))
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: auto)")
-    parser.add_argument("--host-attention", choices=sorted(_host.HOST_ATTENTION_FLAGS), default="default",
-                        help="ComfyUI's attention kernel for unfused layers and the plain baselines")
-    parser.add_argument("--metric", choices=("auto", "wall", "cpu"), default="auto",
-                        help="time for the exponent target: wall clock or process CPU seconds "
-                             "(auto: cpu when other processes oversubscribe the CPU)")
+    _host.add_host_arguments(parser, metric_for="the exponent targets")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -103,9 +98,7 @@ def main() -> int:
     results = []
     for f in frames:
         child_args = ["--frames", str(f), "--size", str(size), "--steps", str(args.steps)]
-        if args.threads:
-            child_args += ["--threads", str(args.threads)]
-        child_args += ["--host-attention", args.host_attention]
+        child_args += _host.host_child_args(args)
         r = _host.run_child(Path(__file__).resolve(), child_args, timeout=3600)
         r["pair_per_step"] = r["invert_per_step"] + r["edit_per_step"]
         r["pair_cpu_per_step"] = r["invert_cpu_per_step"] + r["edit_cpu_per_step"]
@@ -113,8 +106,7 @@ def main() -> int:
               f"{_host.mb(r['peak_over_base'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
         results.append(r)
     m = results[0]["machine"]
-    where = (f"on {m['gpu']} (CUDA)" if gpu else
-             f"on CPU ({m['cpu']}, {m['cpu_cores']} cores; {m['threads_note']}), no GPU: reduced resolution")
+    where = _host.where_it_ran(m, gpu)
     print(f"\nScaling of FateZero DDIM Invert + FateZero Sample (cpu store, cfg 7.5, every step fused) "
           f"with frames: SD1.5-shape UNet, {size}x{size} px, {args.steps} steps. Ran {where}; "
           "each frame count in a fresh process.")
@@ -152,8 +144,8 @@ def main() -> int:
                             f"{_host.fit_exponent([a['frames'], b['frames']], [a['peak_over_base'], b['peak_over_base']]):.3f}"))
     print(_host.table(("frames", "s/step pair per added frame", "time exponent", "peak per added frame",
                        "memory exponent"), growth_rows))
-    last, prev = results[-1], results[-2] if len(results) > 1 else results[-1]
-    if last is not prev:
+    if len(results) > 1:
+        prev, last = results[-2:]
         key_t = "pair_per_step" if metric == "wall" else "pair_cpu_per_step"
         exponents["time_last_doubling"] = _host.fit_exponent(
             [prev["frames"], last["frames"]], [prev[key_t], last[key_t]])
@@ -173,7 +165,8 @@ def main() -> int:
         setting=dict(size=size, steps=args.steps, frames=frames, placement="cpu", cfg=7.5,
                      reduced_resolution=not gpu),
         machine=m, metric=metric_why, results=results, exponents=exponents, targets=status,
-        script_seconds=time.perf_counter() - t0), host_attention=args.host_attention)
+        script_seconds=time.perf_counter() - t0),
+        host_attention=args.host_attention)
     print(f"wrote {path.relative_to(_host.ROOT)}; total {time.perf_counter() - t0:.0f} s")
     for line in lines:
         print(line)

@@ -55,12 +55,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--placements", default=",".join(PLACEMENTS))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: auto)")
-    parser.add_argument("--host-attention", choices=sorted(_host.HOST_ATTENTION_FLAGS), default="default",
-                        help="ComfyUI's attention kernel for unfused layers and the plain baselines")
-    parser.add_argument("--metric", choices=("auto", "wall", "cpu"), default="auto",
-                        help="time for the target ratios: wall clock, or process CPU seconds "
-                             "(auto: cpu when other processes oversubscribe the CPU)")
+    _host.add_host_arguments(parser, metric_for="the target ratios")
     parser.add_argument("--profile", default=None, metavar="VARIANT",
                         help="after the repetitions, profile one run of VARIANT (e.g. 'sample cpu') "
                              "with torch.profiler and print the top ops")

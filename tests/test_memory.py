@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import gc
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
-from fatezero_core.controller import CaptureController
 from fatezero_core.keyframes import key_frame_table, key_frames_used, parse_key_rule
-from fatezero_core.layers import AttnCall
 from fatezero_core.memory import (
     compact_store_bytes_per_step,
     official_map_store_bytes_per_step,
     recompute_store_bytes_per_step,
-    sd1_layer_infos,
     sd1_stored_layers,
 )
-from fatezero_core.store import AttentionStore, CaptureConfig
 
+REPO = Path(__file__).resolve().parent.parent
 SD1_512_QUERIES = [1024] * 2 + [256] * 2 + [64] + [256] * 3 + [1024] * 3
 
 
@@ -71,31 +69,15 @@ def test_design_targets_hold_at_512_px_8_frames():
 
 
 # --------------------------------------------------- formula == measured AttentionStore
-def measure_one_step(rule: str, frames: int = 8) -> tuple[dict[int, int], int]:
-    """Drive CaptureController with synthetic tensors of real SD1.x shapes at 512 px for one step.
-
-    The full-resolution layers (4096 tokens) are not stored under ``relative`` and are left out:
-    their self-attention is the expensive part of a CPU pass and adds nothing to the store.
-    """
-    config = CaptureConfig(num_frames=frames, latent_size=(64, 64), sigmas=(0.0, 1.0),
-                           key_rule=parse_key_rule(rule), min_st_channels=640, layer_set="relative")
-    store = AttentionStore(config, placement="cpu", dtype="fp16")
-    controller = CaptureController(store)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in sd1_layer_infos(64):
-            if layer.level == 0:
-                continue
-            call = AttnCall(layer, 0, ("cond",))
-            shape = (frames, layer.tokens, layer.channels)
-            controller.attn1(*(torch.randn(shape, generator=g) for _ in range(3)), call)
-            ctx = torch.randn(1, 77, layer.channels, generator=g)
-            controller.attn2(torch.randn(shape, generator=g), ctx, ctx, call)
-    by_step, nbytes = store.nbytes_by_step(), store.nbytes
-    store.release()
-    del store, controller
-    gc.collect()
-    return by_step, nbytes
+def store_memory_benchmark():
+    """``benchmarks/store_memory.py`` (a script, not a package), imported by path once: its
+    ``measure_one_step`` captures one synthetic SD1.x step at 512 px into a real store."""
+    if "store_memory" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("store_memory", REPO / "benchmarks" / "store_memory.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["store_memory"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["store_memory"]
 
 
 @pytest.mark.parametrize("rule", ["mid", "prev, first"])
@@ -103,9 +85,10 @@ def test_compact_formula_equals_measured_store(rule):
     frames = 8
     kept = len(key_frames_used(key_frame_table(parse_key_rule(rule), frames)))
     assert kept == {"mid": 1, "prev, first": 7}[rule]  # frame 7 is nobody's previous frame
-    by_step, nbytes = measure_one_step(rule, frames)
+    measured = store_memory_benchmark().measure_one_step(rule, frames)
     formula = compact_store_bytes_per_step(frames, sd1_stored_layers(64), kept)
-    assert by_step == {0: formula}
-    assert nbytes == formula  # no latents were set
+    assert measured["attention_bytes"] == formula
+    assert measured["latent_bytes_per_step"] == recompute_store_bytes_per_step(frames, 64, 64)
+    assert measured["layers"] == len(sd1_stored_layers(64))
     official = official_map_store_bytes_per_step(frames, 8, SD1_512_QUERIES, len(parse_key_rule(rule)))
     assert formula / official < 0.2

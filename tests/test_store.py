@@ -8,7 +8,6 @@ here from the shapes alone, not read back from the store.
 from __future__ import annotations
 
 import gc
-import os
 import re
 import subprocess
 import sys

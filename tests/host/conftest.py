@@ -124,6 +124,13 @@ def comfy_nodes(comfyui_path):
     return pack
 
 
+@pytest.fixture(scope="session")
+def nodes(comfy_nodes):
+    """The pack's node package as ComfyUI loads it (``nodes.invert``, ``nodes.sample``, ...,
+    ``nodes.user_errors``): importing the pack imports every node module."""
+    return comfy_nodes.nodes
+
+
 @pytest.fixture
 def tiny_sd15(comfyui_path):
     """A fresh ``ModelPatcher`` (CPU) over a seeded SD1.5-topology UNet with model_channels 32."""
@@ -220,6 +227,25 @@ def comfy_server(comfyui_path, tiny_checkpoint, tmp_path_factory):
 def comfy_server_url(comfy_server) -> str:
     """Base URL of the headless server (``http://127.0.0.1:<port>``)."""
     return comfy_server.url
+
+
+@pytest.fixture(scope="session")
+def browser(comfy_server, tmp_path_factory):
+    """Headless Chromium on the server's page, with the app and this pack's extension loaded
+    (a ``browser.DevTools`` page). Skipped with the reason when Chromium or websocket-client is
+    missing."""
+    import browser as chromium
+
+    if chromium.CHROMIUM is None:
+        pytest.skip("Chromium not found: install Debian's chromium package (apt-get install "
+                    "chromium) to run the frontend tests")
+    pytest.importorskip("websocket", reason="the websocket-client package is needed to drive Chromium")
+    # A first visit opens the template browser over the canvas; mark it as seen (a user setting
+    # in the test server's temporary user folder).
+    status, _ = comfy_server.post_json("/settings/Comfy.TutorialCompleted", True)
+    assert status == 200, status
+    with chromium.open_comfyui_page(comfy_server.url, tmp_path_factory.mktemp("chromium_profile")) as page:
+        yield page
 
 
 @pytest.fixture

@@ -36,6 +36,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate ``process`` (kill it after 20 s) and reap it."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=20)
+
+
 def prepare_base_directory(base: Path, repo: Path) -> Path:
     """Create ComfyUI's folder layout under ``base`` with this pack linked into custom_nodes."""
     for sub in ("custom_nodes", "models/checkpoints", "input", "output", "temp", "user"):
@@ -98,13 +110,8 @@ class ComfyServer:
         raise ServerError(f"ComfyUI did not answer /object_info within {timeout:.0f} s.\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=20)
+        if self.process is not None:
+            stop_process(self.process)
         if self._log is not None:
             self._log.close()
             self._log = None

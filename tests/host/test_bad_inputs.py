@@ -24,15 +24,6 @@ STEPS = 2  # the checks run before sampling; a short inversion is enough to make
 
 
 @pytest.fixture
-def nodes(comfy_nodes):
-    import importlib
-
-    for module in ("invert", "sample", "blend_settings", "user_errors"):
-        importlib.import_module(f"{comfy_nodes.__name__}.nodes.{module}")
-    return comfy_nodes.nodes
-
-
-@pytest.fixture
 def user_error_types(comfy_nodes, nodes):
     """The pack's user-error classes, as the nodes see them."""
     return (comfy_nodes.fatezero_core.errors.FateZeroError, nodes.user_errors.FateZeroNodeError)

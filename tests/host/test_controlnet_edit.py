@@ -20,15 +20,6 @@ CONTROLNET_SEED = 7
 STEPS = 5  # few steps: every UNet call also runs the ControlNet
 
 
-@pytest.fixture
-def nodes(comfy_nodes):
-    import importlib
-
-    for module in ("invert", "sample", "blend_settings"):
-        importlib.import_module(f"{comfy_nodes.__name__}.nodes.{module}")
-    return comfy_nodes.nodes
-
-
 def build_tiny_controlnet(seed: int = CONTROLNET_SEED):
     """A ``comfy.controlnet.ControlNet`` matching the tiny SD1.5 UNet (model_channels 32), on CPU."""
     import comfy.cldm.cldm

@@ -17,15 +17,6 @@ TARGET = "a dog sitting on a wooden table"
 pytestmark = pytest.mark.usefixtures("host_inference_mode")
 
 
-@pytest.fixture
-def nodes(comfy_nodes):
-    import importlib
-
-    for module in ("invert", "sample", "blend_settings"):
-        importlib.import_module(f"{comfy_nodes.__name__}.nodes.{module}")
-    return comfy_nodes.nodes
-
-
 def moving_latent(frames=FRAMES, seed=0, size=LATENT):
     """Correlated frames: one random field shifted by a pixel per frame (model latent units)."""
     g = torch.Generator().manual_seed(seed)

@@ -10,7 +10,6 @@ two public layouts: official Tune-A-Video (``attn_temp``/``norm_temp``) or FateZ
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import logging
 import math
@@ -102,15 +101,8 @@ def save(sd: dict, path: Path) -> str:
 
 
 @pytest.fixture
-def loader(comfy_nodes):
-    return importlib.import_module(f"{comfy_nodes.__name__}.nodes.tav_loader")
-
-
-@pytest.fixture
-def nodes(comfy_nodes):
-    for module in ("invert", "sample", "blend_settings", "tav_loader"):
-        importlib.import_module(f"{comfy_nodes.__name__}.nodes.{module}")
-    return comfy_nodes.nodes
+def loader(nodes):
+    return nodes.tav_loader
 
 
 @pytest.fixture

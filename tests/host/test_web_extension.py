@@ -1,8 +1,8 @@
 """The frontend extension (``web/``) in a real headless Chromium against a real ComfyUI server.
 
-The ``comfy_server`` fixture starts ``main.py --cpu`` with this pack; Chromium (the Debian
-``chromium`` package at ``/usr/bin/chromium``) opens the server's page and is driven over the
-DevTools protocol (plain CDP over a websocket, ``websocket-client``). Checked:
+The ``comfy_server`` fixture starts ``main.py --cpu`` with this pack; the ``browser`` fixture opens
+the server's page in headless Chromium (``browser.py``: the Debian ``chromium`` package, driven
+over the DevTools protocol). Checked:
 
 - ``web/*.js`` are served under ``/extensions/comfyui-fatezero/`` and listed for the frontend;
 - on FateZero Attention Blend Settings the word diff of the two prompts is shown, a click on a
@@ -16,122 +16,23 @@ Without Chromium these tests skip with the reason; ``apt-get install chromium`` 
 
 from __future__ import annotations
 
-import base64
 import json
-import shutil
-import socket
 import struct
-import subprocess
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from browser import VIEWPORT
 from host_server import PACK_FOLDER, execution_error
+from test_server_workflow import N_FRAMES as FRAMES, SIZE, fatezero_graph, write_clip
 
-CHROMIUM = Path("/usr/bin/chromium")
 EXTENSION = f"/extensions/{PACK_FOLDER}/fatezero.js"
 LOGIC = f"/extensions/{PACK_FOLDER}/fatezero_logic.js"
-VIEWPORT = (1400, 1000)
 SETTINGS = "FateZero_AttentionBlendSettings"
 SOURCE = "a silver jeep driving down a curvy road"
 TARGET = "a Porsche car driving down a curvy road"
-
-
-# ------------------------------------------------------------------------------------------------
-# A minimal DevTools protocol client
-# ------------------------------------------------------------------------------------------------
-
-
-class PageError(AssertionError):
-    """JavaScript evaluated in the page threw, or a wait in the page timed out."""
-
-
-class DevTools:
-    """One page target: ``call`` a CDP method, ``evaluate`` JavaScript, keep the events seen."""
-
-    def __init__(self, ws_url: str, timeout: float = 120.0) -> None:
-        import websocket
-
-        # Chromium refuses DevTools websockets that carry an Origin header it does not allow.
-        self.ws = websocket.create_connection(ws_url, timeout=timeout, suppress_origin=True)
-        self.next_id = 0
-        self.events: list[dict] = []
-
-    def close(self) -> None:
-        self.ws.close()
-
-    def call(self, method: str, **params) -> dict:
-        self.next_id += 1
-        call_id = self.next_id
-        self.ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv())
-            if message.get("id") == call_id:
-                if "error" in message:
-                    raise PageError(f"{method} failed: {message['error']}")
-                return message.get("result", {})
-            if "method" in message:
-                self.events.append(message)
-
-    def evaluate(self, expression: str):
-        """Value of ``expression`` (promises awaited, result returned by value)."""
-        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True,
-                           returnByValue=True, userGesture=True)
-        if "exceptionDetails" in result:
-            details = result["exceptionDetails"]
-            text = details.get("exception", {}).get("description") or details.get("text")
-            raise PageError(f"JavaScript error: {text}\nin: {expression[:400]}")
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 30.0, what: str = ""):
-        """Poll ``expression`` until it is truthy; returns its value."""
-        deadline = time.monotonic() + timeout
-        last_error = None
-        while time.monotonic() < deadline:
-            try:
-                value = self.evaluate(expression)
-                if value:
-                    return value
-            except PageError as exc:
-                last_error = exc
-            time.sleep(0.2)
-        raise PageError(f"timed out after {timeout:.0f} s waiting for {what or expression}"
-                        + (f" (last error: {last_error})" if last_error else ""))
-
-    def click(self, x: float, y: float) -> None:
-        """A real left click at page coordinates (CSS pixels)."""
-        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
-        for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
-                      buttons=1 if kind == "mousePressed" else 0, clickCount=1)
-
-    def screenshot(self, path: Path) -> Path:
-        data = self.call("Page.captureScreenshot", format="png")["data"]
-        path.write_bytes(base64.b64decode(data))
-        return path
-
-    def extension_errors(self) -> list[str]:
-        """Uncaught exceptions and console errors that point at this pack's scripts."""
-        found = []
-        for event in self.events:
-            if event["method"] == "Runtime.exceptionThrown":
-                text = json.dumps(event["params"])
-            elif event["method"] == "Runtime.consoleAPICalled" and event["params"]["type"] == "error":
-                text = json.dumps(event["params"])
-            else:
-                continue
-            if PACK_FOLDER in text or "FateZero" in text:
-                found.append(text[:2000])
-        return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -139,73 +40,6 @@ def _png_size(path: Path) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
     assert data[12:16] == b"IHDR"
     return struct.unpack(">II", data[16:24])
-
-
-# ------------------------------------------------------------------------------------------------
-# Fixtures
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser(comfy_server, tmp_path_factory):
-    """Headless Chromium on the server's page, with the app and this pack's extension loaded."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium package "
-                    "(apt-get install chromium) to run the frontend tests")
-    pytest.importorskip("websocket", reason="the websocket-client package is needed to drive Chromium")
-    # A first visit opens the template browser over the canvas; mark it as seen (a user setting
-    # in the test server's temporary user folder).
-    status, _ = comfy_server.post_json("/settings/Comfy.TutorialCompleted", True)
-    assert status == 200, status
-    profile = tmp_path_factory.mktemp("chromium_profile")
-    log_path = profile.parent / "chromium.log"
-    port = _free_port()
-    cmd = [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--disable-dev-shm-usage", "--mute-audio", "--hide-scrollbars",
-        f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
-        f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}", "about:blank",
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    page = None
-    try:
-        deadline = time.monotonic() + 60
-        targets = None
-        while time.monotonic() < deadline and targets is None:
-            if process.poll() is not None:
-                pytest.fail(f"chromium exited with {process.returncode}:\n"
-                            f"{log_path.read_text(errors='replace')[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
-                    targets = [t for t in json.loads(r.read()) if t.get("type") == "page"]
-            except (urllib.error.URLError, ConnectionError, OSError, json.JSONDecodeError):
-                time.sleep(0.2)
-        assert targets, "chromium opened no page target"
-        page = DevTools(targets[0]["webSocketDebuggerUrl"])
-        page.call("Runtime.enable")
-        page.call("Page.enable")
-        page.call("Emulation.setDeviceMetricsOverride", width=VIEWPORT[0], height=VIEWPORT[1],
-                  deviceScaleFactor=1, mobile=False)
-        page.call("Page.navigate", url=comfy_server.url + "/")
-        page.wait_for(
-            "!!(window.app && app.graph && window.LiteGraph"
-            f" && LiteGraph.registered_node_types[{json.dumps(SETTINGS)}]"
-            " && app.extensions.some((e) => e.name === 'FateZero.Frontend')"
-            # the page restores or loads its start-up workflow after the app is set up
-            " && app.extensionManager?.workflow?.activeWorkflow)",
-            timeout=120, what="the ComfyUI app with the FateZero extension")
-        yield page
-    finally:
-        if page is not None:
-            page.close()
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=20)
 
 
 @pytest.fixture
@@ -367,57 +201,17 @@ def _assert_panel_colours(shot: Path, box) -> None:
     assert orange > 20, "no orange (warning) in the panel"
 
 
-def _write_clip(folder: Path, name: str) -> str:
-    import torch
-
-    from fatezero_core.video_io import write_video
-
-    frames = torch.zeros(5, 48, 64, 3)
-    for k in range(5):
-        frames[k] = (30 * k + 20) / 255.0
-        frames[k, 12:28, 8 + 4 * k:24 + 4 * k] = torch.tensor([0.9, 0.1, 0.1])
-    write_video(folder / name, frames, 8.0)
-    return name
-
-
-FRAMES, SIZE = 2, 64
-
-
-def _edit_graph(checkpoint: str, video: str) -> dict:
-    """load -> encode -> invert -> FateZero Sample, with the mask preview as the only image output."""
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
-        "2": {"class_type": "FateZero_LoadVideoFrames", "inputs": {
-            "video": video, "frame_load_cap": FRAMES, "skip_first_frames": 0,
-            "select_every_nth": 1, "size": SIZE, "resize_mode": "crop"}},
-        "3": {"class_type": SETTINGS, "inputs": {
-            "clip": ["1", 1], "source_prompt": "a silver jeep on a road",
-            "target_prompt": "a red car on a road", "blend_words": "jeep",
-            "target_blend_words": "", "cross_replace_steps": 0.8, "cross_replace_words": "",
-            "self_replace_steps": 0.6, "blend_threshold": 0.3, "reweight": "", "mode": "auto",
-            "local_latent_blend": False, "soft_mask": False}},
-        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
-        "5": {"class_type": "FateZero_DDIMInvert", "inputs": {
-            "model": ["1", 0], "source": ["3", 0], "latent": ["4", 0], "steps": 2,
-            "key_frames": "auto", "st_min_channels": -1, "store_placement": "cpu",
-            "store_dtype": "fp32", "layer_set": "relative", "schedule_end": "comfy"}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "7": {"class_type": "FateZero_Sample", "inputs": {
-            "model": ["1", 0], "positive": ["3", 1], "negative": ["6", 0], "latent": ["5", 0],
-            "attention_store": ["5", 1], "blend_settings": ["3", 2], "cfg": 2.0, "fusion": True}},
-        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 1]}},
-    }
+def _preview_graph(server, video: str) -> dict:
+    """The server test's edit graph (load -> encode -> invert -> FateZero Sample) with the mask
+    preview as the only image output."""
+    prompt = fatezero_graph(server, video, steps=2)
+    del prompt["9"]
+    prompt["8"] = {"class_type": "PreviewImage", "inputs": {"images": ["7", 1]}}
+    return prompt
 
 
 def test_sample_node_shows_mask_preview(page, comfy_server, tmp_path):
-    info = comfy_server.object_info()
-    needed = {"FateZero_LoadVideoFrames", "FateZero_DDIMInvert", "FateZero_Sample", SETTINGS}
-    if not needed <= set(info):
-        pytest.skip(f"{sorted(needed - set(info))} not in this checkout")
-    invert_inputs = info["FateZero_DDIMInvert"]["input"]
-    prompt = _edit_graph(comfy_server.checkpoint, _write_clip(comfy_server.input_dir, "fz_web.avi"))
-    known = {**invert_inputs.get("required", {}), **invert_inputs.get("optional", {})}
-    prompt["5"]["inputs"] = {k: v for k, v in prompt["5"]["inputs"].items() if k in known}
+    prompt = _preview_graph(comfy_server, write_clip(comfy_server.input_dir, "fz_web.avi"))
 
     # load the graph in the page and queue it from there, as the Run button does: the page's
     # websocket then receives the 'executed' messages

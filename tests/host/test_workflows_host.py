@@ -13,15 +13,9 @@ from __future__ import annotations
 
 import copy
 import difflib
-import importlib.util
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -29,11 +23,10 @@ import pytest
 import torch
 
 from fatezero_core.video_io import write_video
-from host_server import execution_error, free_port
+from host_server import execution_error
 from test_workflows import (
     FILE_INPUTS,
     OBJECT_INFO,
-    REPO,
     PACK_PREFIX,
     VIRTUAL_NODES,
     load_api,
@@ -298,97 +291,16 @@ def test_every_shipped_workflow_passes_server_validation(comfy_server, name):
 # The real frontend reads the UI workflows as this repo's tests do
 # ------------------------------------------------------------------------------------------------
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-def runner_module():
-    """``tools/fatezero_run.py`` (not a package), imported by path once."""
-    if "fatezero_run" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("fatezero_run", REPO / "tools" / "fatezero_run.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fatezero_run"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["fatezero_run"]
-
-
-class Page:
-    """One Chromium tab driven over the DevTools protocol (with the runner's websocket client)."""
-
-    def __init__(self, ws_url: str):
-        self.ws = runner_module().WebSocket(ws_url, timeout=60)
-        self.next_id = 0
-
-    def call(self, method: str, **params) -> dict:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            message = self.ws.recv(timeout=5)
-            if message is None:
-                continue
-            reply = json.loads(message)
-            if reply.get("id") == self.next_id:
-                if "error" in reply:
-                    raise AssertionError(f"{method}: {reply['error']}")
-                return reply["result"]
-        raise AssertionError(f"{method}: no reply from Chromium")
-
-    def evaluate(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
-        if "exceptionDetails" in result:
-            raise AssertionError(json.dumps(result["exceptionDetails"])[:3000])
-        return result["result"].get("value")
-
-
-@pytest.fixture(scope="module")
-def frontend(comfy_server, tmp_path_factory):
-    if CHROMIUM is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
-    port = free_port()
-    profile = tmp_path_factory.mktemp("chromium_profile")
-    process = subprocess.Popen(
-        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         f"--remote-debugging-port={port}", f"--user-data-dir={profile}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        devtools = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(devtools + "/json/version", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(0.25)
-        request = urllib.request.Request(devtools + "/json/new?about:blank", method="PUT")
-        target = json.loads(urllib.request.urlopen(request, timeout=30).read())
-        page = Page(target["webSocketDebuggerUrl"])
-        page.call("Page.navigate", url=comfy_server.url)
-        ready = ("!!(window.app && window.app.graph && window.LiteGraph && "
-                 "window.LiteGraph.registered_node_types.FateZero_Sample)")
-        deadline = time.monotonic() + 120
-        while not page.evaluate(ready):
-            assert time.monotonic() < deadline, "the ComfyUI frontend did not load"
-            time.sleep(0.5)
-        yield page
-        page.ws.close()
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=20)
-
-
 def _slots(node: dict) -> list:
     return [(i["name"], i["type"], i.get("link"), i.get("widget")) for i in node.get("inputs", [])]
 
 
 @pytest.mark.parametrize("name", workflow_names())
-def test_frontend_loads_the_ui_workflow_and_exports_its_api_twin(frontend, name):
+def test_frontend_loads_the_ui_workflow_and_exports_its_api_twin(browser, name):
     """ComfyUI's own frontend loads ``workflows/<name>.json``, saves it back unchanged (widget
     values, sockets, links) and exports exactly ``workflows/api/<name>.json`` for ``/prompt``."""
     ui = load_ui(name)
-    result = json.loads(frontend.evaluate(f"""(async () => {{
+    result = json.loads(browser.evaluate(f"""(async () => {{
         await window.app.loadGraphData({json.dumps(ui)}, true, true, {json.dumps(name)});
         const p = await window.app.graphToPrompt();
         return JSON.stringify({{output: p.output, workflow: p.workflow}});
