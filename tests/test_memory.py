@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from fatezero_core.keyframes import key_frame_table, key_frames_used, parse_key_rule
@@ -15,8 +11,8 @@ from fatezero_core.memory import (
     recompute_store_bytes_per_step,
     sd1_stored_layers,
 )
+from repo_scripts import load_script
 
-REPO = Path(__file__).resolve().parent.parent
 SD1_512_QUERIES = [1024] * 2 + [256] * 2 + [64] + [256] * 3 + [1024] * 3
 
 
@@ -69,23 +65,13 @@ def test_design_targets_hold_at_512_px_8_frames():
 
 
 # --------------------------------------------------- formula == measured AttentionStore
-def store_memory_benchmark():
-    """``benchmarks/store_memory.py`` (a script, not a package), imported by path once: its
-    ``measure_one_step`` captures one synthetic SD1.x step at 512 px into a real store."""
-    if "store_memory" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("store_memory", REPO / "benchmarks" / "store_memory.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["store_memory"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["store_memory"]
-
-
 @pytest.mark.parametrize("rule", ["mid", "prev, first"])
 def test_compact_formula_equals_measured_store(rule):
     frames = 8
     kept = len(key_frames_used(key_frame_table(parse_key_rule(rule), frames)))
     assert kept == {"mid": 1, "prev, first": 7}[rule]  # frame 7 is nobody's previous frame
-    measured = store_memory_benchmark().measure_one_step(rule, frames)
+    # the benchmark's own measurement: one synthetic SD1.x step at 512 px captured into a real store
+    measured = load_script("benchmarks/store_memory.py").measure_one_step(rule, frames)
     formula = compact_store_bytes_per_step(frames, sd1_stored_layers(64), kept)
     assert measured["attention_bytes"] == formula
     assert measured["latent_bytes_per_step"] == recompute_store_bytes_per_step(frames, 64, 64)

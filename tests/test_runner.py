@@ -14,12 +14,10 @@ import base64
 import email.parser
 import email.policy
 import hashlib
-import importlib.util
 import io
 import json
 import socket
 import struct
-import sys
 import threading
 import time
 import urllib.parse
@@ -28,21 +26,14 @@ from pathlib import Path
 
 import pytest
 
+from repo_scripts import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 STYLE_API = REPO / "workflows" / "api" / "style_watercolor.json"
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-def load_runner():
-    if "fatezero_run" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("fatezero_run", REPO / "tools" / "fatezero_run.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fatezero_run"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["fatezero_run"]
-
-
-runner = load_runner()
+runner = load_script("tools/fatezero_run.py")
 
 
 # ------------------------------------------------------------------------------------------------
