@@ -8,8 +8,10 @@ source map is copied. Built from the stored source cross-attention of the blend 
 2. 3x3 max-pool (stride 1, padding 1; a small dilation);
 3. nearest resize to the layer's token grid;
 4. divide by each frame's maximum;
-5. threshold: ``M = m > th``. ``th >= 1`` gives M = 0 (full replacement). The soft variant keeps
-   the normalised ``m`` instead (an extension, off by default).
+5. threshold: ``M = m > th``. ``th >= 1`` gives M = 0 (full replacement). The soft variant (an
+   extension, off by default) ramps instead: ``M = clamp((m - th) / (1 - th), 0, 1)``, 0 at or
+   below the threshold and 1 at the frame's peak, so ``th = 0`` keeps ``m`` itself and
+   ``th >= 1`` is full replacement as well.
 """
 
 from __future__ import annotations
@@ -46,7 +48,12 @@ def blend_mask(word_map: torch.Tensor, size, threshold: float, soft: bool = Fals
     """Steps 2-5: the ``[F, h*w]`` row mask for a layer whose token grid is ``size``."""
     m = F.interpolate(dilate(word_map).unsqueeze(1), size=tuple(size), mode="nearest").squeeze(1)
     m = normalise_per_frame(m)
-    mask = m.clamp(0, 1) if soft else (m > threshold).to(m.dtype)
+    if threshold >= 1:
+        mask = torch.zeros_like(m)
+    elif soft:
+        mask = ((m - threshold) / (1 - threshold)).clamp(0, 1)
+    else:
+        mask = (m > threshold).to(m.dtype)
     return mask.flatten(1)
 
 

@@ -139,6 +139,7 @@ class EditSettings:
     latent_blend_window: tuple[float, float] = (0.2, 0.8)
     latent_blend_aligned: bool = False
     source_token_ids: tuple[int, ...] = ()
+    target_token_ids: tuple[int, ...] = ()
     fuse: bool = True
 
     def __post_init__(self):
@@ -148,6 +149,9 @@ class EditSettings:
             raise FateZeroError("Refine mode needs the refine alphas of the token alignment.")
         if self.latent_blend and not self.blend_tokens:
             raise FateZeroError("The local latent blend needs blend words; add them or turn it off.")
+        slots = self.mapper.shape[0]
+        if len(self.source_token_ids) != slots or len(self.target_token_ids) != slots:
+            raise FateZeroError(f"Edit settings need the {slots} token ids of both prompts.")
 
     @classmethod
     def from_alignment(cls, alignment, **options) -> "EditSettings":
@@ -178,6 +182,7 @@ class EditController(_Controller):
         self._check_settings()
         self._masks: dict[tuple, torch.Tensor] = {}
         self._target_map: torch.Tensor | None = None
+        self._target_map_parts: set[tuple[int, str]] = set()  # (step, layer) already summed
         self.preview_map: torch.Tensor | None = None  # source word attention at the first edit step
         # Host option: end a source-only pass with SourcePassComplete once its last stored layer is
         # captured (the host must catch it); off by default so a plain driver runs whole passes.
@@ -185,14 +190,7 @@ class EditController(_Controller):
         self._last_stored = store.last_stored_layer()
 
     def _check_settings(self):
-        s, cfg = self.settings, self.config
-        if s.source_token_ids and cfg.source_token_ids and tuple(s.source_token_ids) != tuple(cfg.source_token_ids):
-            raise StoreMismatchError(
-                f"The store was captured with the source prompt '{cfg.source_prompt}', but the blend "
-                "settings use a different source prompt: use the same source text for inversion "
-                "and editing (wire the source CONDITIONING of Attention Blend Settings into DDIM Invert)."
-            )
-        rows = s.cross_alphas.shape[0]
+        rows = self.settings.cross_alphas.shape[0]
         if rows != self.num_steps + 1:
             raise StoreMismatchError(
                 f"The blend settings were made for {rows - 1} steps but the store has "
@@ -269,13 +267,18 @@ class EditController(_Controller):
 
     # ------------------------------------------------------------------ masks
     def preview_tokens(self) -> tuple[int, ...]:
-        """Tokens shown in previews: the blend words, else the source tokens the edit changes."""
+        """Tokens shown in previews: the blend words, else the source tokens the edit changes.
+
+        A source token is changed when a target token it maps to has another id (replace: along
+        the mapper, so equal token counts, where the mapper is the identity, still show the swapped
+        word; refine: it is not aligned with any kept target token)."""
         s = self.settings
         if s.blend_tokens:
             return s.blend_tokens
         if s.mode == "replace":
-            diag = torch.diagonal(s.mapper)
-            changed = [t for t in range(1, diag.numel()) if float(diag[t]) != 1.0]
+            src, tgt = s.source_token_ids, s.target_token_ids
+            changed = [t for t in range(1, s.mapper.shape[0])
+                       if any(src[t] != tgt[n] for n in torch.nonzero(s.mapper[t]).flatten().tolist())]
         else:
             kept = {int(m) for m, a in zip(s.mapper.tolist(), s.refine_alphas.tolist()) if a == 1}
             changed = [t for t in range(1, s.mapper.numel()) if t not in kept]
@@ -316,11 +319,14 @@ class EditController(_Controller):
         """Running sum over steps of the edit's own target-word attention (reference doc 3.5).
 
         The official mask takes the layer mean of per-layer sums over steps; summing each layer's
-        map divided by the number of mask layers is the same quantity.
+        map divided by the number of mask layers is the same quantity. Each (step, layer) counts
+        once, however often the sampler evaluates the conditional branch in that step (midpoint
+        samplers, several positive conds).
         """
         tokens = self.settings.target_blend_tokens
-        if not tokens:
+        if not tokens or (i, layer.name) in self._target_map_parts:
             return
+        self._target_map_parts.add((i, layer.name))
         word = bm.word_attention_map([edit_probs], tokens, (layer.height, layer.width))
         if self._target_map is None:
             self._target_map = torch.zeros_like(word)

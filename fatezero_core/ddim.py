@@ -406,7 +406,8 @@ def inversion_step_for_edit_step(i: int, num_steps: int) -> int:
 
 def _ve_scale(sigma: Scalar, like: torch.Tensor) -> torch.Tensor:
     """``sqrt(1 + sigma^2)`` in ``like``'s dtype/device; a per-sample sigma broadcasts on dim 0."""
-    s = torch.as_tensor(sigma, dtype=torch.float64)
+    # On the CPU: some devices (MPS) have no float64.
+    s = torch.as_tensor(sigma).detach().to(device="cpu", dtype=torch.float64)
     scale = (1.0 + s * s).sqrt().to(device=like.device, dtype=like.dtype)
     if scale.ndim == 1 and scale.numel() > 1:
         scale = scale.view(-1, *([1] * (like.ndim - 1)))

@@ -61,7 +61,8 @@ class EditSpec:
             alignment, blend_tokens=blend, blend_threshold=self.blend_threshold,
             soft_mask=self.soft_mask, target_blend_tokens=target_blend,
             latent_blend=self.latent_blend, latent_blend_aligned=self.latent_blend_aligned,
-            source_token_ids=tuple(alignment.source.ids), fuse=fuse)
+            source_token_ids=tuple(alignment.source.ids), target_token_ids=tuple(alignment.target.ids),
+            fuse=fuse)
 
 
 def _token_positions(prompt_tokens, words, what) -> tuple[int, ...] | None:

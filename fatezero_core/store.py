@@ -50,15 +50,16 @@ class CaptureConfig:
     key_rule: KeyRule
     min_st_channels: int
     layer_set: str
-    source_prompt: str = ""
-    source_token_ids: tuple[int, ...] = ()
     model_fingerprint: str = ""
+    # "clip": ResNet/output GroupNorms over the clip (official inflated UNet); "frame": per frame.
+    # The edit runs the network the inversion ran: FateZero Sample takes it from here.
+    group_norm: str = "clip"
 
     @property
     def num_steps(self) -> int:
         return len(self.sigmas) - 1
 
-    def mismatches(self, *, num_frames, latent_size, sigmas, model_fingerprint) -> list[str]:
+    def mismatches(self, *, num_frames, latent_size, model_fingerprint) -> list[str]:
         """Human-readable differences between this capture and an edit request."""
         problems = []
         if num_frames != self.num_frames:
@@ -72,16 +73,6 @@ class CaptureConfig:
             problems.append(
                 f"the latent is {latent_size[0]*8}x{latent_size[1]*8} px but the store was "
                 f"captured at {h*8}x{w*8} px: use the same frame size for inversion and editing"
-            )
-        if len(sigmas) - 1 != self.num_steps:
-            problems.append(
-                f"the edit uses {len(sigmas) - 1} steps but the store has {self.num_steps}: "
-                "set the same number of steps on DDIM Invert and FateZero Sample"
-            )
-        elif not _same_schedule(sigmas, self.sigmas):
-            problems.append(
-                "the edit's sigma schedule differs from the inversion's: use the same scheduler "
-                "and steps (FateZero Sample reuses the inversion sigmas by default)"
             )
         if model_fingerprint and self.model_fingerprint and model_fingerprint != self.model_fingerprint:
             problems.append(
@@ -102,16 +93,9 @@ class CaptureConfig:
         h, w = self.latent_size
         return (
             f"{self.num_frames} frames at {w*8}x{h*8} px, {self.num_steps} steps, key frames "
-            f"[{format_key_rule(self.key_rule)}], layers '{self.layer_set}'"
+            f"[{format_key_rule(self.key_rule)}], layers '{self.layer_set}', GroupNorm over the "
+            f"{self.group_norm}"
         )
-
-
-def _same_schedule(a, b) -> bool:
-    ta = torch.as_tensor(a, dtype=torch.float64)
-    tb = torch.as_tensor(b, dtype=torch.float64)
-    if ta.numel() != tb.numel():
-        return False
-    return bool(torch.allclose(ta, tb, rtol=1e-4, atol=1e-6))
 
 
 @dataclass

@@ -284,7 +284,11 @@ class FateZeroAttentionBlendSettings(io.ComfyNode):
                 ),
                 io.Boolean.Input(
                     "soft_mask", default=False,
-                    tooltip="Use the attention values as a soft mask instead of thresholding them.",
+                    tooltip=(
+                        "Soft mask: rises from 0 at blend_threshold to 1 at the strongest "
+                        "attention instead of a hard cut (threshold 0: the attention itself; "
+                        "1 or more: still full replacement)."
+                    ),
                 ),
             ],
             outputs=[

@@ -15,6 +15,7 @@ from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.keyframes import SD_KEY_RULE, parse_key_rule
 from ..fatezero_core.layers import LAYER_SETS
 from ..fatezero_core.store import PLACEMENTS, STORE_DTYPES, AttentionStore, CaptureConfig
+from .clip_runtime import GROUP_NORMS, with_group_norm
 from .patching import conditioning_fingerprint, model_fingerprint, model_key_rule, patched_clone
 from .samplers import FateZeroGuider, inversion_sampler, zero_noise
 from .schedule import SCHEDULE_ENDS, inversion_sigmas
@@ -91,6 +92,8 @@ class FateZeroDDIMInvert(io.ComfyNode):
                                tooltip="Stored/fused layers. relative: 1/2, 1/4, 1/8 of the latent side (official at 512 px); relative+full: also full resolution; official: query length <= 1024 tokens."),
                 io.Combo.Input("schedule_end", options=list(SCHEDULE_ENDS), default="comfy",
                                tooltip="Clean end of the schedule. comfy: sigma 0; official: alphas_cumprod[0] like the official code (results match it more closely)."),
+                io.Combo.Input("group_norm", options=list(GROUP_NORMS), default="clip", optional=True,
+                               tooltip="ResNet GroupNorm statistics. clip: over all frames of the clip, as the official inflated UNet (and every Tune-A-Video model) computes them; frame: each frame alone, as a plain image UNet. FateZero Sample uses the same."),
             ],
             outputs=[
                 io.Latent.Output(display_name="inverted_latent", tooltip="Noisy latent x_T: feed to FateZero Sample."),
@@ -100,18 +103,19 @@ class FateZeroDDIMInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, source, latent, steps, key_frames, st_min_channels, store_placement,
-                store_dtype, layer_set, schedule_end) -> io.NodeOutput:
+                store_dtype, layer_set, schedule_end, group_norm="clip") -> io.NodeOutput:
         samples = frames_latent(latent)
         frames, _, h, w = samples.shape
+        network = with_group_norm(model, group_norm)
         sigmas = inversion_sigmas(model.get_model_object("model_sampling"), steps, schedule_end)
         config = CaptureConfig(
             num_frames=frames, latent_size=(h, w), sigmas=tuple(sigmas.tolist()),
             key_rule=resolve_key_rule(key_frames, model),
             min_st_channels=resolve_min_channels(st_min_channels, model), layer_set=layer_set,
-            model_fingerprint=model_fingerprint(model))
+            model_fingerprint=model_fingerprint(model), group_norm=group_norm)
         store = AttentionStore(config, placement=store_placement, dtype=store_dtype,
                                disk_dir=folder_paths.get_temp_directory())
-        patched = patched_clone(model, CaptureController(store), step_offset=-1)
+        patched = patched_clone(network, CaptureController(store), step_offset=-1)
         latents = []
 
         def on_step(j, z):

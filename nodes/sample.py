@@ -17,6 +17,7 @@ from ..fatezero_core.controller import EditController
 from ..fatezero_core.edit_spec import EditSpec
 from ..fatezero_core.errors import FateZeroError, StoreMismatchError, StoreReleasedError
 from ..fatezero_core.store import AttentionStore
+from .clip_runtime import with_group_norm
 from .invert import INVERTED_LATENT_KEY, frames_latent, latent_fingerprint
 from .patching import model_fingerprint, patched_clone
 from .samplers import FateZeroGuider, edit_sampler, latent_blend_step, zero_noise
@@ -36,8 +37,7 @@ def check_store(store, samples, model) -> None:
             "This attention store is incomplete (its inversion was interrupted or failed); run "
             "FateZero DDIM Invert again.")
     frames, _, h, w = samples.shape
-    store.config.check_edit(num_frames=frames, latent_size=(h, w), sigmas=store.config.sigmas,
-                            model_fingerprint=model_fingerprint(model))
+    store.config.check_edit(num_frames=frames, latent_size=(h, w), model_fingerprint=model_fingerprint(model))
     check_inverted_latent(store, samples)
 
 
@@ -73,8 +73,7 @@ def check_inverted_latent(store, samples) -> None:
 def check_spec(spec, store) -> None:
     if not isinstance(spec, EditSpec):
         raise FateZeroError("'blend_settings' must come from FateZero Attention Blend Settings.")
-    theirs, ours = store.extras.get("source_fingerprint"), getattr(spec, "source_fingerprint", None)
-    if theirs and ours and theirs != ours:
+    if store.extras.get("source_fingerprint") != spec.source_fingerprint:
         raise StoreMismatchError(
             "The store was inverted with a different source conditioning than these blend "
             "settings' source prompt: wire the 'source' output of FateZero Attention Blend Settings "
@@ -137,10 +136,11 @@ class FateZeroSample(io.ComfyNode):
         settings = blend_settings.edit_settings(steps, fuse=fusion)
         sigmas = torch.tensor(store.config.sigmas, dtype=torch.float32).flip(0)
 
-        controller, patched = None, model
+        # The network the inversion ran: its GroupNorm choice comes with the store.
+        controller, patched = None, with_group_norm(model, store.config.group_norm)
         if fusion:
             controller = EditController(store, settings)
-            patched = patched_clone(model, controller, step_offset=0)
+            patched = patched_clone(patched, controller, step_offset=0)
         guider = FateZeroGuider(patched, store if fusion else None)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)

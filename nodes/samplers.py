@@ -28,7 +28,7 @@ def inversion_sampler(on_step):
     def sample_fatezero_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
         s_in = x.new_ones([x.shape[0]])
-        alpha_bars = alphas_cumprod_from_sigmas(sigmas.double())
+        alpha_bars = alphas_cumprod_from_sigmas(sigmas.detach().to("cpu", torch.float64))  # MPS: no float64
         z = x
         for j in range(len(sigmas) - 1):
             sigma_next = sigmas[j + 1]
@@ -88,7 +88,7 @@ class FateZeroGuider(comfy.samplers.CFGGuider):
     """CFG guider that, for a ``recompute`` store, runs the source pass before every edit step.
 
     The source pass evaluates the model on the stored inversion latent with the source prompt at
-    the current sigma, flagged as ``source`` so the controller captures its attention for this step
+    the step's own sigma, flagged as ``source`` so the controller captures its attention for this step
     only (design decision 4). Its output is never used, so the controller may end it with
     ``SourcePassComplete`` after the last stored layer (the full-resolution decoder blocks after
     it are skipped). Everything else is plain CFG.
@@ -109,14 +109,18 @@ class FateZeroGuider(comfy.samplers.CFGGuider):
     def _regenerate_source(self, x, timestep, model_options):
         options = comfy.model_patcher.create_model_options_clone(model_options)
         transformer_options = options.setdefault("transformer_options", {})
-        step = sampler_step({"sample_sigmas": transformer_options["sample_sigmas"], "sigmas": timestep})
+        sample_sigmas = transformer_options["sample_sigmas"]
+        step = sampler_step({"sample_sigmas": sample_sigmas, "sigmas": timestep})
         j = self.store.config.num_steps - 1 - step
         self.store.begin_regeneration(j)
+        # The source pass replays inversion step j, which ran at this step's own sigma: a midpoint
+        # sampler's intermediate sigma (dpm_2, dpmpp_2s) maps to the same step, not another pass.
+        sigma = sample_sigmas[step].to(timestep)
         z = self.store.latent(j).to(device=x.device, dtype=x.dtype)
         transformer_options[PASS_KEY] = "source"
         try:
             comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["source"]],
-                                           vp_to_ve(z, timestep[0]), timestep, options)
+                                           vp_to_ve(z, sigma), sigma.expand_as(timestep), options)
         except SourcePassComplete:
             pass  # every stored layer of this step is captured
 

@@ -10,8 +10,10 @@ layers are added as object patches on the ``ModelPatcher`` (``fatezero_core.tav.
 - temporal convs after each inflated conv: the Sequential holding the conv (or the Downsample /
   Upsample ending with it) is replaced by one holding the same modules plus the temporal conv.
 
-A ``DIFFUSION_MODEL`` wrapper tells the convs how many clips the running batch holds (one per
-``cond_or_uncond`` entry) and moves the temporal layers to the UNet's device when ComfyUI has not.
+The clip runtime (``clip_runtime``, a ``DIFFUSION_MODEL`` wrapper) tells the temporal layers how
+many clips the running batch holds (one per ``cond_or_uncond`` entry) and moves them to the UNet's
+device when ComfyUI has not. The ResNet and output GroupNorms pool over the clip, as in the
+Tune-A-Video UNet the checkpoint was tuned as, in every sampler.
 The model also carries the Tune-A-Video key-frame rule (previous + first frame), which FateZero
 DDIM Invert uses when its key_frames is "auto" (``fatezero-reference-implementation.md`` section 4).
 """
@@ -34,7 +36,6 @@ import comfy.supported_models
 import comfy.utils
 import folder_paths
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-from comfy.patcher_extension import WrappersMP
 from comfy_api.latest import io
 
 from ..fatezero_core.errors import CheckpointError
@@ -48,13 +49,14 @@ from ..fatezero_core.tav.checkpoint import (
     resolve_checkpoint_file,
     temporal_targets,
 )
-from ..fatezero_core.tav.inflate import FrameContext, block_list_patch, conv_patch, frames_per_chunk
+from ..fatezero_core.frames import FrameContext
+from ..fatezero_core.tav.inflate import block_list_patch, conv_patch
 from ..fatezero_core.tav.modules import FramewiseTemporalConv, TemporalAttention, temporal_module_from_state_dict
+from .clip_runtime import clip_runtime, use_clip_group_norm
 from .patching import KEY_RULE_KEY
 from .user_errors import FateZeroNodeError, user_errors
 
 FOLDER = "tuneavideo"
-WRAPPER_KEY = "fatezero_tav"
 TAV_KEY_RULE = "prev, first"  # official Tune-A-Video keys: previous frame, then first frame
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 
@@ -256,42 +258,16 @@ class TemporalBlockAdapter(nn.Module):
     """Temporal attention as one more entry of a SpatialTransformer's block list.
 
     Called like a ``BasicTransformerBlock``: ``x`` is ``(B*F, HW, C)`` with one clip of F frames
-    per ``cond_or_uncond`` entry (``comfyui-host-contract.md`` section 7a)."""
+    per ``cond_or_uncond`` entry (``comfyui-host-contract.md`` section 7a); the clip runtime's
+    frame context gives F."""
 
-    def __init__(self, temporal: TemporalAttention):
+    def __init__(self, temporal: TemporalAttention, frames: FrameContext):
         super().__init__()
         self.temporal = temporal
+        self.frames = frames
 
     def forward(self, x, context=None, transformer_options={}):
-        chunks = len(transformer_options.get("cond_or_uncond") or ()) or 1
-        return self.temporal(x, frames_per_chunk(x.shape[0], chunks))
-
-
-class TemporalRuntime:
-    """The ``DIFFUSION_MODEL`` wrapper of a loaded Tune-A-Video model.
-
-    Around each UNet call it sets the clip count of the batch for the temporal convs and puts the
-    temporal layers on the UNet input's device (ComfyUI moves them itself when it loads the whole
-    model; not when the model is partially loaded or already loaded). Shared by every clone of the
-    model: a deep copy returns the same object."""
-
-    def __init__(self) -> None:
-        self.frames = FrameContext()
-        self.modules: list[nn.Module] = []
-
-    def follow(self, device: torch.device) -> None:
-        for module in self.modules:
-            if next(module.parameters()).device != device:
-                module.to(device)
-
-    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        self.follow(x.device)
-        chunks = len(transformer_options.get("cond_or_uncond") or ()) or None
-        with self.frames.running(chunks):
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-
-    def __deepcopy__(self, memo) -> "TemporalRuntime":
-        return self
+        return self.temporal(x, self.frames(x.shape[0]))
 
 
 def compute_dtype(patcher) -> torch.dtype:
@@ -300,7 +276,8 @@ def compute_dtype(patcher) -> torch.dtype:
 
 
 def insert_temporal_layers(patcher, ckpt: TavCheckpoint) -> int:
-    """Object patches for every temporal layer of ``ckpt``, the frame wrapper, the key-frame rule.
+    """Object patches for every temporal layer of ``ckpt`` and for clip-level GroupNorms, the clip
+    runtime, the key-frame rule.
 
     Returns the number of temporal layers inserted (0 for a plain SD1.x checkpoint)."""
     targets = temporal_targets(ckpt)
@@ -311,7 +288,7 @@ def insert_temporal_layers(patcher, ckpt: TavCheckpoint) -> int:
     if heads <= 0:
         heads = 8
     dtype = compute_dtype(patcher)
-    runtime = TemporalRuntime()
+    runtime = clip_runtime(patcher)
     nbytes = 0
     for target in targets:
         layer = temporal_module_from_state_dict(target.kind, target.state_dict, heads=heads)
@@ -319,11 +296,11 @@ def insert_temporal_layers(patcher, ckpt: TavCheckpoint) -> int:
         runtime.modules.append(layer)
         nbytes += sum(p.numel() * p.element_size() for p in layer.parameters())
         if target.kind == "attention":
-            path, container = block_list_patch(unet, target.path, TemporalBlockAdapter(layer))
+            path, container = block_list_patch(unet, target.path, TemporalBlockAdapter(layer, runtime.frames))
         else:
             path, container = conv_patch(unet, target.path, FramewiseTemporalConv(layer, runtime.frames))
         patcher.add_object_patch(f"diffusion_model.{path}", container)
-    patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, runtime)
+    use_clip_group_norm(patcher)  # it was tuned with clip-level ResNet statistics
     patcher.size = patcher.model_size() + nbytes  # so ComfyUI reserves memory for them too
     patcher.model_options.setdefault("transformer_options", {})[KEY_RULE_KEY] = TAV_KEY_RULE
     return len(targets)

@@ -140,9 +140,12 @@ class NaiveMapController:
         m = F.interpolate(m, size=size)[:, 0]
         peak = m.amax(dim=(1, 2), keepdim=True)
         m = torch.where(peak > 0, m / torch.where(peak > 0, peak, torch.ones_like(peak)), torch.zeros_like(m))
-        if soft:
-            return m.clamp(0, 1).flatten(1)
-        return (m > self.edit["threshold"]).float().flatten(1)
+        th = self.edit["threshold"]
+        if th >= 1:  # official: blend_th >= 1 is full replacement, soft or not
+            return torch.zeros_like(m).flatten(1)
+        if soft:  # linear ramp from 0 at the threshold to 1 at the frame's peak
+            return torch.clamp((m - th) / (1 - th), 0, 1).flatten(1)
+        return (m > th).float().flatten(1)
 
     def mask(self, j, layer):
         e = self.edit

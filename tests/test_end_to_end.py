@@ -76,8 +76,7 @@ def invert(model, encoder, z0, placement="cpu", dtype="fp32", key_rule="mid", tm
     rule = parse_key_rule(key_rule)
     config = CaptureConfig(num_frames=frames, latent_size=(LATENT, LATENT),
                            sigmas=tuple(float(s) for s in SCHEDULE.sigmas_ascending()), key_rule=rule,
-                           min_st_channels=MIN_ST_CHANNELS, layer_set="relative", source_prompt=SOURCE,
-                           source_token_ids=EditSpec(SOURCE, SOURCE, tokenize).source_token_ids(),
+                           min_st_channels=MIN_ST_CHANNELS, layer_set="relative",
                            model_fingerprint="tiny_unet/0")
     store = AttentionStore(config, placement=placement, dtype=dtype,
                            disk_dir=None if tmp_path is None else str(tmp_path))
@@ -100,8 +99,11 @@ def invert(model, encoder, z0, placement="cpu", dtype="fp32", key_rule="mid", tm
 
 
 def edit(model, encoder, store, spec: EditSpec, cfg: float = 1.0, fuse: bool = True,
-         settings_override: dict | None = None):
-    """FateZero Sample as the host runs it; returns (z_edit, controller, blend masks used)."""
+         settings_override: dict | None = None, extra_eval: bool = False):
+    """FateZero Sample as the host runs it; returns (z_edit, controller, blend masks used).
+
+    ``extra_eval``: after each step's evaluation, evaluate the conditional branch once more on
+    another latent and discard it, as a multi-evaluation sampler's intermediate point does."""
     frames = store.config.num_frames
     settings = spec.edit_settings(STEPS, fuse=fuse)
     if settings_override:
@@ -123,6 +125,9 @@ def edit(model, encoder, store, spec: EditSpec, cfg: float = 1.0, fuse: bool = T
             store.begin_regeneration(j)
             model(store.latent(j), t, src_ctx, step=i, chunks=("source",))
         out = model(torch.cat([z] * len(chunks)), t, ctx, step=i, chunks=chunks)
+        if extra_eval:
+            model(z + 0.5 * torch.randn(z.shape, generator=torch.Generator().manual_seed(i)), t,
+                  batch_context([tgt_emb], frames), step=i, chunks=("cond",))
         if len(chunks) == 1:
             return out
         eu, ec = out.chunk(2)
@@ -303,6 +308,30 @@ def test_local_latent_blend_keeps_the_outside(model, encoder, clip, captured, re
     assert outside_from_input(full) <= 1e-6
     inside, _ = change_inside_outside(full, reconstruction, QUADRANT)
     assert inside > 0.2
+
+
+def test_target_word_map_counts_each_step_once(model, encoder, captured):
+    """The local latent blend's target-word map is a sum over *steps* (reference doc 3.5): a second
+    evaluation of the conditional branch within a step (midpoint samplers, several positive conds)
+    must not add to it. Soft masks show any change of weight."""
+    spec = dataclasses.replace(SWAP, target_blend_words=("dog",), latent_blend=True, soft_mask=True,
+                               blend_threshold=0.0)
+    _, _, once = edit(model, encoder, captured[0], spec)
+    _, _, twice = edit(model, encoder, captured[0], spec, extra_eval=True)
+    assert sorted(once) == sorted(twice) and once
+    for i in once:
+        assert torch.equal(once[i], twice[i]), i
+
+
+def test_preview_shows_the_swapped_word_when_token_counts_match(captured):
+    """Replace "cat" -> "dog" (one token each): the mapper is the identity, yet the preview must
+    show the attention of "cat" (position 2 after BOS and "a"), not of "a"."""
+    spec = EditSpec(SOURCE, TARGET, tokenize, mode="replace")
+    controller = EditController(captured[0], spec.edit_settings(STEPS))
+    assert torch.equal(controller.settings.mapper, torch.eye(77))
+    assert controller.preview_tokens() == (2,)
+    same = EditController(captured[0], EditSpec(SOURCE, SOURCE, tokenize, mode="replace").edit_settings(STEPS))
+    assert same.preview_tokens() == (1,)  # nothing changes: the first word, as before
 
 
 # ------------------------------------------------------------------------------ placements

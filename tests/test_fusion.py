@@ -12,6 +12,7 @@ import itertools
 import pytest
 import torch
 
+from fatezero_core import blend_mask as bm
 from fatezero_core.controller import CaptureController, EditController, EditSettings
 from fatezero_core.keyframes import parse_key_rule
 from fatezero_core.layers import AttnCall, LayerInfo
@@ -92,8 +93,11 @@ def alignment(mode, reweight):
     if reweight:
         equalizer = torch.ones(TOKENS)
         equalizer[6] = 10.0
+    source_ids = tuple(range(TOKENS))
+    target_ids = source_ids[:2] + (900, 901, 902) + source_ids[5:]  # tokens 2-4 are new words
     return dict(mode=mode, mapper=mapper, refine_alphas=refine_alphas, equalizer=equalizer,
-                cross_alphas=alphas, self_window=(0, int(0.6 * n) + 1))
+                cross_alphas=alphas, self_window=(0, int(0.6 * n) + 1), source_token_ids=source_ids,
+                target_token_ids=target_ids)
 
 
 EDITS = {
@@ -165,8 +169,23 @@ def test_fused_equals_naive(edit, blend, rule, frames, placement, tmp_path):
     store.release()
 
 
-def test_soft_mask_equals_naive(tmp_path):
-    worst, _, _ = run_both("refine", 0.3, "mid", 8, "cpu", tmp_path, soft=True)
+def test_soft_mask_ramps_from_the_threshold_and_respects_full_replacement():
+    """Soft masks obey blend_threshold (tooltip: >= 1 is full replacement): 0 at or below the
+    threshold, 1 at the frame's peak, linear between; a hand-made map, no pooling effect."""
+    word_map = torch.zeros(1, 4, 4)
+    word_map[0, 1:3, 1:3] = torch.tensor([[1.0, 0.5], [0.5, 0.5]])  # 3x3 pooling: peak 1 nearby
+    pooled = bm.dilate(word_map)
+    expected = ((pooled / pooled.max() - 0.4) / 0.6).clamp(0, 1).flatten(1)
+    assert torch.allclose(bm.blend_mask(word_map, (4, 4), 0.4, soft=True), expected)
+    assert torch.equal(bm.blend_mask(word_map, (4, 4), 1.0, soft=True), torch.zeros(1, 16))
+    assert torch.equal(bm.blend_mask(word_map, (4, 4), 2.0, soft=True), torch.zeros(1, 16))
+    assert torch.allclose(bm.blend_mask(word_map, (4, 4), 0.0, soft=True),
+                          (pooled / pooled.max()).flatten(1))
+
+
+@pytest.mark.parametrize("threshold", [0.3, 2.0])
+def test_soft_mask_equals_naive(tmp_path, threshold):
+    worst, _, _ = run_both("refine", threshold, "mid", 8, "cpu", tmp_path, soft=True)
     assert worst <= 1e-5
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fatezero_core.errors import CheckpointError, FateZeroError
-from fatezero_core.tav.inflate import FrameContext, block_list_patch, conv_patch, frames_per_chunk
+from fatezero_core.frames import FrameContext, frames_per_chunk
+from fatezero_core.tav.inflate import block_list_patch, conv_patch
 from fatezero_core.tav.modules import FramewiseTemporalConv, TemporalAttention, TemporalConv
 
 C, FRAMES = 8, 4

@@ -11,63 +11,17 @@ keeps its state-dict key and weight patches such as LoRA still find it:
   type and the same module objects, plus the temporal layer appended.
 
 Functions here only build the replacement containers; the host installs them (and undoes that) at
-the paths returned. ``FrameContext`` carries the frame count of the batch now running to layers
-that cannot see it themselves (convs get no side information in the UNet's forward).
+the paths returned. ``fatezero_core.frames.FrameContext`` carries the frame count of the batch now
+running to layers that cannot see it themselves (convs get no side information in the UNet's forward).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Tuple
 
 from torch import nn
 
-from ..errors import CheckpointError, FateZeroError
-
-
-def frames_per_chunk(batch: int, chunks: int) -> int:
-    """Frames of one clip in a frame-major batch of ``chunks`` clips (``batch = chunks * F``)."""
-    if chunks < 1 or batch % chunks != 0:
-        raise FateZeroError(
-            f"A batch of {batch} latents cannot hold {chunks} whole clips. Temporal layers need "
-            "every frame of the clip in the same batch: turn off context windows or batch "
-            "splitting for this model."
-        )
-    return batch // chunks
-
-
-class FrameContext:
-    """How many clips (e.g. uncond and cond for CFG) the batch now running through the UNet holds.
-
-    The host sets it around each UNet call (``with context.running(chunks): ...``); inserted
-    layers ask ``frames(batch)``. Outside a call, or when the host gives no count, the whole batch
-    is one clip. Shared, never copied: a deep copy returns the same object, so model clones that
-    copy their options keep talking to the layers that are actually installed.
-    """
-
-    def __init__(self) -> None:
-        self._chunks: Optional[int] = None
-
-    @property
-    def chunks(self) -> Optional[int]:
-        return self._chunks
-
-    @contextmanager
-    def running(self, chunks: Optional[int]) -> Iterator["FrameContext"]:
-        previous, self._chunks = self._chunks, chunks
-        try:
-            yield self
-        finally:
-            self._chunks = previous
-
-    def frames(self, batch: int) -> int:
-        return frames_per_chunk(batch, self._chunks or 1)
-
-    def __call__(self, batch: int) -> int:
-        return self.frames(batch)
-
-    def __deepcopy__(self, memo) -> "FrameContext":
-        return self
+from ..errors import CheckpointError
 
 
 def _split(path: str) -> Tuple[str, str]:
@@ -137,4 +91,4 @@ def conv_patch(unet: nn.Module, conv_path: str, extra: nn.Module) -> Tuple[str, 
     return outer_path, type(outer)(*outer, extra)
 
 
-__all__ = ["FrameContext", "block_list_patch", "conv_patch", "frames_per_chunk"]
+__all__ = ["block_list_patch", "conv_patch"]

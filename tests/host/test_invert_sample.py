@@ -103,13 +103,14 @@ def test_round_trip_is_exact_for_a_content_independent_denoiser(nodes, tiny_sd15
 
 
 def test_fusion_off_equals_core_ddim_ksampler(nodes, tiny_sd15, tiny_clip):
-    """FateZero Sample with fusion off is the core DDIM KSampler path, bit for bit."""
+    """FateZero Sample with fusion off (per-frame norms) is the core DDIM KSampler path, bit for
+    bit (test_group_norm checks the clip-level network the same way)."""
     import nodes as core_nodes
 
     latent = moving_latent()
     src, tgt, spec = settings(nodes, tiny_clip)
     neg = empty(tiny_clip)
-    inverted, store = invert(nodes, tiny_sd15, src, latent)
+    inverted, store = invert(nodes, tiny_sd15, src, latent, group_norm="frame")
     ours, _ = sample(nodes, tiny_sd15, tgt, neg, inverted, store, spec, cfg=7.5, fusion=False)
     (core,) = core_nodes.KSamplerAdvanced().sample(
         tiny_sd15, "disable", 0, STEPS, 7.5, "ddim", "ddim_uniform", tgt, neg, inverted, 0, STEPS,

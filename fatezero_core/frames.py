@@ -1,0 +1,141 @@
+"""Frame-major batches of clips, and the clip-level GroupNorm of the official inflated UNet.
+
+The host runs the UNet on ``(B*F, ...)``: B chunks (uncond/cond under CFG, the ``recompute`` source
+pass, ...), each holding the F frames of one clip in order. Layers that mix frames need F; convs
+and norms get no side information in the UNet's forward, so a shared :class:`FrameContext`, set by
+the host around each UNet call, tells them how many clips the running batch holds.
+
+Clip-level GroupNorm (``fatezero-reference-implementation.md`` section 4, "GroupNorm over the
+clip"): FateZero's ``UNetPseudo3DConditionModel`` and Tune-A-Video's ``UNet3DConditionModel`` apply
+``torch.nn.GroupNorm`` to ``[b, c, f, h, w]`` in every ResNet block (``norm1``, ``norm2`` of
+``ResnetBlockPseudo3D`` / ``ResnetBlock3D``) and at the output (``conv_norm_out``), so mean and
+variance pool over each channel group *and every frame of the clip*. A 2-D UNet with frames as the
+batch normalises each frame alone: a different network. :class:`ClipNormSequential` runs the same
+modules with the leading GroupNorm applied per clip.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .errors import FateZeroError
+
+
+def frames_per_chunk(batch: int, chunks: int) -> int:
+    """Frames of one clip in a frame-major batch of ``chunks`` clips (``batch = chunks * F``)."""
+    if chunks < 1 or batch % chunks != 0:
+        raise FateZeroError(
+            f"A batch of {batch} latents cannot hold {chunks} whole clips. FateZero and "
+            "Tune-A-Video layers need every frame of the clip in the same batch: turn off context "
+            "windows or batch splitting for this model."
+        )
+    return batch // chunks
+
+
+class FrameContext:
+    """How many clips the batch now running through the UNet holds.
+
+    The host sets it around each UNet call (``with context.running(chunks): ...``); layers ask
+    ``frames(batch)``. Outside a call, or when the host gives no count, the whole batch is one
+    clip. Shared, never copied: a deep copy returns the same object, so model clones that copy
+    their options keep talking to the layers that are actually installed.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: Optional[int] = None
+
+    @property
+    def chunks(self) -> Optional[int]:
+        return self._chunks
+
+    @contextmanager
+    def running(self, chunks: Optional[int]) -> Iterator["FrameContext"]:
+        previous, self._chunks = self._chunks, chunks
+        try:
+            yield self
+        finally:
+            self._chunks = previous
+
+    def frames(self, batch: int) -> int:
+        return frames_per_chunk(batch, self._chunks or 1)
+
+    def __call__(self, batch: int) -> int:
+        return self.frames(batch)
+
+    def __deepcopy__(self, memo) -> "FrameContext":
+        return self
+
+
+def clip_group_norm(norm: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """``norm`` (a GroupNorm module) on the frame-major batch ``x`` ``(B*F, C, ...)``, with
+    statistics over each clip of ``frames`` frames.
+
+    This is the official layer itself: ``norm`` is called on the ``[b, c, f, h, w]`` view, exactly
+    as ``ResnetBlockPseudo3D.forward`` calls ``norm1``/``norm2`` (FateZero ``models/resnet.py``) and
+    ``UNetPseudo3DConditionModel.forward`` calls ``conv_norm_out`` (``unet_3d_condition.py``); the
+    host's module keeps its own weight casting and patches.
+    """
+    if frames < 1 or x.shape[0] % frames:
+        raise FateZeroError(
+            f"A batch of {x.shape[0]} latents is not a whole number of {frames}-frame clips, so the "
+            "clip-level GroupNorm cannot pool each clip: turn off context windows or batch splitting."
+        )
+    clips = x.unflatten(0, (-1, frames)).transpose(1, 2)  # [b, c, f, *spatial]
+    return norm(clips).transpose(1, 2).flatten(0, 1)
+
+
+class ClipNormSequential(nn.Sequential):
+    """The same modules as a ResNet block's ``in_layers`` / ``out_layers`` or the UNet's ``out``
+    (GroupNorm first), with that GroupNorm computed over each clip (:func:`clip_group_norm`).
+
+    The modules are the host's own objects under their own indices, so every weight keeps its
+    state-dict key and weight patches (LoRA) still find it; anything appended after them (a
+    Tune-A-Video temporal conv) runs as before.
+    """
+
+    def __init__(self, *modules: nn.Module, frames: FrameContext):
+        super().__init__(*modules)
+        if not modules or not isinstance(modules[0], nn.GroupNorm):
+            raise FateZeroError("A clip-level norm container must start with a GroupNorm.")
+        self.frames = frames
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm, *rest = self
+        x = clip_group_norm(norm, x, self.frames(x.shape[0]))
+        for module in rest:
+            x = module(x)
+        return x
+
+    def __getitem__(self, index):
+        # A ResNet block with up/down sampling runs ``in_layers[:-1]`` and ``in_layers[-1]``
+        # separately: a slice that still starts with the norm keeps it clip-level.
+        if isinstance(index, slice):
+            modules = list(self._modules.values())[index]
+            if modules and modules[0] is self[0]:
+                return ClipNormSequential(*modules, frames=self.frames)
+            return nn.Sequential(*modules)
+        return super().__getitem__(index)
+
+
+def clip_norm_paths(unet: nn.Module) -> list[str]:
+    """Paths (inside an ldm-style SD UNet, as ComfyUI builds it) of the containers whose leading
+    GroupNorm the official UNet applies over the clip: every ResNet block's ``in_layers`` and
+    ``out_layers`` (``norm1``, ``norm2``) and the output ``out`` (``conv_norm_out``). The
+    transformers' input norms stay per frame, as in the official code."""
+    paths = []
+    for name, module in unet.named_modules():
+        for child in ("in_layers", "out_layers"):
+            layers = getattr(module, child, None)
+            if isinstance(layers, nn.Sequential) and len(layers) and isinstance(layers[0], nn.GroupNorm):
+                paths.append(f"{name}.{child}" if name else child)
+    out = getattr(unet, "out", None)
+    if isinstance(out, nn.Sequential) and len(out) and isinstance(out[0], nn.GroupNorm):
+        paths.append("out")
+    return paths
+
+
+__all__ = ["ClipNormSequential", "FrameContext", "clip_group_norm", "clip_norm_paths", "frames_per_chunk"]

@@ -1,0 +1,102 @@
+"""Host side of frame-major clips: one ``DIFFUSION_MODEL`` wrapper that tells inserted layers how many
+clips the running batch holds, and the clip-level GroupNorm patches that use it.
+
+Tune-A-Video temporal layers (``tav_loader``) and the clip-level ResNet/output GroupNorm of the
+official inflated UNet (``fatezero_core.frames``) both need the frame count of the batch now in the
+UNet. One wrapper per model supplies it: around each UNet call it sets the shared
+:class:`~fatezero_core.frames.FrameContext` to ``len(cond_or_uncond)`` clips (ComfyUI batches one
+whole clip per cond entry: uncond and cond under CFG, the ``recompute`` source pass, ControlNet or
+not, together or in separate calls). Everything goes on a clone the caller owns; the MODEL a node
+receives is never modified.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from comfy.patcher_extension import WrappersMP
+
+from ..fatezero_core.errors import FateZeroError
+from ..fatezero_core.frames import ClipNormSequential, FrameContext, clip_norm_paths
+
+WRAPPER_KEY = "fatezero_clip"
+GROUP_NORM_KEY = "fatezero_group_norm"  # transformer_options flag: "clip" once the norms are patched
+GROUP_NORMS = ("clip", "frame")
+
+
+class ClipRuntime:
+    """The ``DIFFUSION_MODEL`` wrapper of a model with clip-aware layers.
+
+    Around each UNet call it sets the clip count of the batch and puts the layers it owns
+    (Tune-A-Video temporal layers) on the UNet input's device (ComfyUI moves them itself when it
+    loads the whole model; not when the model is partially loaded or already loaded). Shared by
+    every clone of the model: a deep copy returns the same object."""
+
+    def __init__(self) -> None:
+        self.frames = FrameContext()
+        self.modules: list[nn.Module] = []
+
+    def follow(self, device: torch.device) -> None:
+        for module in self.modules:
+            if next(module.parameters()).device != device:
+                module.to(device)
+
+    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        self.follow(x.device)
+        chunks = len(transformer_options.get("cond_or_uncond") or ()) or None
+        with self.frames.running(chunks):
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    def __deepcopy__(self, memo) -> "ClipRuntime":
+        return self
+
+
+def clip_runtime(patcher) -> ClipRuntime:
+    """The model's clip runtime, installed on ``patcher`` (a clone the caller owns) if it has none."""
+    existing = patcher.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    if existing:
+        return existing[0]
+    runtime = ClipRuntime()
+    patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, runtime)
+    return runtime
+
+
+def model_group_norm(model) -> str:
+    """``clip`` when the model's ResNet/output GroupNorms already pool over the clip
+    (a Tune-A-Video model, or a clone made by :func:`use_clip_group_norm`), else ``frame``."""
+    return model.model_options.get("transformer_options", {}).get(GROUP_NORM_KEY, "frame")
+
+
+def use_clip_group_norm(patcher) -> None:
+    """Make the ResNet and output GroupNorms of ``patcher``'s UNet pool over each clip.
+
+    Object patches on ``patcher`` (a clone the caller owns) replace each norm's container by a
+    :class:`ClipNormSequential` of the same modules, composed with whatever this model already
+    has there (a Tune-A-Video temporal conv). Idempotent."""
+    if model_group_norm(patcher) == "clip":
+        return
+    runtime = clip_runtime(patcher)
+    for path in clip_norm_paths(patcher.get_model_object("diffusion_model")):
+        name = f"diffusion_model.{path}"
+        current = patcher.get_model_object(name)
+        patcher.add_object_patch(name, ClipNormSequential(*current, frames=runtime.frames))
+    patcher.model_options.setdefault("transformer_options", {})[GROUP_NORM_KEY] = "clip"
+
+
+def with_group_norm(model, group_norm: str):
+    """``model`` itself for ``frame`` on a per-frame model; a clone with clip-level norms for
+    ``clip``. A model tuned with clip-level norms (Tune-A-Video) cannot run per frame."""
+    if group_norm not in GROUP_NORMS:
+        raise FateZeroError(f"Unknown group_norm '{group_norm}'; use one of {GROUP_NORMS}.")
+    current = model_group_norm(model)
+    if group_norm == current:
+        return model
+    if current == "clip":
+        raise FateZeroError(
+            "This model normalises its ResNet blocks over the whole clip (a Tune-A-Video model is "
+            "tuned that way) and cannot run with group_norm 'frame': set group_norm to 'clip'."
+        )
+    clone = model.clone()
+    use_clip_group_norm(clone)
+    return clone
