@@ -50,10 +50,10 @@ def invert(nodes, model, source_cond, latent, **kw):
     return out.args  # (inverted latent dict, store)
 
 
-def sample(nodes, model, positive, negative, inverted, store, spec, cfg=1.0, fusion=True):
+def sample(nodes, model, positive, negative, inverted, store, spec, cfg=1.0, fusion=True, sampler=None):
     out = nodes.sample.FateZeroSample.execute(model=model, positive=positive, negative=negative,
                                               latent=inverted, attention_store=store,
-                                              blend_settings=spec, cfg=cfg, fusion=fusion)
+                                              blend_settings=spec, cfg=cfg, fusion=fusion, sampler=sampler)
     return out.args  # (latent dict, preview image)
 
 
@@ -144,6 +144,58 @@ def test_placements_match_cpu(nodes, tiny_sd15, tiny_clip, placement):
     out_b, prev_b = sample(nodes, tiny_sd15, tgt, neg, inv_b, store_b, spec, cfg=7.5)
     assert float((out_a["samples"] - out_b["samples"]).abs().max()) <= 1e-4
     assert torch.equal(prev_a, prev_b)
+
+
+@pytest.mark.parametrize("name", ["dpm_2", "dpmpp_2s_ancestral"])
+def test_recompute_equals_cpu_under_a_midpoint_sampler(nodes, tiny_sd15, tiny_clip, name):
+    """A midpoint sampler evaluates the model between two step sigmas; the recompute source pass
+    must replay the step's own inversion attention there, as the cpu store hands it out."""
+    import comfy.samplers
+
+    latent = moving_latent()
+    src, tgt, spec = settings(nodes, tiny_clip, blend_words="cat")
+    neg = empty(tiny_clip)
+    inv_a, store_a = invert(nodes, tiny_sd15, src, latent)
+    inv_b, store_b = invert(nodes, tiny_sd15, src, latent, store_placement="recompute")
+    outs = [sample(nodes, tiny_sd15, tgt, neg, inv, store, spec, cfg=7.5,
+                   sampler=comfy.samplers.sampler_object(name))[0]["samples"]
+            for inv, store in ((inv_a, store_a), (inv_b, store_b))]
+    assert float((outs[0] - outs[1]).abs().max()) <= 1e-4
+
+
+class NoFloat64Tensor(torch.Tensor):
+    """A tensor on a device without float64 (as MPS): a float64 result that is not a plain CPU
+    tensor raises; moving it to the CPU gives a plain tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        if func in (torch.Tensor.cpu, torch.Tensor.tolist) or (
+                func is torch.Tensor.to and "cpu" in [str(a) for a in (*args[1:], *(kwargs or {}).values())]):
+            return out
+        if isinstance(out, torch.Tensor):
+            if out.dtype == torch.float64:
+                raise TypeError("this device has no float64")
+            return out.as_subclass(cls)
+        return out
+
+
+def test_samplers_compute_the_schedule_on_the_cpu(nodes):
+    """Sigmas on a device without float64 (MPS): inversion and editing still run."""
+    from comfyui_fatezero.fatezero_core.ddim import alphas_cumprod_from_sigmas
+
+    sigmas = torch.tensor([0.0, 0.5, 1.0, 2.0]).as_subclass(NoFloat64Tensor)
+    with pytest.raises(TypeError):
+        alphas_cumprod_from_sigmas(sigmas.double())  # the guard works
+    x = torch.randn(2, 4, 8, 8)
+
+    def model(x_in, sigma, **kw):
+        return torch.zeros_like(x_in)
+
+    inverted = nodes.samplers.inversion_sampler(lambda j, z: None)(model, x, sigmas)
+    edited = nodes.samplers.edit_sampler()(model, inverted, sigmas.flip(0))
+    assert torch.isfinite(torch.as_tensor(edited)).all()
 
 
 def test_recompute_source_pass_skips_the_blocks_after_the_last_stored_layer(nodes, tiny_sd15, tiny_clip,
