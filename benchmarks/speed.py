@@ -13,6 +13,8 @@ repetition so slow drifts cancel:
   no hooks);
 - ``invert <placement>``: the ``FateZero DDIM Invert`` node (spatio-temporal attention, capture);
 - ``plain KSampler``: core ``KSamplerAdvanced`` (ddim, cfg 7.5, no added noise);
+- ``plain KSampler clip norm``: the same on the model with clip-level ResNet/output GroupNorms
+  (what FateZero Sample runs by default): the cost of the norm alone;
 - ``sample <placement>``: the ``FateZero Sample`` node (cfg 7.5) on that placement's store, with
   every step fused (cross and self windows 1.0, blend word "cat": the most work per step;
   the official windows 0.8 / 0.6 fuse fewer steps).
@@ -44,6 +46,8 @@ TARGETS = (  # (name, variant, baseline, goal)
     [(f"sample_{p}_vs_plain_ksampler", f"sample {p}", "plain KSampler", 1.7 if p == "recompute" else 1.3)
      for p in PLACEMENTS]
     + [(f"invert_{p}_vs_plain_forward", f"invert {p}", "plain forward", 1.2) for p in ("cpu",)]
+    # the clip-level ResNet/output GroupNorm must cost no more than a few percent of a step
+    + [("clip_group_norm_ksampler_vs_plain_ksampler", "plain KSampler clip norm", "plain KSampler", 1.05)]
 )
 
 
@@ -114,12 +118,18 @@ def main() -> int:
     def plain_ksampler():
         _host.core_ddim(model, target, negative, inverted[placements[0]], steps, args.cfg)
 
+    clip_norm_model = nodes.clip_runtime.with_group_norm(model, "clip")
+
+    def plain_ksampler_clip_norm():
+        _host.core_ddim(clip_norm_model, target, negative, inverted[placements[0]], steps, args.cfg)
+
     def sample(p):
         return lambda: _host.fatezero_sample(nodes, model, target, negative, inverted[p], stores[p],
                                              spec, args.cfg)
 
     variants = ([("plain forward", plain_forward)] + [(f"invert {p}", invert(p)) for p in placements]
-                + [("plain KSampler", plain_ksampler)] + [(f"sample {p}", sample(p)) for p in placements])
+                + [("plain KSampler", plain_ksampler), ("plain KSampler clip norm", plain_ksampler_clip_norm)]
+                + [(f"sample {p}", sample(p)) for p in placements])
     # Warm-up: one untimed plain forward (first-call allocations and kernel set-up).
     timed(plain_forward)
     print(f"warm-up done after {time.perf_counter() - t_script:.0f} s", flush=True)

@@ -242,6 +242,20 @@ def test_shipped_workflow_runs_end_to_end(comfy_server, name):
     check_outputs(comfy_server, prompt, entry, FRAMES)
 
 
+def test_a_workflow_saved_before_group_norm_still_runs(comfy_server):
+    """API workflows saved before DDIM Invert had ``group_norm`` lack it: they still validate and
+    run, with the default (clip-level norms)."""
+    api = load_api("style_watercolor")
+    for node in api.values():
+        if node["class_type"] == "FateZero_DDIMInvert":
+            del node["inputs"]["group_norm"]
+    video = write_clip(comfy_server.input_dir, "wf_old_invert.avi")
+    prompt = shrink(api, comfy_server, video, prefix=f"wf_old_{uuid.uuid4().hex[:6]}")
+    entry = comfy_server.run(prompt, timeout=900)
+    assert entry["status"]["status_str"] == "success", (execution_error(entry), comfy_server.log_tail())
+    check_outputs(comfy_server, prompt, entry, FRAMES)
+
+
 def test_long_clip_workflow_runs_end_to_end_with_recompute(comfy_server):
     assert load_api("long_clip_recompute")
     prompt, entry = run_shipped(comfy_server, "long_clip_recompute", frames=3)
