@@ -50,6 +50,7 @@ __all__ = [
     "occlusion_mask",
     "warp_errors",
     "structure_similarity",
+    "check_frames",
     "measure_video",
     "plot_metrics",
 ]
@@ -324,19 +325,10 @@ def _check_embeds(embeds: torch.Tensor | None, frames: int, name: str) -> None:
                            f"got {tuple(embeds.shape)}.")
 
 
-def measure_video(edit: torch.Tensor, source: torch.Tensor | None = None, *,
-                  edit_embeds: torch.Tensor | None = None, source_embeds: torch.Tensor | None = None,
-                  source_text: torch.Tensor | None = None, target_text: torch.Tensor | None = None,
-                  flow_method: str = "dis", notes: tuple[str, ...] = ()) -> VideoMetrics:
-    """Measure ``edit`` (and compare with ``source`` when given).
-
-    The flow comes from ``source`` when given, else from ``edit`` itself (then it follows the
-    edit's own motion and the warp error says less; a note says so). CLIP metrics need the image
-    embeddings ``[F, D]``; Frame-Acc needs both prompt embeddings ``[D]``, CLIP-T the target's.
-    """
+def check_frames(edit: torch.Tensor, source: torch.Tensor | None = None):
+    """``(edit, source)`` as ``[F, H, W, 3]`` float32, refused unless measurable together."""
     edit = _rgb(edit, "edited_frames")
     count, height, width = edit.shape[:3]
-    notes = list(notes)
     if source is not None:
         source = _rgb(source, "source_frames").to(edit.device)
         if source.shape[0] != count:
@@ -348,6 +340,22 @@ def measure_video(edit: torch.Tensor, source: torch.Tensor | None = None, *,
                 f"The edited frames are {width}x{height} but the source frames "
                 f"{source.shape[2]}x{source.shape[1]}: connect the frames the edit was made from, "
                 "or scale one batch to the other's size first.")
+    return edit, source
+
+
+def measure_video(edit: torch.Tensor, source: torch.Tensor | None = None, *,
+                  edit_embeds: torch.Tensor | None = None, source_embeds: torch.Tensor | None = None,
+                  source_text: torch.Tensor | None = None, target_text: torch.Tensor | None = None,
+                  flow_method: str = "dis", notes: tuple[str, ...] = ()) -> VideoMetrics:
+    """Measure ``edit`` (and compare with ``source`` when given).
+
+    The flow comes from ``source`` when given, else from ``edit`` itself (then it follows the
+    edit's own motion and the warp error says less; a note says so). CLIP metrics need the image
+    embeddings ``[F, D]``; Frame-Acc needs both prompt embeddings ``[D]``, CLIP-T the target's.
+    """
+    edit, source = check_frames(edit, source)
+    count, height, width = edit.shape[:3]
+    notes = list(notes)
     _check_embeds(edit_embeds, count, "edit_embeds")
     _check_embeds(source_embeds, count, "source_embeds")
 
