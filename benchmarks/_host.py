@@ -336,12 +336,12 @@ def moving_latent(frames: int, size: int, seed: int = 0):
 
 def blend_settings(nodes, clip, blend_words: str = "cat", **kw):
     """Source/target conditioning and edit spec from the Attention Blend Settings node."""
-    args = dict(blend_words=blend_words, target_blend_words="", cross_replace_steps=0.8,
-                cross_replace_words="", self_replace_steps=0.6, blend_threshold=0.3, reweight="",
-                mode="auto", local_latent_blend=False, soft_mask=False)
+    args = dict(source_prompt=SOURCE, target_prompt=TARGET, blend_words=blend_words,
+                target_blend_words="", cross_replace_steps=0.8, cross_replace_words="",
+                self_replace_steps=0.6, blend_threshold=0.3, reweight="", mode="auto",
+                local_latent_blend=False, soft_mask=False)
     args.update(kw)
-    out = nodes.blend_settings.FateZeroAttentionBlendSettings.execute(
-        clip=clip, source_prompt=SOURCE, target_prompt=TARGET, **args)
+    out = nodes.blend_settings.FateZeroAttentionBlendSettings.execute(clip=clip, **args)
     return out.args
 
 
@@ -361,10 +361,11 @@ def invert(nodes, model, source, latent, steps: int, placement: str, **kw):
     return out.args  # (inverted latent dict, store)
 
 
-def fatezero_sample(nodes, model, positive, negative, inverted, store, spec, cfg: float = 7.5):
+def fatezero_sample(nodes, model, positive, negative, inverted, store, spec, cfg: float = 7.5,
+                    fusion: bool = True):
     out = nodes.sample.FateZeroSample.execute(model=model, positive=positive, negative=negative,
                                               latent=inverted, attention_store=store,
-                                              blend_settings=spec, cfg=cfg, fusion=True)
+                                              blend_settings=spec, cfg=cfg, fusion=fusion)
     return out.args
 
 

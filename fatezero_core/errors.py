@@ -28,3 +28,7 @@ class VideoError(FateZeroError):
 
 class CheckpointError(FateZeroError):
     """A model checkpoint that cannot be mapped or loaded."""
+
+
+class MetricsError(FateZeroError):
+    """Frames, models or prompts that the video metrics cannot measure."""

@@ -10,6 +10,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .blend_settings import FateZeroAttentionBlendSettings
 from .invert import FateZeroDDIMInvert
+from .metrics import FateZeroVideoMetrics
 from .sample import FateZeroSample
 from .tav_loader import FateZeroTuneAVideoLoader
 from .video import FateZeroLoadVideoFrames
@@ -18,7 +19,7 @@ from .video import FateZeroLoadVideoFrames
 def node_classes() -> list[type[io.ComfyNode]]:
     """Every node class of the pack, in menu order."""
     return [FateZeroLoadVideoFrames, FateZeroTuneAVideoLoader, FateZeroDDIMInvert, FateZeroAttentionBlendSettings,
-            FateZeroSample]
+            FateZeroSample, FateZeroVideoMetrics]
 
 
 class FateZeroExtension(ComfyExtension):

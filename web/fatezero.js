@@ -6,6 +6,7 @@
 //   It follows the widgets live: widget callbacks plus a light poll of the values (which also
 //   catches workflow loads, undo and values set by other extensions).
 // - FateZero Sample: the mask preview images of the last run shown on the node, with a caption.
+// - FateZero Video Metrics: the table of the last run shown on the node, above its plot.
 //
 // The word logic lives in fatezero_logic.js (no DOM; unit-tested with node's test runner).
 
@@ -15,6 +16,8 @@ import { addWord, analyse, listHas, removeWord, viewPaths } from "./fatezero_log
 
 const SETTINGS_NODE = "FateZero_AttentionBlendSettings";
 const SAMPLE_NODE = "FateZero_Sample";
+const METRICS_NODE = "FateZero_VideoMetrics";
+const METRICS_WIDGET = "fatezero_metrics_table";
 const PANEL_WIDGET = "fatezero_words";
 const CAPTION_WIDGET = "fatezero_preview_caption";
 const WATCHED = ["source_prompt", "target_prompt", "blend_words", "target_blend_words",
@@ -42,6 +45,8 @@ const STYLE = `
 .fatezero-caption { font: 11px/1.4 sans-serif; color: var(--descrip-text, #aaa);
   box-sizing: border-box; overflow: hidden; }
 .fatezero-caption .fz-inner { padding: 2px 6px; }
+.fatezero-metrics pre { margin: 0; font: 11px/1.35 monospace; color: var(--input-text, #ddd);
+  white-space: pre; overflow-x: auto; }
 `;
 
 function ensureStyle() {
@@ -312,6 +317,17 @@ async function showSamplePreview(node, message) {
   fitNode(node);
 }
 
+function showMetricsTable(node, message) {
+  const text = Array.isArray(message?.text) ? message.text.join("\n") : "";
+  if (!text) return;
+  if (!node.fatezeroMetrics) {
+    node.fatezeroMetrics = addContentWidget(node, METRICS_WIDGET, "fatezero-metrics", 120);
+  }
+  const box = node.fatezeroMetrics;
+  box.inner.replaceChildren(el("pre", null, text));
+  box.measure();
+}
+
 // --------------------------------------------------------------------------------------------
 
 app.registerExtension({
@@ -324,6 +340,10 @@ app.registerExtension({
     } else if (nodeData?.name === SAMPLE_NODE) {
       chain(nodeType.prototype, "onExecuted", function (message) {
         showSamplePreview(this, message);
+      });
+    } else if (nodeData?.name === METRICS_NODE) {
+      chain(nodeType.prototype, "onExecuted", function (message) {
+        showMetricsTable(this, message);
       });
     }
   },

@@ -1,15 +1,15 @@
 """The headless server lists the pack's nodes with their typed sockets (``/object_info``).
 
 ``node_id`` s, socket types, output order and input names are what saved workflows reference, so
-they are pinned here for the four FateZero nodes. New widgets may be added to a node; a listed
+they are pinned here for the FateZero nodes. New widgets may be added to a node; a listed
 input or output may not be renamed, retyped, reordered or removed.
 """
 
 import pytest
 
 # Input sockets that carry a link (not a widget value); every other input is a widget.
-LINK_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "SAMPLER",
-              "FATEZERO_ATTN_STORE", "FATEZERO_BLEND_SETTINGS"}
+LINK_TYPES = {"MODEL", "CLIP", "CLIP_VISION", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK",
+              "SAMPLER", "FATEZERO_ATTN_STORE", "FATEZERO_BLEND_SETTINGS"}
 
 EXPECTED = {
     "FateZero_LoadVideoFrames": {
@@ -54,6 +54,16 @@ EXPECTED = {
         "output": ["LATENT", "IMAGE"],
         "output_name": ["latent", "mask_preview"],
     },
+    "FateZero_VideoMetrics": {
+        "display_name": "FateZero Video Metrics",
+        "category": "FateZero/video",
+        "required": {"edited_frames": "IMAGE", "source_prompt": "STRING", "target_prompt": "STRING",
+                     "flow": "COMBO", "save_json": "BOOLEAN", "filename_prefix": "STRING"},
+        "optional": {"source_frames": "IMAGE", "clip_vision": "CLIP_VISION", "clip": "CLIP"},
+        "output": ["STRING", "IMAGE"],
+        "output_name": ["table", "plot"],
+        "output_node": True,  # a sink: ComfyUI runs it for its table and plot
+    },
 }
 
 
@@ -88,7 +98,7 @@ def test_node_listed_with_typed_sockets(object_info, node_id):
     assert info["category"] == expected["category"]
     assert info["description"]
     assert info["python_module"].startswith("custom_nodes")
-    assert info["output_node"] is False
+    assert info["output_node"] is expected.get("output_node", False)
 
     # outputs: types, names and order are what links in saved workflows point at
     assert info["output"] == expected["output"]

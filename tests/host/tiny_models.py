@@ -10,6 +10,9 @@ parameter explicitly through :func:`init_parameters_`.
 - :func:`build_tiny_clip`: a ``comfy.sd.CLIP`` with the real SD1 tokenizer (shipped in
   ``comfy/sd1_tokenizer``) and a 2-layer, 768-wide CLIP-L text model, so conditioning is
   ``[1, 77, 768]`` as with SD1.5.
+- :func:`build_tiny_clip_vision`: a ``comfy.clip_vision.ClipVisionModel`` (what CLIP Vision Loader
+  outputs): a 2-layer, 64-wide ViT with 32 px patches on 224 px inputs and a projection to 768,
+  the width of the tiny CLIP's text embeddings.
 - :func:`build_tiny_vae`: a ``comfy.sd.VAE`` wrapping a TAESD-layout autoencoder (8x down/up
   scaling, 4 latent channels; about 2 M parameters). Its decoder does not invert its encoder:
   images survive encode/decode only in shape and range, not in content.
@@ -172,6 +175,30 @@ def build_tiny_clip(seed: int = SEED, num_layers: int = TINY_CLIP_LAYERS,
     )
     init_parameters_(clip.cond_stage_model, seed)
     return clip
+
+
+TINY_VISION_CONFIG = {
+    "hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 224, "intermediate_size": 128,
+    "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 4,
+    "num_channels": 3, "num_hidden_layers": 2, "patch_size": 32, "projection_dim": 768,
+}
+
+
+def build_tiny_clip_vision(seed: int = SEED, **overrides):
+    """A ``ClipVisionModel`` from ComfyUI's own class (its config file written to a temp folder),
+    every parameter initialised; ``encode_image(...)["image_embeds"]`` is ``[F, 768]``."""
+    import json
+    import tempfile
+
+    import comfy.clip_vision
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "clip_vision_tiny.json")
+        with open(path, "w") as f:
+            json.dump({**TINY_VISION_CONFIG, **overrides}, f)
+        model = comfy.clip_vision.ClipVisionModel(path)
+    init_parameters_(model.model, seed)
+    return model
 
 
 def _taesd_module(seed: int, latent_channels: int = 4):
