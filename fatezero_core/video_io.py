@@ -520,6 +520,16 @@ class _FrameBuffer:
         return self.data[: self.count].clone()
 
 
+def _check_selection(frame_load_cap, skip_first_frames, select_every_nth, size, resize_mode) -> tuple[_Selection, int]:
+    """The checked frame selection and size (raises :class:`VideoError` saying what to use)."""
+    cap = _check_count("frame_load_cap", frame_load_cap, 0, "use 0 to load every frame")
+    skip = _check_count("skip_first_frames", skip_first_frames, 0, "use 0 to start at the first frame")
+    nth = _check_count("select_every_nth", select_every_nth, 1, "use 1 to keep every frame")
+    size = _check_size(size)
+    _check_mode(resize_mode)
+    return _Selection(skip, nth, cap), size
+
+
 def _zero_selected_error(path: str, seen: int, sel: _Selection) -> VideoError:
     name = os.path.basename(os.path.normpath(path))
     return VideoError(
@@ -556,13 +566,8 @@ def load_frames(
     ``progress(done, total)`` is called after each kept frame; ``total`` is the expected number of
     kept frames, estimated from the container's frame count for videos (never below ``done``).
     """
-    frame_load_cap = _check_count("frame_load_cap", frame_load_cap, 0, "use 0 to load every frame")
-    skip_first_frames = _check_count("skip_first_frames", skip_first_frames, 0, "use 0 to start at the first frame")
-    select_every_nth = _check_count("select_every_nth", select_every_nth, 1, "use 1 to keep every frame")
-    size = _check_size(size)
-    _check_mode(resize_mode)
+    sel, size = _check_selection(frame_load_cap, skip_first_frames, select_every_nth, size, resize_mode)
     fallback_fps = _check_fps(sequence_fps)
-    sel = _Selection(skip_first_frames, select_every_nth, frame_load_cap)
 
     src = _open_source(path)
     stats = _Stats()
@@ -575,7 +580,7 @@ def load_frames(
         total = len(files)
         raw = _iter_files(files, sel, stats)
 
-    expected = sel.expected(total) if total > 0 else (frame_load_cap or 0)
+    expected = sel.expected(total) if total > 0 else sel.cap
     buffer = _FrameBuffer(expected)
     try:
         for frame in raw:
@@ -588,7 +593,7 @@ def load_frames(
     if buffer.count == 0:
         raise _zero_selected_error(src.path, stats.seen, sel)
     fps = stats.fps if src.kind == "video" and stats.fps else fallback_fps
-    return buffer.result(), float(fps) / select_every_nth
+    return buffer.result(), float(fps) / sel.nth
 
 
 def select_frames(
@@ -606,19 +611,14 @@ def select_frames(
     Same selection, resizing and returned rate as :func:`load_frames`, for a clip that another
     node decoded (ComfyUI's VIDEO). Only the kept frames are resized.
     """
-    frame_load_cap = _check_count("frame_load_cap", frame_load_cap, 0, "use 0 to load every frame")
-    skip_first_frames = _check_count("skip_first_frames", skip_first_frames, 0, "use 0 to start at the first frame")
-    select_every_nth = _check_count("select_every_nth", select_every_nth, 1, "use 1 to keep every frame")
-    size = _check_size(size)
-    _check_mode(resize_mode)
+    sel, size = _check_selection(frame_load_cap, skip_first_frames, select_every_nth, size, resize_mode)
     rate = _check_fps(fps)
     if frames.dim() != 4 or frames.shape[-1] != 3:
         raise VideoError(f"The video's frames must be shaped [F, H, W, 3]; got {tuple(frames.shape)}.")
-    sel = _Selection(skip_first_frames, select_every_nth, frame_load_cap)
-    kept = frames[skip_first_frames::select_every_nth][: frame_load_cap or None]
+    kept = frames[sel.skip::sel.nth][: sel.cap or None]
     if kept.shape[0] == 0:
         raise _zero_selected_error("the connected video", frames.shape[0], sel)
-    return resize_frames(kept, size=size, resize_mode=resize_mode), rate / select_every_nth
+    return resize_frames(kept, size=size, resize_mode=resize_mode), rate / sel.nth
 
 
 # --------------------------------------------------------------------------------------------

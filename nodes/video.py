@@ -15,7 +15,6 @@ import os
 import comfy.utils
 import folder_paths
 from comfy_api.latest import InputImpl, io
-from comfy_execution.validation import validate_node_input
 
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.video_io import (
@@ -120,10 +119,9 @@ def _video_file(video) -> str | None:
     return path if isinstance(path, str) and os.path.isfile(path) else None
 
 
-# Sockets and widgets that can carry a link, with the type each accepts (checked in
-# validate_inputs, which takes over ComfyUI's link-type check by asking for input_types).
-_LINK_TYPES = {"source_video": "VIDEO", "frame_load_cap": "INT", "skip_first_frames": "INT",
-               "select_every_nth": "INT", "size": "INT", "sequence_fps": "FLOAT"}
+# validate_inputs' default for source_video: ComfyUI validates with links unresolved, passing a
+# connected input as None and leaving an unconnected one out, so this default means "not connected".
+_NOT_CONNECTED = object()
 
 
 class FateZeroLoadVideoFrames(io.ComfyNode):
@@ -222,13 +220,8 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, video, input_types=None) -> bool | str:
-        linked = input_types or {}
-        for name, received in linked.items():
-            expected = _LINK_TYPES.get(name)
-            if expected and not validate_node_input(received, expected):
-                return f"{name} takes {expected}, but a {received} is connected."
-        if video is None or "source_video" in linked:  # a link: checked when it runs / not read
+    def validate_inputs(cls, video, source_video=_NOT_CONNECTED) -> bool | str:
+        if video is None or source_video is not _NOT_CONNECTED:  # a link: checked when it runs / not read
             return True
         try:
             path = resolve_source(video)

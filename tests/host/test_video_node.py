@@ -363,8 +363,6 @@ def test_a_video_in_memory_is_selected_resized_and_cut(node, comfy_input_dir):
 
 
 def test_validation_skips_the_file_when_a_video_is_connected(node, comfy_input_dir):
-    assert node.validate_inputs(video="missing.mp4", input_types={"source_video": "VIDEO"}) is True
-    assert "was not found" in node.validate_inputs(video="missing.mp4", input_types={})
-    wrong = node.validate_inputs(video="missing.mp4", input_types={"source_video": "IMAGE"})
-    assert isinstance(wrong, str) and "source_video takes VIDEO" in wrong
-    assert "frame_load_cap takes INT" in node.validate_inputs(video=None, input_types={"frame_load_cap": "FLOAT"})
+    # ComfyUI validates with links unresolved: a connected source_video arrives as None
+    assert node.validate_inputs(video="missing.mp4", source_video=None) is True
+    assert "was not found" in node.validate_inputs(video="missing.mp4")
