@@ -1,7 +1,7 @@
 """The user's edit request, independent of the step count (design decision 7).
 
-An :class:`EditSpec` is what the "Attention Blend Settings" node emits: the prompts as typed, the
-tokenizer that encoded them and the fusion options. The step count is only known once the store is
+An :class:`EditSpec` is what the "Attention Blend Settings" node emits: the prompts as typed (in
+ComfyUI's prompt syntax), the tokenizer that encoded them and the fusion options. The step count is only known once the store is
 at hand, so :meth:`EditSpec.edit_settings` builds the per-step tensors then.
 """
 
@@ -38,12 +38,14 @@ class EditSpec:
     latent_blend: bool = False
     latent_blend_aligned: bool = False
     source_fingerprint: str = ""  # host hash of the encoded source prompt, checked against the store
+    # vectors of a textual-inversion embedding by name (None: no such file); None: no embeddings
+    embedding_length: Callable[[str], int | None] | None = field(default=None, compare=False, repr=False)
 
     def __deepcopy__(self, memo):
         return self  # immutable; the tokenizer must not be copied
 
     def source_token_ids(self) -> tuple[int, ...]:
-        return tuple(tokenize_prompt(self.source_prompt, self.tokenize).ids)
+        return tuple(tokenize_prompt(self.source_prompt, self.tokenize, self.embedding_length).ids)
 
     def check(self) -> None:
         """Validate words and prompts now, so the settings node fails early with a clear message."""
@@ -52,7 +54,8 @@ class EditSpec:
     def edit_settings(self, num_steps: int, fuse: bool = True) -> EditSettings:
         alignment = align_prompts(self.source_prompt, self.target_prompt, self.tokenize, num_steps,
                                   mode=self.mode, cross_replace_steps=self.cross_replace_steps,
-                                  self_replace_steps=self.self_replace_steps, reweight=self.reweight)
+                                  self_replace_steps=self.self_replace_steps, reweight=self.reweight,
+                                  embedding_length=self.embedding_length)
         blend = _token_positions(alignment.source, self.blend_words, "blend word")
         target_blend = _token_positions(alignment.target, self.target_blend_words, "target blend word")
         if self.latent_blend and not blend:

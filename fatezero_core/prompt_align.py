@@ -17,7 +17,9 @@ Everything the cross-attention fusion needs to know about the two prompts, as pl
 Token positions follow CLIP's 77-token layout: index 0 is BOS, content starts at 1, then EOS, then
 EOS padding up to 77. The tokenizer is a callable ``tokenize(text) -> list[int]`` returning the CLIP
 BPE ids of ``text`` without BOS/EOS. CLIP BPE works per whitespace word, so the prompt's token ids
-are the concatenation of its words' token ids.
+are the concatenation of its words' token ids. Prompts are read in ComfyUI's prompt syntax
+(:mod:`fatezero_core.prompt_syntax`): words are the bare words, ``(word:1.3)`` is the word ``word``,
+and an ``embedding:name`` word takes as many positions as the embedding has vectors.
 
 Where this module deliberately differs from the official code:
 
@@ -35,12 +37,14 @@ Where this module deliberately differs from the official code:
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .errors import PromptError
+from .prompt_syntax import EmbeddingLength, read_prompt
 
 BOS = 49406
 EOS = 49407
@@ -66,8 +70,10 @@ class PromptTokens:
 
     Attributes:
         prompt: the prompt text as given.
-        words: the whitespace words of the prompt.
-        ids: 77 token ids: BOS, the content ids, EOS, then EOS padding.
+        words: the whitespace words of the prompt, bare: ComfyUI's weight syntax removed
+            (``(jeep:1.2),`` -> ``jeep,``), an embedding written ``embedding:name``.
+        ids: 77 token ids: BOS, the content ids, EOS, then EOS padding. An embedding's vectors
+            have stand-in ids (:func:`embedding_token_ids`).
         word_spans: for each whitespace word, the token positions it occupies (a ``range``; content
             starts at position 1). Punctuation attached to the word is part of its span, as in the
             official ``get_word_inds``.
@@ -160,46 +166,85 @@ def _core_span(word: str, word_ids: Sequence[int], span: range, tokenize: Tokeni
     return range(span.start + offset, span.start + offset + len(core_ids))
 
 
-def tokenize_prompt(prompt: str, tokenize: Tokenize) -> PromptTokens:
+def embedding_token_ids(name: str, size: int) -> tuple[int, ...]:
+    """Stand-in ids for the ``size`` vectors of the embedding ``name``.
+
+    Negative, so never a CLIP token id; the same name gives the same ids in both prompts (so refine
+    alignment matches an embedding kept from source to target) and different names differ.
+    """
+    key = zlib.crc32(name.encode("utf-8")) << 12
+    return tuple(-(key + k + 1) for k in range(size))
+
+
+def is_embedding_id(token_id: int) -> bool:
+    """True for a stand-in id of an embedding vector (:func:`embedding_token_ids`)."""
+    return token_id < 0
+
+
+def tokenize_prompt(
+    prompt: str, tokenize: Tokenize, embedding_length: Optional[EmbeddingLength] = None
+) -> PromptTokens:
     """Lay ``prompt`` out on CLIP's 77 token positions (host contract section 5).
 
-    Each whitespace word is tokenized on its own and the pieces are laid out from position 1, as
-    CLIP BPE does per word; the result is checked against tokenizing the whole prompt, so the
-    positions are those of the tokens that get encoded.
+    The prompt is read in ComfyUI's prompt syntax (:func:`fatezero_core.prompt_syntax.read_prompt`;
+    ``embedding_length(name)`` gives an embedding's vector count, None for no such file). Each
+    bare word is tokenized on its own and the pieces are laid out from position 1, as CLIP BPE
+    does per word; the result is checked against tokenizing each piece of the prompt whole, as
+    ComfyUI does, so the positions are those of the tokens that get encoded.
 
     Raises:
-        PromptError: the prompt has more than 75 content tokens, or the tokenizer misbehaves.
+        PromptError: the prompt has more than 75 content tokens, names a missing embedding, or the
+            tokenizer misbehaves.
     """
     if not isinstance(prompt, str):
         raise PromptError(f"a prompt must be text, got {type(prompt).__name__}")
     if not callable(tokenize):
         raise PromptError("tokenize must be a callable text -> list of CLIP token ids")
-    words = tuple(prompt.split())
+    reading = read_prompt(prompt, embedding_length)
     content: list[int] = []
     spans: list[range] = []
     cores: list[range] = []
-    for word in words:
-        word_ids = _call_tokenizer(tokenize, word)
-        span = range(len(content) + 1, len(content) + 1 + len(word_ids))
-        content.extend(word_ids)
+    words: list[str] = []
+    piece_ids: dict[int, list[int]] = {}
+    for atoms in reading.words:
+        start = len(content) + 1
+        named: list[int] = []  # positions of embeddings and of text with letters or digits
+        for atom in atoms:
+            if atom.is_embedding:
+                ids = list(embedding_token_ids(atom.text, atom.size))
+            else:
+                ids = _call_tokenizer(tokenize, atom.text)
+                piece_ids.setdefault(atom.piece, []).extend(ids)
+            if atom.is_embedding or any(c.isalnum() for c in atom.text):
+                named.extend(range(len(content) + 1, len(content) + 1 + len(ids)))
+            content.extend(ids)
+        span = range(start, len(content) + 1)
+        word = "".join(atom.display for atom in atoms)
+        if any(atom.is_embedding for atom in atoms):
+            core = range(min(named), max(named) + 1)
+        else:
+            core = _core_span(word, content[start - 1:], span, tokenize)
+        words.append(word)
         spans.append(span)
-        cores.append(_core_span(word, word_ids, span, tokenize))
+        cores.append(core)
     if len(content) > MAX_CONTENT_TOKENS:
         raise PromptError(
             f"the prompt '{prompt}' has {len(content)} tokens but at most {MAX_CONTENT_TOKENS} fit; "
-            f"shorten it by {len(content) - MAX_CONTENT_TOKENS} tokens (long words and punctuation "
-            "count as several tokens)"
+            f"shorten it by {len(content) - MAX_CONTENT_TOKENS} tokens (long words, punctuation "
+            "and embeddings count as several tokens)"
         )
-    whole = _call_tokenizer(tokenize, prompt)
-    if whole != content:
-        raise PromptError(
-            f"the prompt '{prompt}' tokenizes differently as a whole than word by word, so words "
-            "cannot be matched to tokens; remove unusual characters or separate them with spaces"
-        )
+    for index, piece in enumerate(reading.pieces):
+        if _call_tokenizer(tokenize, piece) != piece_ids.get(index, []):
+            part = "" if piece == prompt else f" (its part '{piece}')"
+            raise PromptError(
+                f"the prompt '{prompt}'{part} tokenizes differently as a whole than word by word, "
+                "so words cannot be matched to tokens; remove unusual characters or separate them "
+                "with spaces"
+            )
     ids = [BOS, *content, EOS] + [EOS] * (MAX_CONTENT_TOKENS - len(content))
     return PromptTokens(
         prompt=prompt,
-        words=words,
+        words=tuple(words),
         ids=tuple(ids),
         word_spans=tuple(spans),
         core_spans=tuple(cores),
@@ -423,6 +468,8 @@ def equalizer(tgt_tokens: PromptTokens, weights: Mapping[Word, float]) -> torch.
 
     Ones, with ``value`` at the token positions of each word in the **target** prompt; later
     entries win where words overlap. Applied as ``R_eq(S) = e * R(S)`` (no renormalisation).
+    A ComfyUI prompt weight on a word (``(watercolor:1.3)``) is not part of ``e``: it scales the
+    word's text embedding only, exactly as CLIP Text Encode does, and combines with ``value``.
 
     Raises:
         PromptError: a word is not in the target prompt (the official code ignores it silently),
@@ -564,14 +611,18 @@ def align_prompts(
     cross_replace_steps: StepsSpec = 0.8,
     self_replace_steps: Window = 0.6,
     reweight: Optional[Mapping[Word, float]] = None,
+    embedding_length: Optional[EmbeddingLength] = None,
 ) -> TokenAlignment:
     """Build the :class:`TokenAlignment` for editing ``src`` into ``tgt`` (reference doc 3.1-3.4).
+
+    Prompt weights (``(word:1.3)``) only change the encoded prompt, as in CLIP Text Encode; the
+    attention reweight comes from ``reweight`` alone (see :func:`equalizer`).
 
     Raises:
         PromptError: any bad prompt, mode, word or window, with what to change.
     """
-    source = tokenize_prompt(src, tokenize)
-    target = tokenize_prompt(tgt, tokenize)
+    source = tokenize_prompt(src, tokenize, embedding_length)
+    target = tokenize_prompt(tgt, tokenize, embedding_length)
     chosen = choose_mode(source, target, mode)
     if chosen == "replace":
         mapper, refine_alphas = replacement_mapper(source, target), None
@@ -601,7 +652,9 @@ __all__ = [
     "align_prompts",
     "choose_mode",
     "cross_replace_alphas",
+    "embedding_token_ids",
     "equalizer",
+    "is_embedding_id",
     "refinement_mapper",
     "replacement_mapper",
     "require_word_token_indices",

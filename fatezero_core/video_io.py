@@ -16,6 +16,10 @@ The "crop" resize mode is the official FateZero preprocessing (``ImageSequenceDa
 scale the short side to ``size`` with antialiased bilinear interpolation (``int(scale * long)`` for
 the long side), then centre-crop ``size x size``.
 
+Audio (:func:`read_audio`, :func:`crop_audio`, :func:`selection_audio_span`): the sound of exactly
+the loaded frames, as a float waveform ``[1, C, S]`` in -1..1 and its sample rate. Decoding uses
+PyAV (``av``, a ComfyUI requirement), imported only when audio is read.
+
 Nothing here imports ComfyUI. Errors a user can fix raise :class:`~fatezero_core.errors.VideoError`
 with a message that says what to change.
 """
@@ -50,6 +54,10 @@ __all__ = [
     "output_size",
     "resize_frames",
     "load_frames",
+    "select_frames",
+    "selection_audio_span",
+    "crop_audio",
+    "read_audio",
     "frames_fingerprint",
     "safe_input_path",
     "write_video",
@@ -512,6 +520,16 @@ class _FrameBuffer:
         return self.data[: self.count].clone()
 
 
+def _check_selection(frame_load_cap, skip_first_frames, select_every_nth, size, resize_mode) -> tuple[_Selection, int]:
+    """The checked frame selection and size (raises :class:`VideoError` saying what to use)."""
+    cap = _check_count("frame_load_cap", frame_load_cap, 0, "use 0 to load every frame")
+    skip = _check_count("skip_first_frames", skip_first_frames, 0, "use 0 to start at the first frame")
+    nth = _check_count("select_every_nth", select_every_nth, 1, "use 1 to keep every frame")
+    size = _check_size(size)
+    _check_mode(resize_mode)
+    return _Selection(skip, nth, cap), size
+
+
 def _zero_selected_error(path: str, seen: int, sel: _Selection) -> VideoError:
     name = os.path.basename(os.path.normpath(path))
     return VideoError(
@@ -548,13 +566,8 @@ def load_frames(
     ``progress(done, total)`` is called after each kept frame; ``total`` is the expected number of
     kept frames, estimated from the container's frame count for videos (never below ``done``).
     """
-    frame_load_cap = _check_count("frame_load_cap", frame_load_cap, 0, "use 0 to load every frame")
-    skip_first_frames = _check_count("skip_first_frames", skip_first_frames, 0, "use 0 to start at the first frame")
-    select_every_nth = _check_count("select_every_nth", select_every_nth, 1, "use 1 to keep every frame")
-    size = _check_size(size)
-    _check_mode(resize_mode)
+    sel, size = _check_selection(frame_load_cap, skip_first_frames, select_every_nth, size, resize_mode)
     fallback_fps = _check_fps(sequence_fps)
-    sel = _Selection(skip_first_frames, select_every_nth, frame_load_cap)
 
     src = _open_source(path)
     stats = _Stats()
@@ -567,7 +580,7 @@ def load_frames(
         total = len(files)
         raw = _iter_files(files, sel, stats)
 
-    expected = sel.expected(total) if total > 0 else (frame_load_cap or 0)
+    expected = sel.expected(total) if total > 0 else sel.cap
     buffer = _FrameBuffer(expected)
     try:
         for frame in raw:
@@ -580,7 +593,142 @@ def load_frames(
     if buffer.count == 0:
         raise _zero_selected_error(src.path, stats.seen, sel)
     fps = stats.fps if src.kind == "video" and stats.fps else fallback_fps
-    return buffer.result(), float(fps) / select_every_nth
+    return buffer.result(), float(fps) / sel.nth
+
+
+def select_frames(
+    frames: torch.Tensor,
+    fps: float,
+    *,
+    frame_load_cap: int = 0,
+    skip_first_frames: int = 0,
+    select_every_nth: int = 1,
+    size: int = 512,
+    resize_mode: str = "crop",
+) -> tuple[torch.Tensor, float]:
+    """:func:`load_frames` on frames already decoded (``[F, H, W, 3]`` in 0..1 at ``fps``).
+
+    Same selection, resizing and returned rate as :func:`load_frames`, for a clip that another
+    node decoded (ComfyUI's VIDEO). Only the kept frames are resized.
+    """
+    sel, size = _check_selection(frame_load_cap, skip_first_frames, select_every_nth, size, resize_mode)
+    rate = _check_fps(fps)
+    if frames.dim() != 4 or frames.shape[-1] != 3:
+        raise VideoError(f"The video's frames must be shaped [F, H, W, 3]; got {tuple(frames.shape)}.")
+    kept = frames[sel.skip::sel.nth][: sel.cap or None]
+    if kept.shape[0] == 0:
+        raise _zero_selected_error("the connected video", frames.shape[0], sel)
+    return resize_frames(kept, size=size, resize_mode=resize_mode), rate / sel.nth
+
+
+# --------------------------------------------------------------------------------------------
+# Audio
+# --------------------------------------------------------------------------------------------
+
+
+def selection_audio_span(
+    frame_count: int, fps: float, *, skip_first_frames: int = 0, select_every_nth: int = 1
+) -> tuple[float, float]:
+    """``(start, duration)`` in seconds of the sound of ``frame_count`` frames loaded at ``fps``.
+
+    ``fps`` is the rate :func:`load_frames` returned (source rate / ``select_every_nth``). The
+    loaded clip plays from source frame ``skip_first_frames`` for ``frame_count / fps`` seconds:
+    each kept frame stands for the ``select_every_nth`` source frames up to the next kept one.
+    """
+    source_fps = fps * select_every_nth
+    return skip_first_frames / source_fps, frame_count / fps
+
+
+def crop_audio(waveform: torch.Tensor, sample_rate: int, start: float, duration: float) -> torch.Tensor:
+    """The samples of ``[..., C, S]`` from ``start`` seconds for ``duration`` seconds.
+
+    Returns ``round(duration * sample_rate)`` samples; where the source has none (before its
+    start, after its end) they are silence, so the sound always lasts exactly ``duration``.
+    """
+    total = round(duration * sample_rate)
+    first = round(start * sample_rate)
+    out = waveform.new_zeros((*waveform.shape[:-1], total))
+    lo, hi = max(first, 0), min(first + total, waveform.shape[-1])
+    if hi > lo:
+        out[..., lo - first:hi - first] = waveform[..., lo:hi]
+    return out
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError as exc:
+        raise VideoError(
+            "Reading a clip's sound needs PyAV (the 'av' package, installed with ComfyUI): "
+            "run 'pip install av' in ComfyUI's Python."
+        ) from exc
+    return av
+
+
+def _frame_samples(frame) -> np.ndarray:
+    """One decoded audio frame as float32 ``[C, n]`` in -1..1, whatever its sample format."""
+    data = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if not frame.format.is_planar:
+        data = data.reshape(-1, channels).T
+    if data.dtype.kind == "u":  # unsigned PCM is centred on half its range
+        half = float(1 << (8 * data.dtype.itemsize - 1))
+        return ((data.astype(np.float32) - half) / half).astype(np.float32)
+    if data.dtype.kind == "i":
+        return data.astype(np.float32) / float(-np.iinfo(data.dtype).min)
+    return data.astype(np.float32, copy=False)
+
+
+def read_audio(path: str | os.PathLike, start: float, duration: float) -> tuple[torch.Tensor, int] | None:
+    """``(waveform [1, C, S], sample_rate)`` of the file's first audio stream, None without one.
+
+    ``start`` and ``duration`` are seconds on the clip's timeline: 0 is the first video frame
+    (the video stream's start time), so the sound lines up with the frames :func:`load_frames`
+    returns. The result has exactly ``round(duration * sample_rate)`` samples (silence where the
+    stream has none). Decoding stops at the end of the span.
+
+    Raises:
+        VideoError: PyAV is missing, or the file's audio cannot be decoded.
+    """
+    av = _import_av()
+    path = os.fspath(path)
+    errors = (OSError, ValueError, getattr(av, "FFmpegError", OSError))
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            sample_rate = int(stream.sample_rate or 0)
+            if sample_rate <= 0:
+                return None
+            video = container.streams.video[0] if container.streams.video else None
+            origin = float(video.start_time * video.time_base) if video is not None and video.start_time is not None else 0.0
+            total = round(duration * sample_rate)
+            parts: list[tuple[int, np.ndarray]] = []
+            cursor = None
+            for frame in container.decode(stream):
+                if cursor is None:  # place the stream by its first frame; then samples are contiguous
+                    when = frame.time if frame.time is not None else 0.0
+                    cursor = round((when - origin - start) * sample_rate)
+                samples = _frame_samples(frame)
+                parts.append((cursor, samples))
+                cursor += samples.shape[1]
+                if cursor >= total:
+                    break
+    except errors as exc:
+        raise VideoError(
+            f"The sound of '{os.path.basename(path)}' could not be decoded ({exc}). Re-encode the "
+            "clip (for example as H.264 + AAC .mp4), or remove its audio track."
+        ) from None
+    if not parts:
+        return None
+    channels = parts[0][1].shape[0]
+    out = torch.zeros(1, channels, total)
+    for offset, samples in parts:
+        lo, hi = max(offset, 0), min(offset + samples.shape[1], total)
+        if hi > lo:
+            out[0, :, lo:hi] = torch.from_numpy(samples[:channels, lo - offset:hi - offset])
+    return out, sample_rate
 
 
 # --------------------------------------------------------------------------------------------

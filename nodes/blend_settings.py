@@ -4,6 +4,12 @@ The node encodes the source and target prompts exactly as core CLIPTextEncode do
 ``fatezero_core.edit_spec.EditSpec`` that FateZero Sample uses to fuse attention. The spec maps
 words to token positions with the same CLIP tokenizer that encoded the prompts, so the words the
 settings name are the tokens that were encoded (design decision 7).
+
+Prompts use ComfyUI's syntax: ``(word:1.3)``, ``(word)``, ``\\(``, ``embedding:name``. Words are
+aligned on the bare words (``fatezero_core.prompt_syntax``), and before encoding the node checks
+that ComfyUI's own tokenization puts the same tokens (embedding vectors included) at the same
+positions. A weight means what it means in CLIP Text Encode, a scale of the word's embedding; the
+attention reweight of a word is only the ``reweight`` field.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from typing import Callable
 from comfy_api.latest import io
 
 from ..fatezero_core.edit_spec import EditSpec
-from ..fatezero_core.prompt_align import MODES, tokenize_prompt
+from ..fatezero_core.prompt_align import BOS, EOS, MODES, PromptTokens, is_embedding_id, tokenize_prompt
+from ..fatezero_core.prompt_syntax import EMBEDDING_PREFIX
 from .patching import conditioning_fingerprint
 from .sockets import BlendSettings
 from .user_errors import FateZeroNodeError, user_errors
@@ -46,7 +53,8 @@ def parse_words(text: str | None, field: str) -> tuple[str, ...]:
     """``"jeep, Wonder Woman"`` -> ``("jeep", "Wonder Woman")``; duplicates are dropped."""
     words = []
     for entry in _entries(text):
-        if ":" in entry:
+        bare = entry[len(EMBEDDING_PREFIX):] if entry.lower().startswith(EMBEDDING_PREFIX) else entry
+        if ":" in bare:
             raise FateZeroNodeError(
                 f"{field}: '{entry}' contains ':'. List plain words separated by commas, "
                 "for example 'jeep, car'."
@@ -156,11 +164,40 @@ def clip_tokenizer(clip) -> Callable[[str], list[int]]:
     return tokenize
 
 
-def encode(clip, text: str, which: str, expected_ids: tuple[int, ...]):
+def embedding_lookup(clip) -> Callable[[str], int | None] | None:
+    """``name -> number of vectors`` of a textual-inversion embedding, as this CLIP loads it.
+
+    None when the CLIP has no embeddings folder: ComfyUI then reads ``embedding:name`` as text.
+    Asks ComfyUI's own tokenizer (``clip.tokenize('embedding:name')``); a name it does not find,
+    or finds only after dropping characters, counts as missing.
+    """
+    if getattr(clip.tokenizer.clip_l, "embedding_directory", None) is None:
+        return None
+    known: dict[str, int | None] = {}
+
+    def length(name: str) -> int | None:
+        if name not in known:
+            chunks = clip.tokenize(EMBEDDING_PREFIX + name).get("l", [])
+            tokens = [t[0] for chunk in chunks for t in chunk]
+            vectors = sum(1 for t in tokens if not isinstance(t, int))
+            text = [t for t in tokens if isinstance(t, int) and t not in (BOS, EOS)]
+            known[name] = vectors if vectors and not text else None
+        return known[name]
+
+    return length
+
+
+def _same_token(ours: int, theirs) -> bool:
+    if is_embedding_id(ours):
+        return not isinstance(theirs, int)  # an embedding vector is a tensor in ComfyUI's tokens
+    return isinstance(theirs, int) and theirs == ours
+
+
+def encode(clip, text: str, which: str, layout: PromptTokens):
     """CONDITIONING for ``text``, encoded as core CLIPTextEncode does.
 
-    Checks that ComfyUI's tokenization is the one the word alignment used: prompt weights such as
-    ``(word:1.2)`` and textual-inversion embeddings change the token layout and are refused.
+    Checks first that ComfyUI's tokenization puts the tokens of ``layout`` (the words the
+    alignment uses) at the same positions, so no word is matched to another word's tokens.
     """
     tokens = clip.tokenize(text)
     if set(tokens) != {"l"}:
@@ -169,12 +206,17 @@ def encode(clip, text: str, which: str, expected_ids: tuple[int, ...]):
             "1.x checkpoints only (a single CLIP-L text encoder). Load an SD1.x checkpoint."
         )
     chunks = tokens["l"]
-    ids = tuple(t[0] if isinstance(t[0], int) else None for t in chunks[0]) if len(chunks) == 1 else ()
-    if ids != tuple(expected_ids):
+    theirs = [t[0] for t in chunks[0]] if len(chunks) == 1 else []
+    if len(theirs) != len(layout.ids) or not all(map(_same_token, layout.ids, theirs)):
+        first = next((i for i, (a, b) in enumerate(zip(layout.ids, theirs)) if not _same_token(a, b)),
+                     min(len(theirs), len(layout.ids)))
+        word = next((w for w, span in zip(layout.words, layout.word_spans) if first in span), None)
+        where = f" at the word '{word}'" if word else ""
         raise FateZeroNodeError(
-            f"The {which} prompt '{text}' is tokenized differently by ComfyUI than word by word, so "
-            "FateZero cannot match words to tokens. Remove prompt weights like '(word:1.2)', "
-            "brackets and 'embedding:' names; use the reweight field to strengthen words."
+            f"ComfyUI encodes the {which} prompt '{text}' with other tokens than FateZero reads from "
+            f"its words (they differ{where}, token {first}), so words cannot be matched to tokens. "
+            "FateZero reads '(word:1.2)', '(word)', '\\(' and 'embedding:name'; rewrite the "
+            "syntax there, for example with spaces around parentheses."
         )
     return clip.encode_from_tokens_scheduled(tokens)
 
@@ -206,14 +248,16 @@ class FateZeroAttentionBlendSettings(io.ComfyNode):
                     "source_prompt", multiline=True, dynamic_prompts=False,
                     tooltip=(
                         "Describes the input video, e.g. 'a silver jeep driving down a curvy road'. "
-                        "Use the same prompt as for FateZero DDIM Invert (connect the source output)."
+                        "Use the same prompt as for FateZero DDIM Invert (connect the source output). "
+                        "ComfyUI prompt syntax works as in CLIP Text Encode."
                     ),
                 ),
                 io.String.Input(
                     "target_prompt", multiline=True, dynamic_prompts=False,
                     tooltip=(
                         "The edited video, e.g. 'a Porsche car driving down a curvy road'. At most 75 "
-                        "tokens; no '(word:1.2)' weights (use reweight)."
+                        "tokens. '(word:1.2)' and 'embedding:name' work as in CLIP Text Encode: a "
+                        "weight scales the word's embedding, not its attention (that is reweight)."
                     ),
                 ),
                 io.String.Input(
@@ -264,7 +308,7 @@ class FateZeroAttentionBlendSettings(io.ComfyNode):
                     "reweight", default="", optional=True,
                     tooltip=(
                         "Optional attention scale for target words: 'watercolor: 10, silver: 2' "
-                        "(1 = unchanged)."
+                        "(1 = unchanged). Independent of prompt weights like '(watercolor:1.2)'."
                     ),
                 ),
                 io.Combo.Input(
@@ -306,6 +350,7 @@ class FateZeroAttentionBlendSettings(io.ComfyNode):
                 self_replace_steps, blend_threshold, mode, local_latent_blend, soft_mask,
                 target_blend_words="", cross_replace_words="", reweight="") -> io.NodeOutput:
         tokenize = clip_tokenizer(clip)
+        embedding_length = embedding_lookup(clip)
         for which, text in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
             if not isinstance(text, str) or not text.strip():
                 raise FateZeroNodeError(f"{which} is empty: describe the video in a few words.")
@@ -327,14 +372,15 @@ class FateZeroAttentionBlendSettings(io.ComfyNode):
             soft_mask=bool(soft_mask),
             reweight=parse_reweight(reweight),
             latent_blend=bool(local_latent_blend),
+            embedding_length=embedding_length,
         )
         with user_errors():
             spec.check()
-            source_ids = tokenize_prompt(source_prompt, tokenize).ids
-            target_ids = tokenize_prompt(target_prompt, tokenize).ids
+            source_layout = tokenize_prompt(source_prompt, tokenize, embedding_length)
+            target_layout = tokenize_prompt(target_prompt, tokenize, embedding_length)
 
-        source = encode(clip, source_prompt, "source", source_ids)
-        target = encode(clip, target_prompt, "target", target_ids)
+        source = encode(clip, source_prompt, "source", source_layout)
+        target = encode(clip, target_prompt, "target", target_layout)
         spec = dataclasses.replace(spec, source_fingerprint=conditioning_fingerprint(source))
         return io.NodeOutput(source, target, spec)
 

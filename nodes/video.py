@@ -1,7 +1,10 @@
-"""FateZero Load Video Frames: a clip from ComfyUI's input folder as an IMAGE batch.
+"""FateZero Load Video Frames: a clip from ComfyUI's input folder as an IMAGE batch and its sound.
 
 Thin adapter over ``fatezero_core.video_io``: the node lists and resolves files in the input
-folder, reports decoding progress to ComfyUI, and lets the core do the reading and resizing.
+folder (or takes a core VIDEO), reports decoding progress to ComfyUI, and lets the core do the
+reading, resizing and audio cutting. AUDIO follows ComfyUI's convention (``comfy_extras``
+``nodes_audio``): ``{"waveform": [1, C, S] float, "sample_rate": int}``, or None for no sound,
+which core Create Video takes as "no audio track".
 """
 
 from __future__ import annotations
@@ -11,17 +14,21 @@ import os
 
 import comfy.utils
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import InputImpl, io
 
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.video_io import (
     RESIZE_MODES,
+    crop_audio,
     frames_fingerprint,
     is_image_file,
     is_video_file,
     load_frames,
     natural_sort_key,
+    read_audio,
     safe_input_path,
+    select_frames,
+    selection_audio_span,
 )
 from .user_errors import FateZeroNodeError, user_errors
 
@@ -93,6 +100,30 @@ def _missing_message(video: str, path: str) -> str:
     )
 
 
+def _audio(waveform_and_rate) -> dict | None:
+    if waveform_and_rate is None:
+        return None
+    waveform, sample_rate = waveform_and_rate
+    return {"waveform": waveform, "sample_rate": int(sample_rate)}
+
+
+def _video_file(video) -> str | None:
+    """The file behind a core VIDEO (Load Video's ``VideoFromFile``), or None for one in memory.
+
+    Only a ``VideoFromFile`` is asked: the default ``get_stream_source`` of other VIDEOs encodes
+    the whole clip to memory first.
+    """
+    if not isinstance(video, InputImpl.VideoFromFile):
+        return None
+    path = video.get_stream_source()
+    return path if isinstance(path, str) and os.path.isfile(path) else None
+
+
+# validate_inputs' default for source_video: ComfyUI validates with links unresolved, passing a
+# connected input as None and leaving an unconnected one out, so this default means "not connected".
+_NOT_CONNECTED = object()
+
+
 class FateZeroLoadVideoFrames(io.ComfyNode):
     """Load a video, GIF, image or image-sequence folder as frames for FateZero."""
 
@@ -161,6 +192,14 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
                         "report their own rate)."
                     ),
                 ),
+                io.Video.Input(
+                    "source_video", optional=True,
+                    tooltip=(
+                        "Optional VIDEO, e.g. from core Load Video. When connected it is read "
+                        "instead of the file picked in 'video', with the same frame selection, "
+                        "resizing and sound."
+                    ),
+                ),
             ],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="The frames, [F, H, W, 3] in 0..1."),
@@ -169,12 +208,20 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
                     display_name="fps",
                     tooltip="Playback rate of the loaded frames (source rate / select_every_nth).",
                 ),
+                io.Audio.Output(
+                    display_name="audio",
+                    tooltip=(
+                        "The clip's sound under exactly the loaded frames (skip, every-nth and cap "
+                        "applied; frame_count / fps seconds). No audio for silent clips, GIFs and "
+                        "images. Connect it to Create Video's audio."
+                    ),
+                ),
             ],
         )
 
     @classmethod
-    def validate_inputs(cls, video) -> bool | str:
-        if video is None:  # connected from another node: checked when it runs
+    def validate_inputs(cls, video, source_video=_NOT_CONNECTED) -> bool | str:
+        if video is None or source_video is not _NOT_CONNECTED:  # a link: checked when it runs / not read
             return True
         try:
             path = resolve_source(video)
@@ -186,7 +233,9 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, video, frame_load_cap, skip_first_frames, select_every_nth, size,
-                           resize_mode, sequence_fps=8.0):
+                           resize_mode, sequence_fps=8.0, source_video=None):
+        # A connected source_video never reaches here (ComfyUI passes constants only); its node's
+        # own cache key covers it.
         try:
             path = resolve_source(video)
             return frames_fingerprint(
@@ -199,11 +248,30 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
 
     @classmethod
     def execute(cls, video, frame_load_cap, skip_first_frames, select_every_nth, size,
-                resize_mode, sequence_fps=8.0) -> io.NodeOutput:
+                resize_mode, sequence_fps=8.0, source_video=None) -> io.NodeOutput:
+        selection = dict(frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
+                         select_every_nth=select_every_nth, size=size, resize_mode=resize_mode)
+        path = _video_file(source_video) if source_video is not None else cls._input_file(video)
+        with user_errors():
+            if path is None:  # a VIDEO held in memory (e.g. from Create Video)
+                frames, fps, audio = cls._from_components(source_video.get_components(), selection)
+            else:
+                frames, fps = load_frames(path, sequence_fps=sequence_fps, progress=cls._progress(),
+                                          **selection)
+                start, duration = selection_audio_span(frames.shape[0], fps, skip_first_frames=skip_first_frames,
+                                                       select_every_nth=select_every_nth)
+                audio = _audio(read_audio(path, start, duration) if is_video_file(path) else None)
+        return io.NodeOutput(frames, int(frames.shape[0]), float(fps), audio)
+
+    @staticmethod
+    def _input_file(video) -> str:
         path = resolve_source(video)
         if not os.path.exists(path):
             raise FateZeroNodeError(_missing_message(video, path))
+        return path
 
+    @staticmethod
+    def _progress():
         pbar = None
 
         def progress(done: int, total: int) -> None:
@@ -212,13 +280,18 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
                 pbar = comfy.utils.ProgressBar(total)
             pbar.update_absolute(done, total)
 
-        with user_errors():
-            frames, fps = load_frames(
-                path, frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
-                select_every_nth=select_every_nth, size=size, resize_mode=resize_mode,
-                sequence_fps=sequence_fps, progress=progress,
-            )
-        return io.NodeOutput(frames, int(frames.shape[0]), float(fps))
+        return progress
+
+    @staticmethod
+    def _from_components(components, selection: dict):
+        frames, fps = select_frames(components.images, float(components.frame_rate), **selection)
+        sound = components.audio
+        if not sound:
+            return frames, fps, None
+        start, duration = selection_audio_span(frames.shape[0], fps, skip_first_frames=selection["skip_first_frames"],
+                                               select_every_nth=selection["select_every_nth"])
+        rate = int(sound["sample_rate"])
+        return frames, fps, _audio((crop_audio(sound["waveform"], rate, start, duration), rate))
 
 
 NODES = [FateZeroLoadVideoFrames]

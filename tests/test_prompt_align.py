@@ -20,7 +20,9 @@ from fatezero_core.prompt_align import (
     align_prompts,
     choose_mode,
     cross_replace_alphas,
+    embedding_token_ids,
     equalizer,
+    is_embedding_id,
     refinement_mapper,
     replacement_mapper,
     require_word_token_indices,
@@ -36,6 +38,8 @@ RED, WONDER, WOMAN, ON, CAT = 3011, 3012, 3013, 3014, 3015
 P1, P2 = 5001, 5002  # "porsche"
 W1, W2, W3 = 6001, 6002, 6003  # "watercolor"
 COMMA, DOT, DASH = 267, 269, 268
+LPAREN, RPAREN, LBRACKET, RBRACKET, COLON = 263, 264, 336, 337, 281
+EMBEDDING, STYLE = 7001, 7002
 
 VOCAB = {
     "a": [A], "silver": [SILVER], "jeep": [JEEP], "driving": [DRIVING], "down": [DOWN],
@@ -43,6 +47,8 @@ VOCAB = {
     "countryside": [COUNTRYSIDE], "red": [RED], "wonder": [WONDER], "woman": [WOMAN],
     "on": [ON], "cat": [CAT], "porsche": [P1, P2], "watercolor": [W1, W2, W3],
     ",": [COMMA], ".": [DOT], "-": [DASH],
+    "(": [LPAREN], ")": [RPAREN], "[": [LBRACKET], "]": [RBRACKET], ":": [COLON],
+    "embedding": [EMBEDDING], "style": [STYLE],
 }
 
 
@@ -424,3 +430,148 @@ def test_align_prompts_replace_bundle():
     assert al.cross_alphas.shape == (11, 77) and al.self_window == (0, 6)
     with pytest.raises(PromptError, match="refine"):
         align_prompts(JEEP_PROMPT, WATERCOLOR_PROMPT, fake_tokenize, 10, mode="replace")
+
+
+# ---- ComfyUI prompt syntax ------------------------------------------------------------------
+# Tables worked by hand from ComfyUI 0.3.64's reading (comfy/sd1_clip.py: token_weights,
+# escape_important, the embedding split of tokenize_with_weights): weights are removed, the words
+# keep exactly the tokens ComfyUI encodes.
+
+EMBEDDINGS = {"style": 2, "grain": 1}
+
+
+def tok_syntax(prompt: str):
+    return tokenize_prompt(prompt, fake_tokenize, EMBEDDINGS.get)
+
+
+def content(pt) -> list[int]:
+    return list(pt.sequence[1:-1])
+
+
+@pytest.mark.parametrize("prompt,words,ids", [
+    ("(watercolor:1.3) painting of a jeep", ("watercolor", "painting", "of", "a", "jeep"),
+     [W1, W2, W3, PAINTING, OF, A, JEEP]),
+    ("a (silver jeep:1.2), in the countryside", ("a", "silver", "jeep,", "in", "the", "countryside"),
+     [A, SILVER, JEEP, COMMA, IN, THE, COUNTRYSIDE]),
+    ("((jeep)) on a (road)", ("jeep", "on", "a", "road"), [JEEP, ON, A, ROAD]),
+    ("(a ((red:0.8) car):1.1)", ("a", "red", "car"), [A, RED, CAR]),
+    # the weight is the number after the LAST colon; a colon before a non-number is text
+    ("(red:car)", ("red:car",), [RED, COLON, CAR]),
+    ("(red:car:1.5)", ("red:car",), [RED, COLON, CAR]),
+    # escaped parentheses and unmatched ones are text; a stray ')' keeps the rest as text
+    (r"a \(jeep\)", ("a", "(jeep)"), [A, LPAREN, JEEP, RPAREN]),
+    ("a (jeep", ("a", "(jeep"), [A, LPAREN, JEEP]),
+    ("a) (jeep)", ("a)", "(jeep)"), [A, RPAREN, LPAREN, JEEP, RPAREN]),
+    # square brackets mean nothing to ComfyUI: their tokens are encoded
+    ("a [jeep]", ("a", "[jeep]"), [A, LBRACKET, JEEP, RBRACKET]),
+    # a group boundary inside a word is a token boundary but not a word boundary
+    ("a (red)car", ("a", "redcar"), [A, RED, CAR]),
+    ("()jeep", ("jeep",), [JEEP]),
+])
+def test_weight_syntax_gives_the_bare_words(prompt, words, ids):
+    pt = tok_syntax(prompt)
+    assert pt.words == words
+    assert content(pt) == ids
+    assert pt.prompt == prompt
+
+
+def test_weighted_words_are_found_without_their_syntax():
+    pt = tok_syntax("a (silver jeep:1.2), in the (countryside)")
+    #  pos: BOS a silver jeep , in the countryside
+    assert word_token_indices(pt, "jeep") == [3]  # not the "," at 4
+    assert word_token_indices(pt, "silver jeep") == [2, 3]
+    assert word_token_indices(pt, "countryside") == [7]
+    assert word_token_indices(tok_syntax(r"a \(jeep\)"), "jeep") == [3]  # BOS a ( jeep )
+    assert word_token_indices(tok_syntax("a [jeep]"), "jeep") == [3]
+
+
+def test_embedding_takes_its_vector_count_of_positions():
+    pt = tok_syntax("a jeep, embedding:style painting")
+    e = list(embedding_token_ids("style", 2))
+    assert pt.words == ("a", "jeep,", "embedding:style", "painting")
+    assert content(pt) == [A, JEEP, COMMA, *e, PAINTING]
+    assert all(is_embedding_id(i) for i in e) and not any(is_embedding_id(i) for i in (A, JEEP, BOS, EOS))
+    assert [list(s) for s in pt.word_spans] == [[1], [2, 3], [4, 5], [6]]
+    assert word_token_indices(pt, "embedding:style") == [4, 5]
+    assert word_token_indices(pt, "Embedding:Style") == [4, 5]
+    assert word_token_indices(pt, "painting") == [6]
+    assert word_token_indices(pt, "style") == []  # the bare name is not a word of the prompt
+
+
+def test_embedding_ids_are_stable_per_name_and_distinct_between_names():
+    assert embedding_token_ids("style", 2) == embedding_token_ids("style", 2)
+    assert set(embedding_token_ids("style", 2)).isdisjoint(embedding_token_ids("grain", 1))
+    assert len(set(embedding_token_ids("style", 3))) == 3
+
+
+@pytest.mark.parametrize("prompt,words,ids", [
+    # 'style,' is no file: ComfyUI retries 'style' and keeps the comma as text of that word
+    ("embedding:style, road", ("embedding:style,", "road"), ["style", "style", COMMA, ROAD]),
+    ("(embedding:style:1.2) painting", ("embedding:style", "painting"), ["style", "style", PAINTING]),
+    ("embedding:style, (watercolor:1.2)", ("embedding:style,", "watercolor"), ["style", "style", COMMA, W1, W2, W3]),
+    ("embedding:style\n(jeep)", ("embedding:style", "jeep"), ["style", "style", JEEP]),
+    ("a\nembedding:grain jeep", ("a", "embedding:grain", "jeep"), [A, "grain", JEEP]),
+    # an embedding needs a space, a newline or a group start before it
+    ("a,embedding:style", ("a,embedding:style",), [A, COMMA, EMBEDDING, COLON, STYLE]),
+])
+def test_embedding_syntax_hand_tables(prompt, words, ids):
+    pt = tok_syntax(prompt)
+    stand_ins = {"style": iter(embedding_token_ids("style", 2)), "grain": iter(embedding_token_ids("grain", 1))}
+    expected = [next(stand_ins[i]) if isinstance(i, str) else i for i in ids]
+    assert pt.words == words
+    assert content(pt) == expected
+
+
+def test_embedding_word_lookup_skips_attached_punctuation():
+    pt = tok_syntax("embedding:style, road")
+    assert word_token_indices(pt, "embedding:style") == [1, 2]  # not the comma at 3
+
+
+def test_embedding_without_an_embedding_lookup_is_text():
+    pt = tokenize_prompt("a embedding:style", fake_tokenize)
+    assert content(pt) == [A, EMBEDDING, COLON, STYLE]
+
+
+def test_missing_or_unnamed_embedding_raises():
+    with pytest.raises(PromptError, match=r"embedding 'embedding:nope' was not found.*models/embeddings"):
+        tok_syntax("a embedding:nope jeep")
+    with pytest.raises(PromptError, match=r"'embedding:' is not followed by a name"):
+        tok_syntax("a jeep embedding:")
+
+
+def test_embeddings_count_against_the_75_tokens():
+    assert tok_syntax(" ".join(["a"] * 73) + " embedding:style").num_content_tokens == 75
+    with pytest.raises(PromptError, match=r"76 tokens.*embeddings count"):
+        tok_syntax(" ".join(["a"] * 74) + " embedding:style")
+
+
+def test_refine_sees_an_added_embedding_as_new_tokens():
+    mapper, alphas = refinement_mapper(tok_syntax("a jeep"), tok_syntax("a jeep embedding:style"))
+    assert alphas[:6].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]  # BOS a jeep e e EOS
+    assert mapper[:3].tolist() == [0, 1, 2] and mapper[5] == 3
+
+
+def test_replace_keeps_a_shared_embedding_in_place():
+    m = replacement_mapper(tok_syntax("embedding:style jeep"), tok_syntax("embedding:style car"))
+    assert m[1, 1] == 1 and m[2, 2] == 1 and m[3, 3] == 1 and m[1:4].sum() == 3
+
+
+def test_prompt_weights_are_not_attention_reweights():
+    """The documented rule: a weight scales the word's embedding only (done by the host's encoder);
+    the equalizer comes from ``reweight`` alone and is the same as for the unweighted prompt."""
+    weighted = "(watercolor:1.3) painting of a silver (jeep:0.5) driving down a road"
+    plain = "watercolor painting of a silver jeep driving down a road"
+    assert align_prompts(JEEP_PROMPT, weighted, fake_tokenize, 10).equalizer is None
+    al = align_prompts(JEEP_PROMPT, weighted, fake_tokenize, 10, reweight={"watercolor": 2})
+    assert al.equalizer[1:4].tolist() == [2.0, 2.0, 2.0] and al.equalizer.sum() == 74 + 6
+    ref = align_prompts(JEEP_PROMPT, plain, fake_tokenize, 10, reweight={"watercolor": 2})
+    assert torch.equal(al.equalizer, ref.equalizer)
+    assert torch.equal(al.mapper, ref.mapper) and torch.equal(al.refine_alphas, ref.refine_alphas)
+
+
+def test_a_piece_the_tokenizer_reads_differently_is_refused():
+    def merging(text):
+        return [9999] if text == "silver jeep" else fake_tokenize(text)
+
+    with pytest.raises(PromptError, match=r"its part 'silver jeep'.*word by word"):
+        tokenize_prompt("a (silver jeep:1.2)", merging)

@@ -16,8 +16,10 @@ import email.policy
 import hashlib
 import io
 import json
+import os
 import socket
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -111,6 +113,8 @@ class FakeComfy:
                     if not fake.websocket:
                         return self.reply(404, {"error": "no websocket here"})
                     return self.websocket(query.get("clientId", ""))
+                if url.path == "/system_stats":
+                    return self.reply(200, {"system": {"comfyui_version": "0.3.64"}, "devices": []})
                 if url.path.startswith("/history/"):
                     prompt_id = url.path.rsplit("/", 1)[1]
                     entry = fake.history.get(prompt_id)
@@ -551,3 +555,165 @@ def test_progress_bar_redraws_in_place_on_a_terminal():
     assert text.count("\r") == 5 and text.count("\n") == 2  # redrawn in place, then closed
     assert "\rclip.mp4 | FateZero Sample (#7) [##########] 4/4" in text
     assert text.endswith("clip.mp4 | done\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs named after the clip
+# ------------------------------------------------------------------------------------------------
+
+
+def test_saved_files_are_named_after_the_clip_and_the_workflow(fake, tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    write_clip(folder, "bear.mp4")
+    write_clip(folder, "my jeep.mov")
+    code, err = run([STYLE_API, "--video", folder, "--server", fake.address, "--out", tmp_path / "o"])
+    assert code == 0, err
+    prefixes = [p["prompt"]["10"]["inputs"]["filename_prefix"] for p in fake.prompts]
+    assert prefixes == ["fatezero/bear_style_watercolor", "fatezero/my jeep_style_watercolor"]
+
+
+def test_naming_rule_for_several_or_folderless_save_nodes(tmp_path):
+    graph = {"1": {"class_type": "SaveVideo", "inputs": {"filename_prefix": "edits/a/jeep"}},
+             "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "jeep_frames"}},
+             "3": {"class_type": "PreviewImage", "inputs": {}}}
+    runner.name_outputs(graph, "bear", "attribute_edit")
+    assert graph["1"]["inputs"]["filename_prefix"] == "edits/a/bear_attribute_edit_1"
+    assert graph["2"]["inputs"]["filename_prefix"] == "bear_attribute_edit_2"
+    assert graph["3"]["inputs"] == {}
+
+
+def test_set_still_overrides_the_prefix(fake, tmp_path):
+    clip = write_clip(tmp_path, "jeep.mp4")
+    code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o",
+                     "--set", "SaveVideo.filename_prefix=mine/fixed"])
+    assert code == 0, err
+    assert fake.prompts[0]["prompt"]["10"]["inputs"]["filename_prefix"] == "mine/fixed"
+
+
+# ------------------------------------------------------------------------------------------------
+# --comfyui: a server started for the run (a stand-in main.py here; the real one in the host tier)
+# ------------------------------------------------------------------------------------------------
+
+STAND_IN_MAIN = """
+import json, os, sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+args = sys.argv[1:]
+if os.environ.get("STAND_IN_FAIL"):
+    print("cannot start: no such module 'torch'", flush=True)
+    sys.exit(3)
+with open("started.json", "w") as f:
+    json.dump({"argv": args, "python": sys.executable, "pid": os.getpid()}, f)
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"{}" if self.path == "/system_stats" else b""
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+time.sleep(float(os.environ.get("STAND_IN_DELAY", "0")))
+HTTPServer((args[args.index("--listen") + 1], int(args[args.index("--port") + 1])), Handler).serve_forever()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def stand_in(tmp_path):
+    """A folder whose main.py answers /system_stats, with a venv/bin/python (this Python)."""
+    folder = tmp_path / "ComfyUI"
+    (folder / "venv" / "bin").mkdir(parents=True)
+    (folder / "main.py").write_text(STAND_IN_MAIN)
+    (folder / "venv" / "bin" / "python").symlink_to(sys.executable)
+    return folder
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_comfyui_python_prefers_the_folders_own_environment(tmp_path):
+    folder = tmp_path / "ComfyUI"
+    folder.mkdir()
+    assert runner.comfyui_python(folder) == sys.executable
+    for env in (".venv", "venv"):  # venv wins over .venv when both exist
+        (folder / env / "bin").mkdir(parents=True)
+        (folder / env / "bin" / "python").symlink_to(sys.executable)
+        assert runner.comfyui_python(folder) == str(folder / env / "bin" / "python")
+
+
+def test_started_server_gets_the_address_cpu_and_extra_args_and_is_stopped_on_ctrl_c(stand_in, tmp_path, monkeypatch):
+    def interrupted_upload(self, path):
+        assert json.loads((stand_in / "started.json").read_text())  # the server is up by now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.Client, "upload", interrupted_upload)
+    port = free_port()
+    clip = write_clip(tmp_path, "jeep.mp4")
+    code, err = run([STYLE_API, "--video", clip, "--server", f"127.0.0.1:{port}", "--comfyui", stand_in,
+                     "--cpu", "--comfyui-args", "--lowvram --preview-method none"])
+    assert code == 130, err
+    started = json.loads((stand_in / "started.json").read_text())
+    assert started["python"] == str(stand_in / "venv" / "bin" / "python")
+    assert started["argv"] == ["--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch", "--cpu",
+                               "--lowvram", "--preview-method", "none"]
+    assert not alive(started["pid"])
+    assert "starting ComfyUI" in err and "stopped the ComfyUI it started" in err
+    assert "the server's log is in" in err
+
+
+def test_started_server_is_stopped_after_an_error(stand_in, tmp_path, monkeypatch):
+    def refused(self, path):
+        raise runner.RunnerError("uploading failed (500)")
+
+    monkeypatch.setattr(runner.Client, "upload", refused)
+    monkeypatch.setenv("STAND_IN_DELAY", "1.0")  # the runner waits for it to answer
+    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server",
+                     f"127.0.0.1:{free_port()}", "--comfyui", stand_in])
+    assert code == 1 and "uploading failed" in err
+    started = json.loads((stand_in / "started.json").read_text())
+    assert "--cpu" not in started["argv"] and not alive(started["pid"])
+
+
+def test_a_server_that_does_not_start_is_reported_with_its_log(stand_in, tmp_path, monkeypatch):
+    monkeypatch.setenv("STAND_IN_FAIL", "1")
+    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server",
+                     f"127.0.0.1:{free_port()}", "--comfyui", stand_in])
+    assert code == 2
+    assert "ComfyUI exited with code 3 while starting" in err and "no such module 'torch'" in err
+
+
+def test_a_running_server_is_used_and_left_running(fake, stand_in, tmp_path):
+    clip = write_clip(tmp_path, "jeep.mp4")
+    code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o",
+                     "--comfyui", stand_in, "--cpu"])
+    assert code == 0, err
+    assert "using the ComfyUI already running" in err and "--cpu and --comfyui-args apply only" in err
+    assert not (stand_in / "started.json").exists()
+    assert fake.prompts
+
+
+def test_comfyui_options_are_checked(tmp_path, stand_in):
+    clip = write_clip(tmp_path, "jeep.mp4")
+    with pytest.raises(SystemExit):
+        runner.parse_args([str(STYLE_API), "--video", str(clip), "--cpu"])
+    code, err = run([STYLE_API, "--video", clip, "--comfyui", tmp_path, "--server", f"127.0.0.1:{free_port()}"])
+    assert code == 2 and "is not a ComfyUI folder" in err
+    code, err = run([STYLE_API, "--video", clip, "--comfyui", stand_in, "--server", "192.0.2.1:8188"])
+    assert code == 2 and "starts ComfyUI on this machine" in err

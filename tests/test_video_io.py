@@ -17,6 +17,7 @@ from fatezero_core import video_io
 from fatezero_core.errors import VideoError
 from fatezero_core.video_io import (
     VideoInfo,
+    crop_audio,
     frames_fingerprint,
     is_image_file,
     is_video_file,
@@ -25,6 +26,8 @@ from fatezero_core.video_io import (
     output_size,
     probe_video,
     safe_input_path,
+    select_frames,
+    selection_audio_span,
     write_image_sequence,
     write_video,
 )
@@ -503,3 +506,48 @@ def test_fingerprint_sequence(tmp_path):
 def test_fingerprint_missing_file(tmp_path):
     with pytest.raises(VideoError, match="not found in"):
         frames_fingerprint(tmp_path / "gone.mp4")
+
+
+# ---- frames already decoded, and the sound of a selection ---------------------------------
+
+
+def test_select_frames_matches_load_frames(tmp_path):
+    path = write_video(tmp_path / "clip.avi", as_float(make_frames()), FPS)
+    options = dict(frame_load_cap=3, skip_first_frames=2, select_every_nth=3, size=32, resize_mode="keep_aspect")
+    loaded, loaded_fps = load_frames(path, **options)
+    decoded, _ = load_frames(path, size=64, resize_mode="none")  # every frame, unresized
+    selected, fps = select_frames(decoded, FPS, **options)
+    assert codes(selected) == codes(loaded) == [2, 5, 8]
+    assert selected.shape == loaded.shape == (3, 32, 48, 3)
+    assert fps == loaded_fps == pytest.approx(FPS / 3)
+
+
+def test_select_frames_errors():
+    frames = torch.rand(4, 16, 16, 3)
+    with pytest.raises(VideoError, match="No frames left to load.*has 4 frames"):
+        select_frames(frames, 8.0, skip_first_frames=4, size=16)
+    with pytest.raises(VideoError, match="multiple of 8"):
+        select_frames(frames, 8.0, size=12)
+    with pytest.raises(VideoError, match=r"shaped \[F, H, W, 3\]"):
+        select_frames(frames[..., :2], 8.0, size=16)
+
+
+@pytest.mark.parametrize("skip,nth,count,fps,span", [
+    (0, 1, 8, 8.0, (0.0, 1.0)),        # 8 frames at 8 fps
+    (4, 1, 2, 8.0, (0.5, 0.25)),       # frames 4-5 of an 8 fps clip
+    (3, 2, 3, 5.0, (0.3, 0.6)),        # source 10 fps: frames 3, 5, 7 stand for 3..8
+    (2, 3, 3, 30000 / 1001 / 3, (2 * 1001 / 30000, 9 * 1001 / 30000)),  # 29.97 fps, every 3rd
+])
+def test_selection_audio_span(skip, nth, count, fps, span):
+    start, duration = selection_audio_span(count, fps, skip_first_frames=skip, select_every_nth=nth)
+    assert (start, duration) == pytest.approx(span)
+
+
+def test_crop_audio_cuts_and_pads_with_silence():
+    rate = 10
+    wave = torch.arange(1, 21, dtype=torch.float32).expand(1, 2, 20)  # 2 s of samples 1..20
+    assert crop_audio(wave, rate, 0.5, 0.8)[0, 0].tolist() == [6, 7, 8, 9, 10, 11, 12, 13]
+    assert crop_audio(wave, rate, 1.5, 1.0)[0, 1].tolist() == [16, 17, 18, 19, 20, 0, 0, 0, 0, 0]
+    assert crop_audio(wave, rate, -0.2, 0.4)[0, 0].tolist() == [0, 0, 1, 2]
+    assert crop_audio(wave, rate, 3.0, 0.3).tolist() == [[[0, 0, 0], [0, 0, 0]]]
+    assert crop_audio(wave, rate, 0.0, 2.0).shape == (1, 2, 20)

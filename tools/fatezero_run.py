@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
-"""Run a FateZero workflow (API format) on a running ComfyUI, headless.
+"""Run a FateZero workflow (API format) on ComfyUI, headless.
 
-    python tools/fatezero_run.py workflows/api/style_watercolor.json --video clip.mp4 \\
+    python tools/fatezero_run.py workflows/api/style_watercolor.json --comfyui ~/ComfyUI \\
+        --video clip.mp4 \\
         --source "a silver jeep driving down a curvy road in the countryside" \\
         --target "watercolor painting of a silver jeep driving down a curvy road in the countryside"
 
-Uploads the clip (``--video`` may also be a folder: every video in it is queued), points the
-workflow's FateZero Load Video Frames node at it, puts the prompts on FateZero Attention Blend
-Settings, queues the graph on ``--server`` (default 127.0.0.1:8188), shows a progress bar from the
-server's websocket, and downloads every file the run wrote (videos, previews) into ``--out``.
+With ``--comfyui DIR`` and no server answering at ``--server`` (default 127.0.0.1:8188), starts
+ComfyUI from DIR headless (``main.py`` with DIR's own ``venv``/``.venv`` Python if it has one,
+else this Python; ``--cpu`` if asked), waits for it, and stops it when the run ends, also on an
+error or Ctrl-C. Uploads the clip (``--video`` may also be a folder: every video in it is queued),
+points the workflow's FateZero Load Video Frames node at it, puts the prompts on FateZero Attention
+Blend Settings, names the saved files after the clip (every ``filename_prefix`` becomes
+``<folder>/<clip>_<workflow>``), queues the graph, shows a progress bar from the server's
+websocket, and downloads every file the run wrote (videos, previews) into ``--out``.
 Exits 0 when every clip succeeded, 1 with the server's error text when ComfyUI refused or failed
-a run, 2 for problems found before anything was sent, 130 when interrupted (queued runs are
-cancelled). Standard library only.
+a run, 2 for problems found before anything was sent (a ComfyUI that would not start included),
+130 when interrupted (queued runs are cancelled). Standard library only.
 """
 
 from __future__ import annotations
@@ -22,10 +27,15 @@ import hashlib
 import json
 import os
 import re
+import shlex
+import signal
 import socket
 import ssl
 import struct
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -42,6 +52,8 @@ VIDEO_EXTENSIONS = frozenset({
 })
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 POLL_EVERY_S = 5.0
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
+STOP_WAIT_S = 20.0
 
 
 class RunnerError(Exception):
@@ -196,10 +208,10 @@ class Client:
         self.client_id = uuid.uuid4().hex
 
     def request(self, path: str, data: bytes | None = None, headers: dict | None = None,
-                method: str | None = None):
+                method: str | None = None, timeout: float | None = None):
         req = urllib.request.Request(self.base + path, data=data, headers=headers or {}, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as err:
             return err.code, err.read()
@@ -207,6 +219,14 @@ class Client:
             reason = getattr(err, "reason", err)
             raise RunnerError(f"cannot reach ComfyUI at {self.base}: {reason}. Is the server running "
                               "(python main.py --listen ...) and is --server right?") from None
+
+    def answers(self) -> bool:
+        """True when a ComfyUI answers ``/system_stats`` at this address within 2 s."""
+        try:
+            status, _ = self.request("/system_stats", timeout=2.0)
+        except RunnerError:
+            return False
+        return status == 200
 
     def json(self, path: str, body=None, method: str | None = None):
         data = None if body is None else json.dumps(body).encode()
@@ -307,10 +327,23 @@ def apply_sets(graph: dict, sets: list[str]) -> None:
             graph[node_id]["inputs"][input_name] = parse_value(value)
 
 
-def prepare(graph: dict, video_name: str, args) -> dict:
+def name_outputs(graph: dict, clip_stem: str, workflow_stem: str) -> None:
+    """Every save node's ``filename_prefix`` becomes ``<its folder>/<clip>_<workflow>`` (plus
+    ``_<node id>`` when the workflow saves from several nodes), so each clip's results are told
+    apart by name: ``fatezero/jeep_watercolor`` -> ``fatezero/bear_style_watercolor``."""
+    savers = [i for i, n in graph.items() if isinstance(n["inputs"].get("filename_prefix"), str)]
+    for node_id in savers:
+        inputs = graph[node_id]["inputs"]
+        folder = inputs["filename_prefix"].replace("\\", "/").rpartition("/")[0]
+        name = f"{clip_stem}_{workflow_stem}" + (f"_{node_id}" if len(savers) > 1 else "")
+        inputs["filename_prefix"] = f"{folder}/{name}" if folder else name
+
+
+def prepare(graph: dict, video_name: str, args, clip_stem: str = "clip") -> dict:
     graph = json.loads(json.dumps(graph))
     loader = one_node(graph, LOADER, "--video")
     graph[loader]["inputs"]["video"] = video_name
+    name_outputs(graph, clip_stem, args.workflow.stem)
     if args.frames is not None:
         graph[loader]["inputs"]["frame_load_cap"] = args.frames
     if args.source is not None or args.target is not None:
@@ -339,6 +372,111 @@ def find_videos(path: Path) -> list[Path]:
             raise RunnerError(f"no video files in {path} ({', '.join(sorted(VIDEO_EXTENSIONS))})", 2)
         return videos
     raise RunnerError(f"--video: {path} does not exist", 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# A ComfyUI started for this run
+# ------------------------------------------------------------------------------------------------
+
+
+def comfyui_python(folder: Path) -> str:
+    """The Python of the ComfyUI in ``folder``: its ``venv`` or ``.venv`` if it has one (the
+    portable build's ``python_embeded`` too), else the Python running this script."""
+    candidates = []
+    for env in ("venv", ".venv"):
+        candidates += [folder / env / "bin" / "python", folder / env / "Scripts" / "python.exe"]
+    candidates.append(folder.parent / "python_embeded" / "python.exe")
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    return sys.executable
+
+
+class LocalServer:
+    """``main.py`` of the ComfyUI in ``folder``, listening where ``--server`` points.
+
+    Its output goes to a log file in the temp folder (named when it starts, removed after a
+    clean run). It runs in its own process group, so Ctrl-C reaches only this script, which
+    cancels the queued runs and then stops the server.
+    """
+
+    def __init__(self, folder: Path, client: Client, cpu: bool = False, extra: tuple[str, ...] = (),
+                 stream=None):
+        parts = urllib.parse.urlsplit(client.base)
+        if not (folder / "main.py").is_file():
+            raise RunnerError(f"--comfyui: {folder} is not a ComfyUI folder (it has no main.py)", 2)
+        if parts.hostname not in LOCAL_HOSTS:
+            raise RunnerError(f"--comfyui starts ComfyUI on this machine, but --server points at "
+                              f"{parts.hostname}; use 127.0.0.1:PORT", 2)
+        self.folder, self.client, self.stream = folder, client, stream or sys.stderr
+        self.python = comfyui_python(folder)
+        self.command = [self.python, "main.py", "--listen", parts.hostname, "--port", str(parts.port or 80),
+                        "--disable-auto-launch", *(["--cpu"] if cpu else []), *extra]
+        self.process: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+
+    def start(self, timeout: float) -> None:
+        log = tempfile.NamedTemporaryFile(prefix="fatezero_comfyui_", suffix=".log", delete=False)
+        self.log_path = Path(log.name)
+        print(f"fatezero_run: starting ComfyUI: {shlex.join(self.command)} (in {self.folder}; log "
+              f"{self.log_path})", file=self.stream)
+        group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
+                 else {"start_new_session": True})
+        with log:
+            self.process = subprocess.Popen(self.command, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, **group)
+        deadline = time.monotonic() + timeout
+        while not self.client.answers():
+            if self.process.poll() is not None:
+                raise RunnerError(f"ComfyUI exited with code {self.process.returncode} while starting:\n"
+                                  f"{self.log_tail()}", 2)
+            if time.monotonic() > deadline:
+                raise RunnerError(f"ComfyUI did not answer at {self.client.base} within {timeout:g} s "
+                                  f"(--start-timeout):\n{self.log_tail()}", 2)
+            time.sleep(0.5)
+        print(f"fatezero_run: ComfyUI is up at {self.client.base}", file=self.stream)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:] if self.log_path else ""
+        except OSError:
+            return "(no log)"
+
+    def stop(self, keep_log: bool = False) -> None:
+        """Stop the server (terminate, kill after 20 s); the log is kept when ``keep_log``."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=STOP_WAIT_S)
+            print("fatezero_run: stopped the ComfyUI it started", file=self.stream)
+        if self.log_path is not None and not keep_log:
+            self.log_path.unlink(missing_ok=True)
+
+
+def ensure_server(client: Client, args, stream) -> LocalServer | None:
+    """Start ComfyUI from ``--comfyui`` unless one already answers at ``--server``."""
+    if not args.comfyui:
+        return None
+    if client.answers():
+        print(f"fatezero_run: using the ComfyUI already running at {client.base}"
+              + (" (--cpu and --comfyui-args apply only to a ComfyUI this script starts)"
+                 if args.cpu or args.comfyui_args else ""), file=stream)
+        return None
+    server = LocalServer(args.comfyui.expanduser(), client, cpu=args.cpu,
+                         extra=tuple(shlex.split(args.comfyui_args or "")), stream=stream)
+    try:
+        server.start(args.start_timeout)
+    except BaseException:
+        server.stop(keep_log=True)
+        raise
+    return server
+
+
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # so the started server is stopped by the same path as Ctrl-C
 
 
 # ------------------------------------------------------------------------------------------------
@@ -584,6 +722,14 @@ def parse_args(argv=None):
     parser.add_argument("--source", help="source prompt: what the clip shows")
     parser.add_argument("--target", help="target prompt: what it should become")
     parser.add_argument("--server", default="127.0.0.1:8188", help="ComfyUI address (default 127.0.0.1:8188)")
+    parser.add_argument("--comfyui", type=Path, metavar="DIR",
+                        help="ComfyUI folder: when no server answers at --server, start it from here "
+                             "headless for this run (its venv/.venv Python if present) and stop it after")
+    parser.add_argument("--cpu", action="store_true", help="start that ComfyUI with --cpu (with --comfyui)")
+    parser.add_argument("--comfyui-args", metavar="ARGS",
+                        help="more arguments for the started ComfyUI, e.g. \"--lowvram\" (with --comfyui)")
+    parser.add_argument("--start-timeout", type=float, default=300.0,
+                        help="seconds to wait for the started ComfyUI to answer (default 300)")
     parser.add_argument("--out", type=Path, default=Path("fatezero_output"),
                         help="folder for the results (default ./fatezero_output)")
     parser.add_argument("--steps", type=int, help="DDIM steps (FateZero DDIM Invert; the edit reuses them)")
@@ -594,6 +740,8 @@ def parse_args(argv=None):
     parser.add_argument("--timeout", type=float, default=0, help="seconds to wait per clip (0: no limit)")
     parser.add_argument("--verbose", action="store_true", help="print the server's traceback on failure")
     args = parser.parse_args(argv)
+    if (args.cpu or args.comfyui_args) and not args.comfyui:
+        parser.error("--cpu and --comfyui-args need --comfyui DIR (they apply to a ComfyUI this script starts)")
     for name in ("steps", "frames"):
         value = getattr(args, name)
         if value is not None and value < (1 if name == "steps" else 0):
@@ -604,22 +752,35 @@ def parse_args(argv=None):
 def main(argv=None, stream=None) -> int:
     args = parse_args(argv)
     stream = stream or sys.stderr
+    server, code = None, 1
+    previous = None
+    if args.comfyui and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         graph = load_workflow(args.workflow)
         videos = find_videos(args.video)
         client = Client(args.server)
-        prepare(graph, "check.mp4", args)  # report workflow problems before uploading anything
+        prepare(graph, "check.mp4", args)  # report workflow problems before starting or uploading
+        server = ensure_server(client, args, stream)
         jobs = []
         for video in videos:
             name = client.upload(video)
-            jobs.append(Job(video, prepare(graph, name, args)))
-        return Runner(client, args.out, args.timeout or None, args.verbose, stream).run(jobs)
+            jobs.append(Job(video, prepare(graph, name, args, video.stem)))
+        code = Runner(client, args.out, args.timeout or None, args.verbose, stream).run(jobs)
     except RunnerError as err:
         print(f"fatezero_run: {err}", file=stream)
-        return err.code
+        code = err.code
     except KeyboardInterrupt:
         print("fatezero_run: interrupted", file=stream)
-        return 130
+        code = 130
+    finally:
+        if server is not None:
+            server.stop(keep_log=code != 0)
+            if code != 0 and server.log_path is not None:
+                print(f"fatezero_run: the server's log is in {server.log_path}", file=stream)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return code
 
 
 if __name__ == "__main__":

@@ -150,10 +150,17 @@ def test_prompt_over_75_tokens(node, tiny_clip, node_error):
     expect_error(node, tiny_clip, node_error, "at most 75 fit", source_prompt=long_prompt)
 
 
-def test_prompt_weights_are_refused(node, tiny_clip, node_error):
-    expect_error(node, tiny_clip, node_error, "tokenized differently by ComfyUI",
-                 target_prompt="a (Porsche:1.3) car driving down a curvy road in the countryside",
-                 mode="refine", blend_words="")
+def test_a_tokenization_that_disagrees_with_the_words_is_refused(node, tiny_clip, node_error, monkeypatch):
+    original = tiny_clip.tokenize
+
+    def shifted(text, **kw):  # ComfyUI putting another token where the words have "car"
+        tokens = original(text, **kw)
+        car = tiny_clip.tokenizer.clip_l.tokenizer("car")["input_ids"][1]
+        tokens["l"] = [[(t + 1, *rest) if t == car else (t, *rest) for t, *rest in chunk] for chunk in tokens["l"]]
+        return tokens
+
+    monkeypatch.setattr(tiny_clip, "tokenize", shifted)
+    expect_error(node, tiny_clip, node_error, r"ComfyUI encodes the target prompt .* at the word 'car', token 3")
 
 
 def test_empty_prompt(node, tiny_clip, node_error):
@@ -200,3 +207,134 @@ def test_clip_with_extra_token_streams(node, tiny_clip, node_error, monkeypatch)
     original = tiny_clip.tokenize
     monkeypatch.setattr(tiny_clip, "tokenize", lambda text, **kw: {**original(text, **kw), "g": []})
     expect_error(node, tiny_clip, node_error, "Stable Diffusion 1.x")
+
+
+# ------------------------------------------------------------------------------------------------
+# ComfyUI prompt syntax: weights and embeddings
+# ------------------------------------------------------------------------------------------------
+
+EMBEDDING = "fz_style"
+EMBEDDING_VECTORS = 2
+
+
+def clip_text_encode(clip, text):
+    import nodes as comfy_core_nodes
+
+    (cond,) = comfy_core_nodes.CLIPTextEncode().encode(clip, text)
+    return cond
+
+
+def assert_same_conditioning(ours, theirs):
+    assert len(ours) == len(theirs) == 1
+    assert torch.equal(ours[0][0], theirs[0][0])
+    assert torch.equal(ours[0][1]["pooled_output"], theirs[0][1]["pooled_output"])
+
+
+def comfy_token_ids(clip, text):
+    return [t[0] if isinstance(t[0], int) else None for t in clip.tokenize(text)["l"][0]]
+
+
+@pytest.fixture
+def clip_with_embedding(tiny_clip, tmp_path, monkeypatch):
+    """The tiny CLIP with an embeddings folder holding ``fz_style`` (2 seeded 768-wide vectors,
+    A1111 safetensors layout), as Load Checkpoint gives it ComfyUI's models/embeddings."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    vectors = torch.randn(EMBEDDING_VECTORS, 768, generator=torch.Generator().manual_seed(7)) * 0.02
+    save_file({"emb_params": vectors}, str(folder / f"{EMBEDDING}.safetensors"))
+    monkeypatch.setattr(tiny_clip.tokenizer.clip_l, "embedding_directory", [str(folder)])
+    return tiny_clip
+
+
+SYNTAX_PROMPTS = [
+    "a (silver jeep:1.2), driving down a curvy road in the countryside",
+    "((watercolor)) painting of a [silver] jeep (driving:0.8) down a curvy road",
+    r"a silver jeep \(4x4\) on a (curvy (road:1.3):0.9)",
+    "a (red)car, (on:a) road",
+    "a) (jeep",
+]
+
+
+@pytest.mark.parametrize("prompt", SYNTAX_PROMPTS)
+def test_syntax_prompts_encode_as_clip_text_encode(node, tiny_clip, prompt):
+    source, target, spec = run(node, tiny_clip, source_prompt=prompt, target_prompt=prompt,
+                               blend_words="").args
+    assert_same_conditioning(source, clip_text_encode(tiny_clip, prompt))
+    assert_same_conditioning(target, clip_text_encode(tiny_clip, prompt))
+    assert list(spec.source_token_ids()) == comfy_token_ids(tiny_clip, prompt)
+
+
+def test_weighted_prompts_align_like_their_bare_words(node, tiny_clip):
+    weighted_source = "a (silver jeep:1.2) driving down a curvy road in the (countryside)"
+    weighted_target = "a (Porsche car:1.3) driving down a curvy road in the countryside"
+    options = dict(blend_words="jeep", target_blend_words="Porsche car", reweight="curvy: 0.5",
+                   cross_replace_words="Porsche: 0.5")
+    *_, spec = run(node, tiny_clip, source_prompt=weighted_source, target_prompt=weighted_target, **options).args
+    *_, plain = run(node, tiny_clip, **options).args
+    got, ref = spec.edit_settings(num_steps=10), plain.edit_settings(num_steps=10)
+    assert got.mode == ref.mode == "replace"
+    # BOS a silver jeep ...: jeep is position 3; ComfyUI gave that token the weight 1.2
+    assert got.blend_tokens == ref.blend_tokens == (3,)
+    assert tiny_clip.tokenize(weighted_source)["l"][0][3][1] == pytest.approx(1.2)
+    assert got.target_blend_tokens == ref.target_blend_tokens
+    for name in ("mapper", "cross_alphas", "equalizer"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    assert spec.source_token_ids() == plain.source_token_ids()
+
+
+def test_a_prompt_weight_scales_the_embedding_and_is_not_a_reweight(node, tiny_clip):
+    """The documented rule: '(watercolor:1.5)' changes the conditioning exactly as CLIP Text Encode
+    does and leaves the attention alone; only the reweight field scales attention."""
+    weighted = "(watercolor:1.5) painting of " + SOURCE
+    plain = "watercolor painting of " + SOURCE
+    _, target, spec = run(node, tiny_clip, target_prompt=weighted, blend_words="").args
+    assert_same_conditioning(target, clip_text_encode(tiny_clip, weighted))
+    assert not torch.equal(target[0][0], clip_text_encode(tiny_clip, plain)[0][0])
+    assert spec.edit_settings(num_steps=10).equalizer is None
+
+    *_, spec = run(node, tiny_clip, target_prompt=weighted, blend_words="", reweight="watercolor: 2").args
+    *_, ref = run(node, tiny_clip, target_prompt=plain, blend_words="", reweight="watercolor: 2").args
+    equalizer = spec.edit_settings(num_steps=10).equalizer
+    watercolor = tiny_clip.tokenizer.clip_l.tokenizer("watercolor")["input_ids"][1:-1]
+    positions = list(range(1, 1 + len(watercolor)))
+    assert equalizer[positions].tolist() == [2.0] * len(positions)  # the reweight, not 2 x 1.5
+    assert float(equalizer.sum()) == 77 - len(positions) + 2.0 * len(positions)
+    assert torch.equal(equalizer, ref.edit_settings(num_steps=10).equalizer)
+
+
+def test_embedding_prompts_encode_as_clip_text_encode_and_align(node, clip_with_embedding):
+    clip = clip_with_embedding
+    source = f"embedding:{EMBEDDING} jeep on a road"
+    target = f"embedding:{EMBEDDING} jeep on a road, (watercolor:1.2)"
+    cond_source, cond_target, spec = run(
+        node, clip, source_prompt=source, target_prompt=target, blend_words="jeep",
+        reweight=f"embedding:{EMBEDDING}: 3, watercolor: 2",
+    ).args
+    assert_same_conditioning(cond_source, clip_text_encode(clip, source))
+    assert_same_conditioning(cond_target, clip_text_encode(clip, target))
+    ids = comfy_token_ids(clip, source)
+    assert ids[1:1 + EMBEDDING_VECTORS] == [None] * EMBEDDING_VECTORS  # ComfyUI put the vectors there
+    settings = spec.edit_settings(num_steps=10)
+    jeep = 1 + EMBEDDING_VECTORS
+    assert settings.blend_tokens == (jeep,)
+    assert ids[jeep] == clip.tokenizer.clip_l.tokenizer("jeep")["input_ids"][1]
+    assert settings.equalizer[1:1 + EMBEDDING_VECTORS].tolist() == [3.0] * EMBEDDING_VECTORS
+    # refine: the embedding and the words kept from the source map onto themselves
+    assert settings.mode == "refine"
+    assert settings.refine_alphas[:jeep + 4].tolist() == [1.0] * (jeep + 4)
+    assert settings.mapper[:jeep + 1].tolist() == list(range(jeep + 1))
+
+
+def test_an_embedding_can_be_a_blend_word(node, clip_with_embedding):
+    prompt = f"a jeep in embedding:{EMBEDDING}, on a road"
+    *_, spec = run(node, clip_with_embedding, source_prompt=prompt, target_prompt=prompt,
+                   blend_words=f"embedding:{EMBEDDING}").args
+    assert spec.edit_settings(num_steps=4).blend_tokens == tuple(range(4, 4 + EMBEDDING_VECTORS))
+
+
+def test_a_missing_embedding_is_named(node, clip_with_embedding, node_error):
+    expect_error(node, clip_with_embedding, node_error,
+                 r"the embedding 'embedding:no_such_style' was not found.*models/embeddings",
+                 target_prompt="a jeep, embedding:no_such_style")

@@ -9,7 +9,7 @@ import pytest
 
 # Input sockets that carry a link (not a widget value); every other input is a widget.
 LINK_TYPES = {"MODEL", "CLIP", "CLIP_VISION", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK",
-              "SAMPLER", "FATEZERO_ATTN_STORE", "FATEZERO_BLEND_SETTINGS"}
+              "SAMPLER", "VIDEO", "FATEZERO_ATTN_STORE", "FATEZERO_BLEND_SETTINGS"}
 
 EXPECTED = {
     "FateZero_LoadVideoFrames": {
@@ -17,9 +17,9 @@ EXPECTED = {
         "category": "FateZero/video",
         "required": {"video": "COMBO", "frame_load_cap": "INT", "skip_first_frames": "INT",
                      "select_every_nth": "INT", "size": "INT", "resize_mode": "COMBO"},
-        "optional": {"sequence_fps": "FLOAT"},
-        "output": ["IMAGE", "INT", "FLOAT"],
-        "output_name": ["frames", "frame_count", "fps"],
+        "optional": {"sequence_fps": "FLOAT", "source_video": "VIDEO"},
+        "output": ["IMAGE", "INT", "FLOAT", "AUDIO"],
+        "output_name": ["frames", "frame_count", "fps", "audio"],
     },
     "FateZero_DDIMInvert": {
         "display_name": "FateZero DDIM Invert (capture attention)",

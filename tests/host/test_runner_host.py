@@ -7,8 +7,11 @@ ones with ``--set``), follows the websocket, and downloads what the run wrote.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -63,7 +66,8 @@ def test_runner_edits_a_clip_with_progress_and_downloads(comfy_server, tmp_path)
     previews = sorted((out / "previews").glob("*.png"))
     # the blend mask of each frame, from Preview Image (and from FateZero Sample's own node preview)
     assert len(previews) >= 2 and len(previews) % 2 == 0
-    assert sorted(result.stdout.split()) == sorted(str(p) for p in videos + previews)
+    assert sorted(result.stdout.splitlines()) == sorted(str(p) for p in videos + previews)
+    assert videos[0].name == "runner clip_style_watercolor_00001_.mp4"  # named after the clip
 
 
 def test_runner_queues_a_folder(comfy_server, tmp_path):
@@ -101,3 +105,44 @@ def test_runner_reports_a_refused_workflow_and_exits_1(comfy_server, tmp_path):
     assert result.returncode == 1
     assert "ComfyUI refused the workflow" in result.stderr
     assert "node 1 (CheckpointLoaderSimple): Value not in list: ckpt_name: 'v1-5-pruned-emaonly.safetensors'" in result.stderr
+
+
+def test_runner_with_comfyui_starts_runs_and_stops_a_server(comfyui_path, tiny_checkpoint, tmp_path):
+    """No server at --server: the runner starts ComfyUI from COMFYUI_PATH (--cpu, a test base
+    directory through --comfyui-args), runs a folder of clips, names each result after its clip,
+    and stops the server."""
+    import host_server
+
+    base = host_server.prepare_base_directory(tmp_path / "base", REPO)
+    shutil.copyfile(tiny_checkpoint, base / "models" / "checkpoints" / tiny_checkpoint.name)
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    write_clip(folder / "bear_a.mp4", shade=5)
+    write_clip(folder / "bear b.avi", shade=11)
+    port = host_server.free_port()
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(RUNNER), str(API / "style_watercolor.json"), "--video", str(folder),
+           "--server", f"127.0.0.1:{port}", "--comfyui", comfyui_path, "--cpu",
+           "--comfyui-args", f"--base-directory {base} --database-url sqlite:///:memory:",
+           "--out", str(out), "--steps", "2", "--frames", "2",
+           "--set", f"CheckpointLoaderSimple.ckpt_name={tiny_checkpoint.name}",
+           "--set", "FateZero_LoadVideoFrames.size=64"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    own = [Path(comfyui_path) / env / "bin" / "python" for env in ("venv", ".venv")]
+    python = next((str(p) for p in own if p.is_file()), sys.executable)
+    assert (f"starting ComfyUI: {python} main.py --listen 127.0.0.1 --port {port} "
+            "--disable-auto-launch --cpu --base-directory") in result.stderr
+    assert "ComfyUI is up" in result.stderr and "stopped the ComfyUI it started" in result.stderr
+    for stem in ("bear_a", "bear b"):
+        videos = list((out / stem).glob("*.mp4"))
+        assert [v.name for v in videos] == [f"{stem}_style_watercolor_00001_.mp4"], result.stderr
+        check_video(videos[0])
+    assert sorted(p.name for p in (base / "output" / "fatezero").glob("*.mp4")) == [
+        "bear b_style_watercolor_00001_.mp4", "bear_a_style_watercolor_00001_.mp4"]
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=5)
+        answered = True
+    except (urllib.error.URLError, ConnectionError, OSError):
+        answered = False
+    assert not answered, "the server the runner started is still running"

@@ -67,7 +67,9 @@ def test_schema(node):
     assert schema.description
     assert all(i.tooltip for i in schema.inputs)
     info = node.GET_NODE_INFO_V1()
-    assert info["output"] == ["IMAGE", "INT", "FLOAT"]
+    assert info["output"] == ["IMAGE", "INT", "FLOAT", "AUDIO"]
+    assert info["output_name"] == ["frames", "frame_count", "fps", "audio"]
+    assert info["input"]["optional"]["source_video"][0] == "VIDEO"
     video_input = info["input"]["required"]["video"]
     assert video_input[0] == "COMBO" and video_input[1]["video_upload"] is True
     required = info["input"]["required"]
@@ -97,7 +99,8 @@ def test_lists_videos_images_and_sequence_folders(node, comfy_input_dir, clip_fi
 
 def test_loads_frames_count_and_fps(node, clip_file):
     out = run(node, clip_file, frame_load_cap=4)
-    frames, count, fps = out.args
+    frames, count, fps, audio = out.args
+    assert audio is None  # the clip has no sound
     assert frames.shape == (4, 64, 64, 3) and frames.dtype == torch.float32
     assert 0.0 <= frames.min() and frames.max() <= 1.0
     assert count == 4 and isinstance(count, int)
@@ -106,7 +109,7 @@ def test_loads_frames_count_and_fps(node, clip_file):
 
 
 def test_selection_and_fps(node, clip_file):
-    frames, count, fps = run(node, clip_file, frame_load_cap=0, skip_first_frames=3, select_every_nth=2).args
+    frames, count, fps, _ = run(node, clip_file, frame_load_cap=0, skip_first_frames=3, select_every_nth=2).args
     assert brightness_codes(frames) == [3, 5, 7, 9, 11]
     assert count == 5 and fps == pytest.approx(FPS / 2)
 
@@ -119,10 +122,11 @@ def test_resize_modes(node, clip_file):
 
 def test_image_sequence_folder(node, comfy_input_dir, video_io):
     video_io.write_image_sequence(comfy_input_dir / "seq", frames_array(5))
-    frames, count, fps = node.execute(video="seq/", frame_load_cap=0, skip_first_frames=0,
-                                      select_every_nth=1, size=64, resize_mode="crop",
-                                      sequence_fps=12.0).args
+    frames, count, fps, audio = node.execute(video="seq/", frame_load_cap=0, skip_first_frames=0,
+                                             select_every_nth=1, size=64, resize_mode="crop",
+                                             sequence_fps=12.0).args
     assert count == 5 and brightness_codes(frames) == [0, 1, 2, 3, 4]
+    assert audio is None
     assert fps == pytest.approx(12.0)
     assert run(node, "seq", frame_load_cap=2).args[1] == 2  # without the trailing '/'
 
@@ -241,3 +245,124 @@ def test_size_not_multiple_of_8_error(comfy_nodes, node, clip_file):
 
 def test_empty_choice_error(comfy_nodes, node, comfy_input_dir):
     expect_node_error(comfy_nodes, node, "", "No video was chosen")
+
+
+# ------------------------------------------------------------------------------------------------
+# Sound
+# ------------------------------------------------------------------------------------------------
+
+SELECTIONS = [  # (skip_first_frames, select_every_nth, frame_load_cap)
+    (0, 1, 0),
+    (3, 1, 4),
+    (2, 3, 3),
+    (5, 2, 0),  # the last kept frame's span runs past the clip's end: silence there
+]
+
+
+@pytest.fixture
+def toned_clip(comfy_input_dir):
+    import sound_clips
+
+    sound_clips.write_clip_with_tone(comfy_input_dir / "toned.mkv", frames=N, fps=FPS)
+    return "toned.mkv"
+
+
+def kept_count(skip, nth, cap, total=N):
+    count = len(range(skip, total, nth))
+    return min(count, cap) if cap else count
+
+
+@pytest.mark.parametrize("skip,nth,cap", SELECTIONS)
+def test_audio_is_the_sound_of_exactly_the_selected_frames(node, toned_clip, skip, nth, cap):
+    import sound_clips
+
+    frames, count, fps, audio = run(node, toned_clip, skip_first_frames=skip, select_every_nth=nth,
+                                    frame_load_cap=cap).args
+    assert count == kept_count(skip, nth, cap) and fps == pytest.approx(FPS / nth)
+    assert brightness_codes(frames) == list(range(skip, skip + count * nth, nth))
+    assert set(audio) == {"waveform", "sample_rate"} and audio["sample_rate"] == sound_clips.SAMPLE_RATE
+    waveform = audio["waveform"]
+    expected = sound_clips.expected_window(N, FPS, skip, count, nth)
+    assert waveform.dtype == torch.float32 and waveform.shape == (1, 2, len(expected))
+    assert waveform.shape[-1] == round(count / fps * sound_clips.SAMPLE_RATE)  # frames / output fps
+    assert torch.equal(waveform[0, 0], waveform[0, 1])
+    assert np.abs(waveform[0, 0].numpy() - expected).max() < 1e-4  # 16-bit PCM rounding
+
+
+def test_audio_of_an_aac_mp4_keeps_each_frames_tone(node, comfy_input_dir):
+    import sound_clips
+
+    sound_clips.write_clip_with_tone(comfy_input_dir / "toned.mp4", frames=N, fps=FPS,
+                                     video_codec="mpeg4", audio_codec="aac", channels=1)
+    skip, nth = 4, 2
+    *_, audio = run(node, "toned.mp4", skip_first_frames=skip, select_every_nth=nth, frame_load_cap=3).args
+    waveform = audio["waveform"][0, 0].numpy()
+    per_frame = round(sound_clips.SAMPLE_RATE / FPS)
+    assert audio["waveform"].shape == (1, 1, 6 * per_frame)  # 3 frames at 4 fps = source frames 4..9
+    for j in range(6):  # the middle of each source frame's span
+        part = waveform[j * per_frame + per_frame // 8:(j + 1) * per_frame - per_frame // 8]
+        assert sound_clips.dominant_frequency(part) == pytest.approx(sound_clips.tone(skip + j), abs=20)
+
+
+def test_sound_survives_create_video_and_save_video(node, toned_clip, tmp_path):
+    """Loader -> core Create Video -> the file Save Video writes (VideoFromComponents.save_to)."""
+    from comfy_extras.nodes_video import CreateVideo
+    import sound_clips
+
+    frames, count, fps, audio = run(node, toned_clip, skip_first_frames=2, select_every_nth=3, frame_load_cap=3).args
+    (video,) = CreateVideo.execute(images=frames, fps=fps, audio=audio).args
+    video.save_to(str(tmp_path / "saved.mp4"))
+    duration, samples, rate = sound_clips.saved_audio(tmp_path / "saved.mp4")
+    assert rate == sound_clips.SAMPLE_RATE
+    assert duration == pytest.approx(count / fps, abs=1e-3)  # 3 frames at 8/3 fps = 1.125 s
+    per_frame = round(rate / FPS)
+    middle = samples[per_frame // 8:per_frame - per_frame // 8]
+    assert sound_clips.dominant_frequency(middle) == pytest.approx(sound_clips.tone(2), abs=20)
+
+    (silent,) = CreateVideo.execute(images=frames, fps=fps, audio=None).args
+    silent.save_to(str(tmp_path / "silent.mp4"))
+    assert not sound_clips.has_audio(tmp_path / "silent.mp4")
+
+
+# ------------------------------------------------------------------------------------------------
+# Core VIDEO input
+# ------------------------------------------------------------------------------------------------
+
+
+def test_core_load_video_feeds_the_loader(node, toned_clip):
+    from comfy_extras.nodes_video import LoadVideo
+
+    (video,) = LoadVideo.execute(file=toned_clip).args
+    options = dict(skip_first_frames=3, select_every_nth=2, frame_load_cap=4)
+    from_video = run(node, "no_such_file.mp4", source_video=video, **options).args
+    from_file = run(node, toned_clip, **options).args
+    assert torch.equal(from_video[0], from_file[0]) and from_video[1:3] == from_file[1:3]
+    assert brightness_codes(from_video[0]) == [3, 5, 7, 9]
+    assert torch.equal(from_video[3]["waveform"], from_file[3]["waveform"])
+
+
+def test_a_video_in_memory_is_selected_resized_and_cut(node, comfy_input_dir):
+    """A VIDEO that is not a file (core Create Video's output) goes through get_components()."""
+    from comfy_extras.nodes_video import CreateVideo
+    import sound_clips
+
+    images = frames_array()
+    rate = sound_clips.SAMPLE_RATE
+    waveform = torch.from_numpy(sound_clips.tone_signal(N, FPS)).float().expand(1, 2, -1).clone()
+    (video,) = CreateVideo.execute(images=images, fps=FPS, audio={"waveform": waveform, "sample_rate": rate}).args
+    frames, count, fps, audio = run(node, "", source_video=video, skip_first_frames=1, select_every_nth=2,
+                                    frame_load_cap=3, size=32).args
+    assert count == 3 and fps == pytest.approx(FPS / 2) and frames.shape == (3, 32, 32, 3)
+    assert brightness_codes(frames) == [1, 3, 5]
+    expected = sound_clips.expected_window(N, FPS, 1, 3, 2)
+    assert audio["sample_rate"] == rate and audio["waveform"].shape == (1, 2, len(expected))
+    assert np.abs(audio["waveform"][0, 1].numpy() - expected).max() < 1e-6
+
+    (mute,) = CreateVideo.execute(images=images, fps=FPS, audio=None).args
+    assert run(node, "", source_video=mute, frame_load_cap=2).args[3] is None
+
+
+def test_validation_skips_the_file_when_a_video_is_connected(node, comfy_input_dir):
+    # ComfyUI validates with links unresolved: a connected source_video arrives as None
+    assert node.validate_inputs(video="missing.mp4", source_video=None) is True
+    assert "was not found" in node.validate_inputs(video="missing.mp4")

@@ -330,3 +330,60 @@ def test_frontend_loads_the_ui_workflow_and_exports_its_api_twin(browser, name):
         assert [(o["name"], o["type"], o.get("links") or []) for o in again.get("outputs", [])] == [
             (o["name"], o["type"], o.get("links") or []) for o in node["outputs"]], f"{name}: node {node['id']} outputs"
     assert result["workflow"]["links"] == ui["links"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The clip's sound, through the shipped workflow
+# ------------------------------------------------------------------------------------------------
+
+TONED_FRAMES, TONED_FPS = 12, 8.0
+SKIP, NTH, CAP = 2, 2, 3  # source frames 2, 4, 6 at 4 fps: the sound of source frames 2..7
+
+
+def toned_prompt(server, name: str) -> dict:
+    import sound_clips
+
+    clip = f"{name}.mp4"
+    sound_clips.write_clip_with_tone(server.input_dir / clip, frames=TONED_FRAMES, fps=TONED_FPS, size=(80, 48),
+                                     video_codec="mpeg4", audio_codec="aac", channels=1)
+    prompt = shrink(load_api("style_watercolor"), server, clip, prefix=f"{name}_{uuid.uuid4().hex[:6]}")
+    loader = next(n for n in prompt.values() if n["class_type"] == "FateZero_LoadVideoFrames")
+    loader["inputs"].update(skip_first_frames=SKIP, select_every_nth=NTH, frame_load_cap=CAP)
+    return prompt
+
+
+def check_saved_sound(server, prompt: dict, entry: dict) -> None:
+    """One saved video of CAP frames whose audio stream lasts CAP / (fps / NTH) s and starts with
+    the tone of source frame SKIP."""
+    import sound_clips
+
+    check_outputs(server, prompt, entry, CAP)
+    save = next(i for i, n in prompt.items() if n["class_type"] == "SaveVideo")
+    item = entry["outputs"][save]["images"][0]
+    duration, samples, rate = sound_clips.saved_audio(server.output_dir / item["subfolder"] / item["filename"])
+    assert duration == pytest.approx(CAP / (TONED_FPS / NTH), abs=1e-3)
+    per_frame = round(rate / TONED_FPS)
+    for j in (0, 3):
+        part = samples[j * per_frame + per_frame // 8:(j + 1) * per_frame - per_frame // 8]
+        assert sound_clips.dominant_frequency(part, rate) == pytest.approx(sound_clips.tone(SKIP + j), abs=20)
+
+
+def test_shipped_workflow_keeps_the_sound_of_the_selected_frames(comfy_server):
+    prompt = toned_prompt(comfy_server, "wf_toned")
+    create = next(n for n in prompt.values() if n["class_type"] == "CreateVideo")
+    assert create["inputs"]["audio"][1] == 3  # the loader's audio output, as shipped
+    entry = comfy_server.run(prompt, timeout=900)
+    assert entry["status"]["status_str"] == "success", (execution_error(entry), comfy_server.log_tail())
+    check_saved_sound(comfy_server, prompt, entry)
+
+
+def test_core_load_video_feeds_the_edit(comfy_server):
+    """Core Load Video -> the loader's source_video; the loader's own file widget names no file,
+    and the server accepts it because the VIDEO is read instead."""
+    prompt = toned_prompt(comfy_server, "wf_core_video")
+    loader = next(n for n in prompt.values() if n["class_type"] == "FateZero_LoadVideoFrames")
+    prompt["90"] = {"class_type": "LoadVideo", "inputs": {"file": loader["inputs"]["video"]}}
+    loader["inputs"].update(video="not_in_the_input_folder.mp4", source_video=["90", 0])
+    entry = comfy_server.run(prompt, timeout=900)
+    assert entry["status"]["status_str"] == "success", (execution_error(entry), comfy_server.log_tail())
+    check_saved_sound(comfy_server, prompt, entry)
