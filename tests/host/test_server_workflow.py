@@ -112,7 +112,7 @@ def test_zero_frames_fail_at_the_loader(comfy_server):
 
 
 def fatezero_graph(server, video, steps=3):
-    """load -> encode -> invert -> sample -> decode -> save, with the pack's four nodes."""
+    """load -> encode -> invert -> sample -> decode -> save, with the pack's editing nodes."""
     prompt = graph(server.checkpoint, video, prefix="fz_edit")
     del prompt["5"], prompt["6"], prompt["7"]
     prompt.update({
