@@ -71,6 +71,15 @@ def test_store_from_4_frames_with_a_3_frame_latent(nodes, case, user_error_types
     assert "same" in message  # says what to change: the inverted latent of the same node
 
 
+def test_blend_settings_of_another_source_prompt(nodes, case, tiny_clip, user_error_types):
+    """The store remembers the source conditioning it was inverted with; blend settings typed with
+    another source prompt are refused (the only source check: the store has no prompt text)."""
+    _, _, other = settings(nodes, tiny_clip, source="a cat lying on a wooden table",
+                           target="a dog lying on a wooden table", blend_words="cat")
+    expect_user_error(user_error_types, "different source conditioning.*same source prompt",
+                      edit, nodes, case, spec=other)
+
+
 def test_store_at_one_size_with_a_latent_of_another(nodes, case, user_error_types):
     small = {"samples": case["inverted"]["samples"][..., : LATENT // 2, : LATENT // 2].contiguous()}
     expect_user_error(user_error_types,
