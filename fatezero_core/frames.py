@@ -36,6 +36,16 @@ def frames_per_chunk(batch: int, chunks: int) -> int:
     return batch // chunks
 
 
+def check_whole_clips(batch: int, num_frames: int) -> None:
+    """The batch must hold whole clips of ``num_frames`` frames (frame-major layout)."""
+    if num_frames < 1 or batch % num_frames != 0:
+        raise FateZeroError(
+            f"A batch of {batch} latents is not a whole number of {num_frames}-frame clips. "
+            "Temporal layers and clip-level norms need every frame of the clip in the same batch: "
+            "turn off context windows or batch splitting, or set the frame count to the clip length."
+        )
+
+
 class FrameContext:
     """How many clips the batch now running through the UNet holds.
 
@@ -79,11 +89,7 @@ def clip_group_norm(norm: nn.Module, x: torch.Tensor, frames: int) -> torch.Tens
     ``UNetPseudo3DConditionModel.forward`` calls ``conv_norm_out`` (``unet_3d_condition.py``); the
     host's module keeps its own weight casting and patches.
     """
-    if frames < 1 or x.shape[0] % frames:
-        raise FateZeroError(
-            f"A batch of {x.shape[0]} latents is not a whole number of {frames}-frame clips, so the "
-            "clip-level GroupNorm cannot pool each clip: turn off context windows or batch splitting."
-        )
+    check_whole_clips(x.shape[0], frames)
     clips = x.unflatten(0, (-1, frames)).transpose(1, 2)  # [b, c, f, *spatial]
     return norm(clips).transpose(1, 2).flatten(0, 1)
 
@@ -138,4 +144,5 @@ def clip_norm_paths(unet: nn.Module) -> list[str]:
     return paths
 
 
-__all__ = ["ClipNormSequential", "FrameContext", "clip_group_norm", "clip_norm_paths", "frames_per_chunk"]
+__all__ = ["ClipNormSequential", "FrameContext", "check_whole_clips", "clip_group_norm", "clip_norm_paths",
+           "frames_per_chunk"]

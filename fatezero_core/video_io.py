@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import VideoError
+from .media_types import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -63,17 +64,6 @@ __all__ = [
     "write_video",
     "write_image_sequence",
 ]
-
-VIDEO_EXTENSIONS: tuple[str, ...] = (
-    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv", ".flv", ".ts",
-    ".gif",
-)
-"""File extensions (lower case) read as videos. ``.gif`` is here: a GIF is read frame by frame."""
-
-IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff",
-)
-"""File extensions (lower case) read as still images, alone or as frames of a sequence directory."""
 
 RESIZE_MODES: tuple[str, ...] = ("crop", "keep_aspect", "none")
 """Accepted values of ``resize_mode``."""

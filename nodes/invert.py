@@ -11,14 +11,15 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..fatezero_core.controller import CaptureController
+from ..fatezero_core.ddim import SCHEDULE_ENDS
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.keyframes import SD_KEY_RULE, parse_key_rule
 from ..fatezero_core.layers import LAYER_SETS
+from ..fatezero_core.sampling import official_sigmas, sample_ddim_inversion
 from ..fatezero_core.store import PLACEMENTS, STORE_DTYPES, AttentionStore, CaptureConfig
 from .clip_runtime import GROUP_NORMS, with_group_norm
 from .patching import conditioning_fingerprint, model_fingerprint, model_key_rule, patched_clone
-from .samplers import FateZeroGuider, inversion_sampler, zero_noise
-from .schedule import SCHEDULE_ENDS, inversion_sigmas
+from .samplers import FateZeroGuider, zero_noise
 from .sockets import AttnStore
 
 KEY_FRAME_CHOICES = ["auto", "mid", "self, mid", "prev, first", "first", "self"]
@@ -107,7 +108,7 @@ class FateZeroDDIMInvert(io.ComfyNode):
         samples = frames_latent(latent)
         frames, _, h, w = samples.shape
         network = with_group_norm(model, group_norm)
-        sigmas = inversion_sigmas(model.get_model_object("model_sampling"), steps, schedule_end)
+        sigmas = official_sigmas(model.get_model_object("model_sampling").sigmas, steps, schedule_end).flip(0)
         config = CaptureConfig(
             num_frames=frames, latent_size=(h, w), sigmas=tuple(sigmas.tolist()),
             key_rule=resolve_key_rule(key_frames, model),
@@ -116,22 +117,21 @@ class FateZeroDDIMInvert(io.ComfyNode):
         store = AttentionStore(config, placement=store_placement, dtype=store_dtype,
                                disk_dir=folder_paths.get_temp_directory())
         patched = patched_clone(network, CaptureController(store), step_offset=-1)
-        latents = []
+        latents = []  # z_0 .. z_N, in the model's latent space
 
         def on_step(j, z):
             store.end_step(j)
             latents.append(z.detach().float().cpu())
 
-        def capture_start(model_k, x, sigmas_, **kw):
-            latents.append(x.detach().float().cpu())  # z_0, in the model's latent space
-            return sampler_fn(model_k, x, sigmas_, **kw)
+        def capture(model_k, x, sigmas_, **kw):
+            latents.append(x.detach().float().cpu())
+            return sample_ddim_inversion(model_k, x, sigmas_, on_step=on_step, **kw)
 
-        sampler_fn = inversion_sampler(on_step)
         guider = FateZeroGuider(patched)
         guider.set_conds(source, [])
         guider.set_cfg(1.0)
         callback = latent_preview.prepare_callback(patched, steps)
-        out = guider.sample(zero_noise(samples), samples, comfy.samplers.KSAMPLER(capture_start), sigmas,
+        out = guider.sample(zero_noise(samples), samples, comfy.samplers.KSAMPLER(capture), sigmas,
                             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
         store.set_latents(latents)
         store.extras.update(source_conditioning=source, source_fingerprint=conditioning_fingerprint(source))

@@ -7,7 +7,6 @@ import logging
 import torch
 import torch.nn.functional as F
 
-import comfy.samplers
 import comfy.utils
 import latent_preview
 from comfy_api.latest import io, ui
@@ -20,7 +19,7 @@ from ..fatezero_core.store import AttentionStore
 from .clip_runtime import with_group_norm
 from .invert import INVERTED_LATENT_KEY, frames_latent, latent_fingerprint
 from .patching import model_fingerprint, patched_clone
-from .samplers import FateZeroGuider, edit_sampler, latent_blend_step, zero_noise
+from .samplers import FateZeroGuider, edit_ksampler, zero_noise
 from .sockets import AttnStore, BlendSettings
 
 log = logging.getLogger("comfyui-fatezero")
@@ -149,8 +148,7 @@ class FateZeroSample(io.ComfyNode):
             controller.stop_source_pass_early = True  # FateZeroGuider catches SourcePassComplete
 
         if sampler is None:
-            blend = latent_blend_step(controller, store) if fusion and settings.latent_blend else None
-            sampler = comfy.samplers.KSAMPLER(edit_sampler(blend))
+            sampler = edit_ksampler(controller if fusion and settings.latent_blend else None, store)
         elif settings.latent_blend:
             log.warning("FateZero: the local latent blend needs the built-in DDIM sampler; it is "
                         "off with a sampler override.")

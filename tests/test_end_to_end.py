@@ -22,6 +22,7 @@ from fatezero_core.edit_spec import EditSpec
 from fatezero_core.keyframes import parse_key_rule
 from fatezero_core.store import AttentionStore, CaptureConfig
 from tiny_unet import LATENT, MIN_ST_CHANNELS, TinyTextEncoder, TinyUNet, tokenize
+from ids import placement_id
 
 STEPS = 10
 FRAMES = 8
@@ -347,7 +348,7 @@ def cpu_fp32_edit(model, encoder, clip, captured):
     return edit(model, encoder, captured[0], PLACEMENT_SPEC, cfg=PLACEMENT_CFG)[0]
 
 
-@pytest.mark.parametrize("placement", ["gpu", "disk", "recompute"])
+@pytest.mark.parametrize("placement", ["gpu", "disk", "recompute"], ids=placement_id)
 def test_every_placement_gives_the_cpu_result(placement, model, encoder, clip, cpu_fp32_edit, tmp_path):
     """CFG 2 ([uncond F | cond F]), replace, blend mask, self window 0.6, latent blend.
     Measured max abs difference to the cpu store: 0 for gpu, disk and recompute."""

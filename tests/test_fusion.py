@@ -19,6 +19,7 @@ from fatezero_core.keyframes import parse_key_rule
 from fatezero_core.layers import AttnCall, LayerInfo
 from fatezero_core.store import AttentionStore, CaptureConfig
 from reference import NaiveMapController
+from ids import placement_id
 
 LATENT = 16
 HEADS = 2
@@ -164,7 +165,7 @@ def run_both(edit, blend, rule, frames, placement, tmp_path, soft=False, latent_
     return worst, store, editor
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("placement", PLACEMENTS, ids=placement_id)
 @pytest.mark.parametrize("frames", [1, 8])
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("blend", list(BLENDS))

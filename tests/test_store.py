@@ -21,6 +21,7 @@ from fatezero_core.errors import FateZeroError, StoreMismatchError, StoreRelease
 from fatezero_core.keyframes import parse_key_rule
 from fatezero_core.layers import AttnCall, LayerInfo
 from fatezero_core.store import AttentionStore, CaptureConfig
+from ids import placement_id
 
 REPO = Path(__file__).resolve().parents[1]
 LATENT = 16
@@ -101,7 +102,7 @@ def latent_bytes(frames=FRAMES, steps=STEPS):
 
 # ---------------------------------------------------------------- byte accounting
 @pytest.mark.parametrize("rule", ["mid", "prev, first", "self, mid"])
-@pytest.mark.parametrize("placement", ["cpu", "gpu", "disk"])
+@pytest.mark.parametrize("placement", ["cpu", "gpu", "disk"], ids=placement_id)
 def test_exact_byte_accounting(rule, placement, tmp_path):
     store = AttentionStore(make_config(rule=rule), placement=placement, dtype="fp16",
                            disk_dir=str(tmp_path))

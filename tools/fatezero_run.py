@@ -43,13 +43,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the pack: its torch-free file list
+from fatezero_core.media_types import VIDEO_EXTENSIONS  # noqa: E402  (the loader's own list)
+
 LOADER = "FateZero_LoadVideoFrames"
 SETTINGS = "FateZero_AttentionBlendSettings"
 INVERT = "FateZero_DDIMInvert"
-VIDEO_EXTENSIONS = frozenset({
-    ".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".gif", ".mpg", ".mpeg", ".wmv", ".flv",
-    ".ts", ".mts", ".m2ts", ".3gp", ".ogv",
-})
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 POLL_EVERY_S = 5.0
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..errors import CheckpointError, FateZeroError
+from ..errors import CheckpointError
+from ..frames import check_whole_clips
 
 # Sequences per scaled_dot_product_attention call. CUDA attention kernels put the batch on a grid
 # axis limited to 65535 blocks; the frame axis is short, so splitting the batch costs nothing.
@@ -61,16 +62,6 @@ def _like_layout(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     see the same strides as without it (kernels choose their algorithm from the layout, and sizes
     of 1 make a permuted view look channels-last)."""
     return torch.empty_like(x).copy_(out)
-
-
-def _check_frames(batch: int, num_frames: int) -> None:
-    """The batch must hold whole clips of ``num_frames`` frames (frame-major layout)."""
-    if num_frames < 1 or batch % num_frames != 0:
-        raise FateZeroError(
-            f"A batch of {batch} latents is not a whole number of {num_frames}-frame clips. "
-            "Temporal layers need every frame of the clip in the same batch: turn off context "
-            "windows or batch splitting, or set the frame count to the clip length."
-        )
 
 
 class FrameAttention(nn.Module):
@@ -129,7 +120,7 @@ class TemporalAttention(nn.Module):
         nn.init.zeros_(self.attn_temporal.to_out[0].bias)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        _check_frames(x.shape[0], num_frames)
+        check_whole_clips(x.shape[0], num_frames)
         tokens = x.shape[1]
         h = rearrange(x, "(b f) d c -> (b d) f c", f=num_frames)
         h = h + self.attn_temporal(self.norm_temporal(h))
@@ -203,7 +194,7 @@ class TemporalConv(nn.Module):
             nn.init.zeros_(self.conv_temporal.up.weight)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        _check_frames(x.shape[0], num_frames)
+        check_whole_clips(x.shape[0], num_frames)
         height, width = x.shape[-2:]
         h = rearrange(x, "(b f) c h w -> (b h w) c f", f=num_frames)
         h = self.conv_temporal(h)

@@ -4,8 +4,8 @@ Run with ComfyUI's own Python, for example::
 
     COMFYUI_PATH=/path/to/ComfyUI /path/to/comfyui-venv/bin/python -m pytest tests/host -q
 
-Without ``COMFYUI_PATH`` (or when that ComfyUI cannot be imported by the running Python) every
-test in this folder is skipped with the reason.
+Without ``COMFYUI_PATH`` every test in this folder is skipped with the reason; a ``COMFYUI_PATH``
+that the running Python cannot import stops the run with the reason (never silent skips).
 
 Set-up done here before anything imports ``comfy`` (host contract section 9): ComfyUI's folder
 goes first on ``sys.path`` (its ``nodes``/``server``/``utils`` modules must win over same-named
@@ -60,17 +60,15 @@ def _setup_host(path: str) -> None:
 
 
 COMFYUI_PATH = _comfyui_path()
-HOST_SKIP: str | None = None
-if COMFYUI_PATH is None:
-    HOST_SKIP = SKIP_REASON
-else:
+HOST_SKIP: str | None = SKIP_REASON if COMFYUI_PATH is None else None
+if COMFYUI_PATH is not None:
     try:
         _setup_host(COMFYUI_PATH)
-    except Exception as exc:  # an unusable host is a skip reason, not a collection error
-        if COMFYUI_PATH in sys.path:
-            sys.path.remove(COMFYUI_PATH)
-        HOST_SKIP = (f"{SKIP_REASON} (COMFYUI_PATH={COMFYUI_PATH} could not be imported with "
-                     f"{sys.executable}: {type(exc).__name__}: {exc})")
+    except Exception as exc:  # a host asked for but unusable fails the run, never skips it
+        raise pytest.UsageError(
+            f"COMFYUI_PATH={COMFYUI_PATH} could not be imported with {sys.executable}: "
+            f"{type(exc).__name__}: {exc}. Run the host tier with that ComfyUI's own Python."
+        ) from exc
 
 
 def pytest_collection_modifyitems(config, items):

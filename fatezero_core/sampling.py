@@ -1,0 +1,103 @@
+"""FateZero's schedule and sampling loops, as k-diffusion-style sampler functions.
+
+Each loop has the signature ``sampler(model, x, sigmas, extra_args, callback, disable, ...)`` that
+ComfyUI's ``KSAMPLER`` calls, so the host's machinery (CFG, LoRA, ControlNet, previews, progress,
+interrupt) runs around it. ``model(x, sigma, **extra_args)`` returns the denoised VE latent; the
+host's sampler state is the VE latent ``x = z * sqrt(1 + sigma^2)``, the DDIM equations use the VP
+``z`` (``ddim`` module docstring).
+
+- :func:`official_sigmas`: the official DDIM timesteps ``1 + k * (1000 // N)`` as sigmas of the
+  model's table, with the clean end at sigma 0 (``comfy``) or at ``alphas_cumprod[0]``
+  (``official``, sigma ~0.029, as diffusers' ``set_alpha_to_one=False``).
+- :func:`sample_ddim_inversion`: paper eq. 3 over ascending sigmas.
+- :func:`sample_ddim`: paper eq. 2 (eta 0) over descending sigmas.
+- :func:`latent_blend_step`: the local latent blend after each edit step (reference doc 3.5).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ddim import (SCHEDULE_ENDS, alphas_cumprod_from_sigmas, ddim_invert_step, diffusers_timesteps,
+                   ve_to_vp, vp_to_ve)
+from .controller import latent_blend
+from .errors import FateZeroError
+
+
+def official_sigmas(sigma_table: torch.Tensor, steps: int, end: str = "comfy") -> torch.Tensor:
+    """Descending edit sigmas ``[s_N, ..., s_1, s_end]``; ``.flip(0)`` gives the inversion's.
+
+    (ComfyUI's ``ddim_uniform`` gives the same timesteps only when 1000 mod N <= 1; for N = 30 it
+    returns 31 steps.) The table is indexed, not interpolated, so the sigmas are bit-equal to it.
+    """
+    if end not in SCHEDULE_ENDS:
+        raise FateZeroError(f"Unknown schedule end '{end}'; use one of {SCHEDULE_ENDS}.")
+    table = sigma_table.detach().float().cpu()
+    t = diffusers_timesteps(steps, num_train_timesteps=len(table))
+    tail = torch.zeros(1) if end == "comfy" else table[:1]
+    return torch.cat([table[t], tail])
+
+
+def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disable=None, on_step=None):
+    """DDIM inversion (paper eq. 3) over ascending sigmas; ``on_step(j, z_next)`` after each step.
+
+    ``x`` is the clean VP latent at ``sigmas[0]``. Step j runs the model on ``z_j`` at the *next*
+    sigma, as the official ``next_clean2noise_step`` does, and moves
+    ``z_{j+1} = sqrt(a') (z_j - sqrt(1 - a) eps) / sqrt(a) + sqrt(1 - a') eps``. Returns the VE
+    latent at the last sigma, ready for DDIM sampling with no added noise.
+    """
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    # alpha_bar on the CPU in float64: some devices (MPS) have no float64.
+    alpha_bars = alphas_cumprod_from_sigmas(sigmas.detach().to("cpu", torch.float64))
+    z = x
+    for j in range(len(sigmas) - 1):
+        sigma_next = sigmas[j + 1]
+        x_in = vp_to_ve(z, sigma_next)
+        denoised = model(x_in, sigma_next * s_in, **extra_args)
+        eps = (x_in - denoised) / sigma_next
+        z = ddim_invert_step(z, eps, alpha_bars[j], alpha_bars[j + 1])
+        if on_step is not None:
+            on_step(j, z)
+        if callback is not None:
+            callback({"x": vp_to_ve(z, sigma_next), "i": j, "sigma": sigma_next,
+                      "sigma_hat": sigma_next, "denoised": denoised})
+    return vp_to_ve(z, sigmas[-1])
+
+
+def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, after_step=None):
+    """DDIM (eta 0, paper eq. 2) over descending sigmas; ``after_step(i, x, sigma_next) -> x``.
+
+    In VE form eq. 2 is ``x + (x - denoised) / sigma * (sigma_next - sigma)``, the arithmetic of
+    k-diffusion's ``ddim``/``euler``. Returns the VP latent at the last sigma, so the official end
+    point (sigma ~0.029) decodes like the official code's output.
+    """
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        x = x + (x - denoised) / sigma * (sigma_next - sigma)
+        if after_step is not None:
+            x = after_step(i, x, sigma_next)
+    return ve_to_vp(x, sigmas[-1])
+
+
+def latent_blend_step(masks, store):
+    """``after_step`` for :func:`sample_ddim`: the local latent blend ``z_src + M (z - z_src)``
+    (reference doc 3.5) in VP space, with ``masks`` the edit controller (its
+    ``latent_blend_mask`` / ``latent_blend_source_index``) and the store's inversion latents."""
+
+    def after_step(i, x, sigma_next):
+        mask = masks.latent_blend_mask(i, tuple(x.shape[-2:]))
+        if mask is None:
+            return x
+        z_src = store.latent(masks.latent_blend_source_index(i)).to(x)
+        return vp_to_ve(latent_blend(ve_to_vp(x, sigma_next), z_src, mask.to(x)), sigma_next)
+
+    return after_step
+
+
+__all__ = ["latent_blend_step", "official_sigmas", "sample_ddim", "sample_ddim_inversion"]

@@ -1,0 +1,125 @@
+"""The shipping sampler loops and schedule (fatezero_core.sampling), against the DDIM equations.
+
+References are written from the paper's equations in VP form (eq. 2 denoise, eq. 3 invert) with
+``a = 1 / (1 + sigma^2)``, not from the loops' VE arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fatezero_core.ddim import sd1_alphas_cumprod, sigmas_from_alphas_cumprod
+from fatezero_core.errors import FateZeroError
+from fatezero_core.sampling import latent_blend_step, official_sigmas, sample_ddim, sample_ddim_inversion
+
+TABLE = sigmas_from_alphas_cumprod(sd1_alphas_cumprod()).float()  # the SD1.x sigma table
+
+
+def eps_model(eps_of_sigma):
+    """A host-style denoiser (VE in, denoised VE out) whose noise prediction is ``eps_of_sigma``."""
+    def model(x, sigma, **extra):
+        return x - sigma.view(-1, 1, 1, 1) * eps_of_sigma(x, sigma[0])
+    return model
+
+
+def alpha(sigma) -> float:
+    return 1.0 / (1.0 + float(sigma) ** 2)
+
+
+def test_official_sigmas_are_the_official_timesteps():
+    for steps in (50, 30, 10):
+        delta = 1000 // steps
+        sigmas = official_sigmas(TABLE, steps)
+        expected = [TABLE[1 + k * delta] for k in range(steps - 1, -1, -1)]
+        assert len(sigmas) == steps + 1  # ddim_uniform gives 31 sigmas + end for 30 steps
+        assert torch.equal(sigmas[:-1], torch.stack(expected)) and sigmas[-1] == 0
+    official_end = official_sigmas(TABLE, 10, "official")[-1]
+    assert math.isclose(alpha(official_end), 0.99915, rel_tol=1e-6)  # alphas_cumprod[0]
+    with pytest.raises(FateZeroError, match="schedule end"):
+        official_sigmas(TABLE, 10, "other")
+
+
+def test_inversion_follows_eq3_and_sampling_eq2_walks_back():
+    g = torch.Generator().manual_seed(7)
+    z0 = torch.randn(3, 4, 8, 8, generator=g)
+    base = torch.randn(3, 4, 8, 8, generator=g)
+    model = eps_model(lambda x, s: base * (1 + float(s)))  # content-independent, sigma-dependent
+    sigmas = official_sigmas(TABLE, 5, "official").flip(0)
+    seen = []
+    x_T = sample_ddim_inversion(model, z0, sigmas, on_step=lambda j, z: seen.append(z))
+    z = z0.double()
+    for j in range(5):
+        a, a_next = alpha(sigmas[j]), alpha(sigmas[j + 1])
+        eps = (base * (1 + float(sigmas[j + 1]))).double()  # evaluated at the next sigma
+        z = math.sqrt(a_next) * (z - math.sqrt(1 - a) * eps) / math.sqrt(a) + math.sqrt(1 - a_next) * eps
+        assert torch.allclose(seen[j].double(), z, atol=1e-5), j
+    assert torch.allclose(x_T.double(), z / math.sqrt(alpha(sigmas[-1])), atol=1e-4)  # VE out
+    back = sample_ddim(model, x_T, sigmas.flip(0))
+    assert torch.allclose(back, z0, atol=1e-4)  # a content-independent eps inverts exactly
+
+
+def test_latent_blend_keeps_the_source_outside_the_mask():
+    sigmas = official_sigmas(TABLE, 4)
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[..., :2] = 1
+    source = torch.full((2, 4, 4, 4), 3.0)
+
+    class Masks:
+        def latent_blend_mask(self, i, size):
+            return mask if i == 1 else None
+
+        def latent_blend_source_index(self, i):
+            return 7
+
+    class Store:
+        def latent(self, j):
+            assert j == 7
+            return source
+
+    blended = []
+
+    def after_step(i, x, sigma_next):
+        out = latent_blend_step(Masks(), Store())(i, x, sigma_next)
+        blended.append((i, out / math.sqrt(1 + float(sigma_next) ** 2), x / math.sqrt(1 + float(sigma_next) ** 2)))
+        return out
+
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1)) * float(sigmas[0])
+    sample_ddim(eps_model(lambda x, s: torch.zeros_like(x)), x, sigmas, after_step=after_step)
+    for i, z_out, z_in in blended:
+        if i == 1:
+            assert torch.allclose(z_out[..., 2:], source[..., 2:]) and torch.allclose(z_out[..., :2], z_in[..., :2])
+        else:
+            assert torch.equal(z_out, z_in)
+
+
+class NoFloat64Tensor(torch.Tensor):
+    """A tensor on a device without float64 (as MPS): a float64 result that is not a plain CPU
+    tensor raises; moving it to the CPU gives a plain tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        if func in (torch.Tensor.cpu, torch.Tensor.tolist) or (
+                func is torch.Tensor.to and "cpu" in [str(a) for a in (*args[1:], *(kwargs or {}).values())]):
+            return out
+        if isinstance(out, torch.Tensor):
+            if out.dtype == torch.float64:
+                raise TypeError("this device has no float64")
+            return out.as_subclass(cls)
+        return out
+
+
+def test_loops_compute_the_schedule_on_the_cpu():
+    """Sigmas on a device without float64 (MPS): inversion and editing still run."""
+    sigmas = official_sigmas(TABLE, 3).flip(0).as_subclass(NoFloat64Tensor)
+    with pytest.raises(TypeError):
+        sigmas.double()  # the stand-in refuses float64 as MPS does
+    model = eps_model(lambda x, s: torch.zeros_like(x))
+    x = torch.randn(2, 4, 8, 8)
+    inverted = sample_ddim_inversion(model, x, sigmas)
+    edited = sample_ddim(model, inverted, sigmas.flip(0))
+    assert torch.isfinite(torch.as_tensor(edited)).all()
