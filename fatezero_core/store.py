@@ -99,6 +99,18 @@ class CaptureConfig:
 
 
 @dataclass
+class InversionRecord:
+    """What the inversion hands the edit besides the attention: the source conditioning (an
+    opaque host object the ``recompute`` source pass replays), a fingerprint of it (checked against
+    the edit's source prompt) and a fingerprint of the inverted latent it output (checked against
+    the latent the edit starts from)."""
+
+    source_conditioning: object = None
+    source_fingerprint: str = ""
+    inverted_latent: dict | None = None
+
+
+@dataclass
 class _StepData:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -138,7 +150,7 @@ class AttentionStore:
         self._pending_copies = False
         self.complete = False
         self.released = False
-        self.extras: dict = {}  # host payload, e.g. the source conditioning ``recompute`` replays
+        self.record = InversionRecord()
         self._dir = None
         self._finalizer = None
         if placement == "disk":
@@ -339,7 +351,7 @@ class AttentionStore:
         self._scratch.clear()
         self._latents = []
         self._cached_step = None
-        self.extras = {}
+        self.record = InversionRecord()
         if self._finalizer is not None:
             self._finalizer()
         self.complete = False

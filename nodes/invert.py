@@ -16,11 +16,12 @@ from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.keyframes import SD_KEY_RULE, parse_key_rule
 from ..fatezero_core.layers import LAYER_SETS
 from ..fatezero_core.sampling import official_sigmas, sample_ddim_inversion
-from ..fatezero_core.store import PLACEMENTS, STORE_DTYPES, AttentionStore, CaptureConfig
+from ..fatezero_core.store import PLACEMENTS, STORE_DTYPES, AttentionStore, CaptureConfig, InversionRecord
 from .clip_runtime import GROUP_NORMS, with_group_norm
 from .patching import conditioning_fingerprint, model_fingerprint, model_key_rule, patched_clone
 from .samplers import FateZeroGuider, zero_noise
 from .sockets import AttnStore
+from .user_errors import reports_user_errors
 
 KEY_FRAME_CHOICES = ["auto", "mid", "self, mid", "prev, first", "first", "self"]
 OFFICIAL_MIN_CHANNELS = 640  # official least_sc_channel for SD configs
@@ -50,9 +51,6 @@ def frames_latent(latent: dict) -> torch.Tensor:
     if samples.shape[0] < 1:
         raise FateZeroError("The latent holds no frames; load at least one frame.")
     return samples
-
-
-INVERTED_LATENT_KEY = "inverted_latent"  # store.extras key of the output latent's fingerprint
 
 
 def latent_fingerprint(samples: torch.Tensor) -> dict:
@@ -103,6 +101,7 @@ class FateZeroDDIMInvert(io.ComfyNode):
         )
 
     @classmethod
+    @reports_user_errors
     def execute(cls, model, source, latent, steps, key_frames, st_min_channels, store_placement,
                 store_dtype, layer_set, schedule_end, group_norm="clip") -> io.NodeOutput:
         samples = frames_latent(latent)
@@ -134,7 +133,8 @@ class FateZeroDDIMInvert(io.ComfyNode):
         out = guider.sample(zero_noise(samples), samples, comfy.samplers.KSAMPLER(capture), sigmas,
                             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
         store.set_latents(latents)
-        store.extras.update(source_conditioning=source, source_fingerprint=conditioning_fingerprint(source))
-        store.extras[INVERTED_LATENT_KEY] = latent_fingerprint(out)
+        store.record = InversionRecord(source_conditioning=source,
+                                       source_fingerprint=conditioning_fingerprint(source),
+                                       inverted_latent=latent_fingerprint(out))
         store.finish()
         return io.NodeOutput({"samples": out}, store)

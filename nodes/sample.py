@@ -17,10 +17,11 @@ from ..fatezero_core.edit_spec import EditSpec
 from ..fatezero_core.errors import FateZeroError, StoreMismatchError, StoreReleasedError
 from ..fatezero_core.store import AttentionStore
 from .clip_runtime import with_group_norm
-from .invert import INVERTED_LATENT_KEY, frames_latent, latent_fingerprint
+from .invert import frames_latent, latent_fingerprint
 from .patching import model_fingerprint, patched_clone
 from .samplers import FateZeroGuider, edit_ksampler, zero_noise
 from .sockets import AttnStore, BlendSettings
+from .user_errors import reports_user_errors
 
 log = logging.getLogger("comfyui-fatezero")
 
@@ -49,7 +50,7 @@ def check_inverted_latent(store, samples) -> None:
     Compares the fingerprint recorded at inversion (shape, sum, abs-sum) with a relative tolerance,
     so moving the latent between devices is fine; a latent from another inversion is not.
     """
-    expected = store.extras.get(INVERTED_LATENT_KEY)
+    expected = store.record.inverted_latent
     if expected is None:
         return
     actual = latent_fingerprint(samples)
@@ -72,7 +73,7 @@ def check_inverted_latent(store, samples) -> None:
 def check_spec(spec, store) -> None:
     if not isinstance(spec, EditSpec):
         raise FateZeroError("'blend_settings' must come from FateZero Attention Blend Settings.")
-    if store.extras.get("source_fingerprint") != spec.source_fingerprint:
+    if store.record.source_fingerprint != spec.source_fingerprint:
         raise StoreMismatchError(
             "The store was inverted with a different source conditioning than these blend "
             "settings' source prompt: wire the 'source' output of FateZero Attention Blend Settings "
@@ -125,6 +126,7 @@ class FateZeroSample(io.ComfyNode):
         )
 
     @classmethod
+    @reports_user_errors
     def execute(cls, model, positive, negative, latent, attention_store, blend_settings, cfg,
                 fusion, sampler=None) -> io.NodeOutput:
         samples = frames_latent(latent)
@@ -144,7 +146,7 @@ class FateZeroSample(io.ComfyNode):
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         if fusion and store.placement == "recompute":
-            guider.set_source(store.extras["source_conditioning"])
+            guider.set_source(store.record.source_conditioning)
             controller.stop_source_pass_early = True  # FateZeroGuider catches SourcePassComplete
 
         if sampler is None:

@@ -7,6 +7,7 @@ core frames, so the dialog shows the message and a traceback that ends in the no
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 from ..fatezero_core.errors import FateZeroError
@@ -25,4 +26,15 @@ def user_errors():
         raise FateZeroNodeError(str(exc)) from None
 
 
-__all__ = ["FateZeroNodeError", "user_errors"]
+def reports_user_errors(execute):
+    """Decorator for a node's whole ``execute``: :func:`user_errors` around it."""
+
+    @functools.wraps(execute)
+    def wrapper(*args, **kwargs):
+        with user_errors():
+            return execute(*args, **kwargs)
+
+    return wrapper
+
+
+__all__ = ["FateZeroNodeError", "reports_user_errors", "user_errors"]

@@ -100,6 +100,6 @@ def test_controlnet_on_source_is_replayed_by_recompute(nodes, tiny_sd15, tiny_cl
     assert torch.equal(prev_cpu, prev_re)
 
     # Sensitivity: replaying the source *without* the ControlNet gives another edit.
-    store_re.extras["source_conditioning"] = src
+    store_re.record.source_conditioning = src
     out_dropped, _ = sample(nodes, tiny_sd15, tgt, neg, inv_re, store_re, spec, cfg=1.0)
     assert float((out_dropped["samples"] - out_cpu["samples"]).abs().max()) > 100 * max(err, 1e-6)
