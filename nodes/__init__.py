@@ -12,13 +12,14 @@ from .blend_settings import FateZeroAttentionBlendSettings
 from .invert import FateZeroDDIMInvert
 from .sample import FateZeroSample
 from .tav_loader import FateZeroTuneAVideoLoader
+from .tav_train import FateZeroTuneAVideoTrain
 from .video import FateZeroLoadVideoFrames
 
 
 def node_classes() -> list[type[io.ComfyNode]]:
     """Every node class of the pack, in menu order."""
     return [FateZeroLoadVideoFrames, FateZeroTuneAVideoLoader, FateZeroDDIMInvert, FateZeroAttentionBlendSettings,
-            FateZeroSample]
+            FateZeroSample, FateZeroTuneAVideoTrain]
 
 
 class FateZeroExtension(ComfyExtension):
