@@ -145,3 +145,137 @@ def test_loss_falls_and_only_trainable_tensors_change(train, tiny_sd15, tiny_cli
         assert layer.attn_temporal.to_out[0].weight.abs().sum() > 0  # zero-initialised, then trained
     assert all(conv.conv_temporal.up.weight.abs().sum() > 0 for conv in convs)
     assert state_matches(input_state, state_of(tiny_sd15))
+
+
+def test_saved_file_reloads_to_the_same_network_bit_for_bit(nodes, train, tiny_sd15, tiny_clip, tav_dir):
+    source = encode(tiny_clip, PROMPT)
+    model, _ = run_train(train, tiny_sd15, source, steps=2, save_name="clip/tuned").args
+    path = tav_dir / "clip" / "tuned.safetensors"
+    assert path.is_file() and not list(tav_dir.rglob("*.partial"))
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        assert f.metadata()["fatezero_layout"] == "fatezero"
+    assert any(k.endswith(".attn_temporal.to_q.weight") for k in keys)
+    assert any(k.endswith(".conv_temporal.down.weight") for k in keys)
+    reloaded = nodes.tav_loader.FateZeroTuneAVideoLoader.execute(checkpoint="clip/tuned.safetensors",
+                                                                  base_model=tiny_sd15).args[0]
+    x = clip_latent()
+    for sigma in (0.5, 8.0):
+        assert torch.equal(unet_out(reloaded, x, sigma, source), unet_out(model, x, sigma, source))
+    # and the tuned model differs from the untuned one: the file carries the training
+    assert not torch.equal(unet_out(tiny_sd15, x, 0.5, source), unet_out(model, x, 0.5, source))
+
+
+def test_cancel_mid_training_saves_nothing_and_outputs_nothing(train, tiny_sd15, tiny_clip, tav_dir, monkeypatch):
+    import comfy.model_management
+    import comfy.utils
+
+    def hook(value, total, preview, node_id=None):
+        if value == 2:
+            comfy.model_management.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    before = state_of(tiny_sd15)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_train(train, tiny_sd15, encode(tiny_clip, PROMPT), steps=6, save_name="cancelled")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not any(tav_dir.rglob("*"))
+    unet = tiny_sd15.model.diffusion_model
+    assert not any("forward" in m.__dict__ for m in unet.modules())  # checkpointing removed
+    assert state_matches(before, state_of(tiny_sd15))
+
+
+def write_lora(path: Path, rank: int = 4) -> list[str]:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(9)
+    tensors = {}
+    layers = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (32, 32),
+              "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k": (32, 32)}
+    for layer, (out_dim, in_dim) in layers.items():
+        tensors[f"{layer}.lora_down.weight"] = torch.randn(rank, in_dim, generator=g) * 0.3
+        tensors[f"{layer}.lora_up.weight"] = torch.randn(out_dim, rank, generator=g) * 0.3
+        tensors[f"{layer}.alpha"] = torch.tensor(float(rank))
+    save_file(tensors, str(path))
+    return list(layers)
+
+
+ATTN1 = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1"
+
+
+def test_lora_patched_base_trains_from_the_lora_weights(train, tiny_sd15, tiny_clip, tmp_path, monkeypatch):
+    import folder_paths
+    import nodes as core_nodes
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    write_lora(loras / "tiny.safetensors")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], folder_paths.supported_pt_extensions))
+    (with_lora,) = core_nodes.LoraLoaderModelOnly().load_lora_model_only(tiny_sd15, "tiny.safetensors", 1.0)
+    assert f"{ATTN1}.to_q.weight" in with_lora.patches and f"{ATTN1}.to_k.weight" in with_lora.patches
+    lora_state, plain_state = loaded_unet_state(with_lora), loaded_unet_state(tiny_sd15)
+    lr = 1e-7  # a tiny step: the tuned to_q must stay next to the LoRA weight it started from
+    model, _ = run_train(train, with_lora, encode(tiny_clip, PROMPT), steps=2, lr=lr).args
+    tuned = loaded_unet_state(model)
+    q, k = f"{ATTN1}.to_q.weight", f"{ATTN1}.to_k.weight"
+    assert torch.equal(tuned[k], lora_state[k]) and not torch.equal(tuned[k], plain_state[k])  # LoRA kept
+    assert not torch.equal(tuned[q], lora_state[q])  # trained ...
+    step = float((tuned[q] - lora_state[q]).abs().max())
+    assert step <= 2 * 2 * lr * 1.01, step  # ... by at most lr per AdamW step (+ decay), from the LoRA weight
+    assert float((lora_state[q] - plain_state[q]).abs().max()) > 100 * step
+
+
+@pytest.mark.parametrize("latent, message", [
+    (torch.zeros(1, 4, LATENT, LATENT), "at least 2 frames"),
+    (torch.zeros(4, 16, LATENT, LATENT), r"\[frames, 4, h, w\]"),
+    (torch.zeros(1, 4, 4, LATENT, LATENT), r"\[frames, 4, h, w\]"),
+])
+def test_bad_latents_are_refused(nodes, train, tiny_sd15, tiny_clip, latent, message):
+    with pytest.raises(nodes.user_errors.FateZeroNodeError, match=message):
+        run_train(train, tiny_sd15, encode(tiny_clip, PROMPT), latent=latent)
+
+
+def test_models_that_are_not_sd1_are_refused(nodes, train, tiny_clip):
+    import tiny_models
+
+    other = tiny_models.build_tiny_sd15(context_dim=1024)
+    with pytest.raises(nodes.user_errors.FateZeroNodeError, match="Stable Diffusion 1.x model.*context_dim 1024"):
+        run_train(train, other, encode(tiny_clip, PROMPT))
+
+
+def test_a_tuned_model_and_bad_save_names_are_refused(nodes, train, tiny_sd15, tiny_clip, tav_dir):
+    source = encode(tiny_clip, PROMPT)
+    for name in ("../outside", "/abs/path", "a/../b"):
+        with pytest.raises(nodes.user_errors.FateZeroNodeError, match="plain file name"):
+            run_train(train, tiny_sd15, source, save_name=name)
+    (tav_dir / "exists.safetensors").write_bytes(b"x")
+    with pytest.raises(nodes.user_errors.FateZeroNodeError, match="already exists"):
+        run_train(train, tiny_sd15, source, save_name="exists")
+    tuned = tiny_sd15.clone()
+    tuned.model_options.setdefault("transformer_options", {})["fatezero_key_rule"] = "prev, first"
+    with pytest.raises(nodes.user_errors.FateZeroNodeError, match="already has Tune-A-Video layers"):
+        run_train(train, tuned, source)
+
+
+def test_out_of_memory_says_what_to_change(nodes, train, tiny_sd15, tiny_clip, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(train.TuneRun, "loop", oom)
+    with pytest.raises(nodes.user_errors.FateZeroNodeError, match="fewer frames.*smaller size") as info:
+        run_train(train, tiny_sd15, encode(tiny_clip, PROMPT), gradient_checkpointing=False, precision="fp32")
+    assert "gradient_checkpointing on" in str(info.value) and "bf16" in str(info.value)
+
+
+def test_schema(nodes, train):
+    schema = train.FateZeroTuneAVideoTrain.define_schema()
+    assert schema.node_id == "FateZero_TuneAVideoTrain" and schema.display_name == "FateZero Tune-A-Video Train"
+    defaults = {i.id: getattr(i, "default", None) for i in schema.inputs}
+    assert 150 <= defaults["steps"] <= 250 and defaults["learning_rate"] == 1e-5
+    assert defaults["gradient_checkpointing"] is True and defaults["precision"] == "auto"
+    assert defaults["trainable"] == "official" and defaults["lora_rank"] == 160
+    assert all(i.tooltip for i in schema.inputs)
+    assert train.FateZeroTuneAVideoTrain in nodes.node_classes()
