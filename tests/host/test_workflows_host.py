@@ -199,6 +199,8 @@ def shrink(api: dict, server, video: str, prefix: str, frames: int = FRAMES, fil
                           select_every_nth=1)
         elif kind == "FateZero_DDIMInvert":
             inputs["steps"] = STEPS
+        elif kind == "FateZero_TuneAVideoTrain":
+            inputs.update(steps=STEPS, save_name=f"{prefix}/tuned")
         elif kind == "LoraLoaderModelOnly":
             inputs["lora_name"] = files["lora"]
         elif kind == "ControlNetLoader":
@@ -265,6 +267,19 @@ def test_controlnet_workflow_runs_end_to_end(comfy_server, tiny_controlnet):
     hint_previews = [i for i, n in prompt.items()
                      if n["class_type"] == "PreviewImage" and n["inputs"]["images"] == [canny, 0]]
     assert all(len(entry["outputs"][i]["images"]) == FRAMES for i in hint_previews)
+
+
+def test_shape_edit_train_workflow_trains_saves_and_edits(comfy_server):
+    """Load -> encode -> train -> invert -> sample -> decode -> save, with 2 training steps; the
+    tuned UNet lands in models/tuneavideo and the loss curve is previewed."""
+    prompt, entry = run_shipped(comfy_server, "shape_edit_train")
+    check_outputs(comfy_server, {k: n for k, n in prompt.items() if n["_meta"]["title"] != "Training loss"},
+                  entry, FRAMES)
+    train = next(n for n in prompt.values() if n["class_type"] == "FateZero_TuneAVideoTrain")["inputs"]
+    saved = comfy_server.base / "models" / "tuneavideo" / f"{train['save_name']}.safetensors"
+    assert saved.is_file() and saved.stat().st_size > 0
+    loss_id = next(i for i, n in prompt.items() if n["_meta"]["title"] == "Training loss")
+    assert len(entry["outputs"][loss_id]["images"]) == 1
 
 
 @pytest.mark.parametrize("name", workflow_names())
