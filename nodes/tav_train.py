@@ -18,7 +18,7 @@ What is trained and how the result is carried:
   weights are never written, other LoRA keys keep applying, and a LoRA loaded after this node
   patches the tuned ``to_q`` as usual;
 - the frozen 2D weights are the input model's own tensors (shared, never copied). Gradient
-  checkpointing wraps the forward of each top-level UNet block while training, as ComfyUI's own
+  checkpointing wraps the forward of each layer of the top-level UNet blocks while training, as ComfyUI's own
   Train LoRA node does, and is removed before the node returns, also on Cancel or error.
 
 A save name writes the tuned UNet in the FateZero layout (diffusers 2D names plus
@@ -140,24 +140,24 @@ class TrainedWeight(nn.Module):
         return self.weight.to(device=weight.device, dtype=weight.dtype)
 
 
-def _as_cast(weight: torch.Tensor) -> torch.Tensor:
-    return weight  # ComfyUI's cast already made a copy because a weight function is present
+def _frozen(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach()
 
 
-def copy_frozen_weights(trainer, skip: set[str]) -> None:
-    """Weights created under the executor's ``inference_mode`` cannot be saved for backward. A
-    no-op weight function makes ComfyUI's cast hand each op a fresh copy instead (one block's
-    weights at a time; the model's tensors are not copied or changed)."""
+def freeze_weights(trainer, skip: set[str]) -> None:
+    """Keep autograd away from the shared 2D weights without touching them: ComfyUI parameters
+    require grad (backward would fill a gradient for every weight of the UNet) and, when created
+    under the executor's ``inference_mode``, cannot be saved for backward at all. A weight function
+    on the training clone hands each op ComfyUI's cast copy, detached (one layer's weights at a time
+    under gradient checkpointing); the model's tensors and flags are not changed."""
     unet = trainer.get_model_object("diffusion_model")
-    if not any(p.is_inference() for p in unet.parameters()):
-        return
     for name, module in unet.named_modules():
         if not hasattr(module, "weight_function"):
             continue
         for attr in ("weight", "bias"):
             key = f"diffusion_model.{name}.{attr}"
             if getattr(module, attr, None) is not None and key not in skip:
-                trainer.add_weight_wrapper(key, _as_cast)
+                trainer.add_weight_wrapper(key, _frozen)
 
 
 def checkpointed(module: nn.Module) -> None:
@@ -175,8 +175,10 @@ def restore(modules) -> None:
         module.__dict__.pop("forward", None)
 
 
-def top_level_blocks(unet) -> list[nn.Module]:
-    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+def checkpoint_units(unet) -> list[nn.Module]:
+    """The layers of every top-level UNet block (ResBlocks, SpatialTransformers, samplers, inserted
+    temporal convs): the UNet calls them one by one, so each is recomputed on its own."""
+    return [layer for block in (*unet.input_blocks, unet.middle_block, *unet.output_blocks) for layer in block]
 
 
 class TuneRun:
@@ -189,10 +191,12 @@ class TuneRun:
         self.seed, self.checkpointing, self.precision = seed, checkpointing, precision
         unet = model.get_model_object("diffusion_model")
         heads = int(model.model.model_config.unet_config.get("num_heads", 8)) or 8
-        self.fresh = fresh_layers(unet, heads, lora_rank, seed)
+        fresh = fresh_layers(unet, heads, lora_rank, seed)
         self.output = model.clone()
-        insert_temporal_layers(self.output, self.fresh, dtype=torch.float32)  # fp32 masters
+        insert_temporal_layers(self.output, fresh, dtype=torch.float32)  # fp32 masters
         self.layers = list(clip_runtime(self.output).modules)
+        # diffusers owner paths of the layers, in insertion order (the fresh tensors are dropped)
+        self.attention_owners, self.conv_owners = list(fresh.temporal_attention), list(fresh.temporal_convs)
         self.q_keys = query_weight_keys(unet)
         self.device = model.load_device
         self.dtype = training_dtype(precision, self.device)
@@ -208,7 +212,7 @@ class TuneRun:
             trainer.set_model_compute_dtype(self.dtype)
         # Load once so the weights are the ones the input MODEL runs with (LoRA applied).
         comfy.model_management.load_models_gpu([trainer], force_full_load=True)
-        copy_frozen_weights(trainer, set(self.q_keys))
+        freeze_weights(trainer, set(self.q_keys))
         for key in self.q_keys:
             weight = comfy.utils.get_attr(trainer.model, key)
             self.q_params[key] = nn.Parameter(weight.detach().to(self.device, torch.float32, copy=True))
@@ -232,7 +236,7 @@ class TuneRun:
         sampling = model_wrap.inner_model.model_sampling
         generator = torch.Generator().manual_seed(self.seed)
         x0 = x0.to(torch.float32)
-        blocks = top_level_blocks(model_wrap.inner_model.diffusion_model) if self.checkpointing else []
+        blocks = checkpoint_units(model_wrap.inner_model.diffusion_model) if self.checkpointing else []
         for block in blocks:
             checkpointed(block)
         try:
@@ -278,11 +282,10 @@ class TuneRun:
         missing = wanted.keys() - unet_2d.keys()
         if missing:
             raise FateZeroError(f"Cannot map the UNet to diffusers names ({len(missing)} keys missing, e.g. {sorted(missing)[0]}).")
-        owners = list(self.fresh.temporal_attention) + list(self.fresh.temporal_convs)
         groups = {owner: {k: v.detach().to("cpu", copy=True).contiguous() for k, v in layer.state_dict().items()}
-                  for owner, layer in zip(owners, self.layers)}
-        attention = {o: groups[o] for o in self.fresh.temporal_attention}
-        convs = {o: groups[o] for o in self.fresh.temporal_convs}
+                  for owner, layer in zip(self.attention_owners + self.conv_owners, self.layers)}
+        attention = {o: groups[o] for o in self.attention_owners}
+        convs = {o: groups[o] for o in self.conv_owners}
         return core.fatezero_layout(unet_2d, attention, convs)
 
 
