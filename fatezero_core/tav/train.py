@@ -226,8 +226,7 @@ def oom_advice(frames: int, height: int, width: int, checkpointing: bool, precis
     if precision in ("fp32", "auto"):
         steps.append("set precision to bf16 (or fp16)")
     steps.append(f"load fewer frames (now {frames}) or a smaller size (now {width * 8}x{height * 8} px)")
-    return ("Tune-A-Video training ran out of GPU memory: " + "; ".join(steps) +
-            ". Close other models first (ComfyUI frees them before training).")
+    return "Tune-A-Video training ran out of GPU memory: " + "; ".join(steps) + "."
 
 
 __all__ = [
