@@ -54,6 +54,7 @@ def child(args) -> dict:
         source, _, _ = _host.blend_settings(nodes, clip)
         latent = _host.moving_latent(args.frames, args.size // 8)
     build_s = time.perf_counter() - start
+    parameters = _host.parameter_count(model)  # before: the loaded tuned model also counts its temporal layers
     stamps: list[float] = []
     losses: list[float] = []
     original = train.progress_reporter
@@ -91,19 +92,13 @@ def child(args) -> dict:
                 first_step_seconds=stamps[0] - start if stamps else None,
                 seconds_per_step=_host.median(per_step) if per_step else None,
                 losses=losses, finite=all(map(lambda v: v == v, losses)),
-                parameters=_host.parameter_count(model), temporal_parameters=temporal,
+                parameters=parameters, temporal_parameters=temporal,
                 precision=str(train.training_dtype("auto", model.load_device)), machine=_host.machine())
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=None, help="frame side in px (CPU 128, GPU 512)")
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=None, help="training steps (CPU 3, GPU 6)")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma list of {RUNS}")
-    _host.add_host_arguments(parser)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--run", default="checkpointing", help=argparse.SUPPRESS)
+    _host.add_per_run_arguments(parser, RUNS, "checkpointing", None, "training steps (CPU 3, GPU 6)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
@@ -115,16 +110,10 @@ def main() -> int:
     gpu = torch.cuda.is_available()
     size = args.size or (512 if gpu else 128)
     steps = args.steps or (6 if gpu else 3)
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     t0 = time.perf_counter()
-    results = []
-    for run in runs:
-        child_args = ["--run", run, "--size", str(size), "--frames", str(args.frames),
-                      "--steps", str(steps)] + _host.host_child_args(args)
-        r = _host.run_child(Path(__file__).resolve(), child_args)
-        print(f"  {run}: {r['seconds']:.0f} s, {r['seconds_per_step']:.2f} s/step, peak RSS {_host.mb(r['peak_rss'])}",
-              flush=True)
-        results.append(r)
+    results = _host.run_each(Path(__file__).resolve(), args, size, steps, lambda r: print(
+        f"  {r['run']}: {r['seconds']:.0f} s, {r['seconds_per_step']:.2f} s/step, peak RSS "
+        f"{_host.mb(r['peak_rss'])}", flush=True))
     m = results[0]["machine"]
     print(f"\nFateZero Tune-A-Video Train: SD1.5-shape UNet ({results[0]['parameters'] / 1e6:.0f} M "
           f"parameters + {results[0]['temporal_parameters'] / 1e6:.0f} M temporal, random weights, "

@@ -33,6 +33,7 @@ import os
 import re
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 import comfy.model_management

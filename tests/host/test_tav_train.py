@@ -7,7 +7,6 @@ background, so frames are related as in a video and the temporal layers have som
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import pytest
@@ -76,8 +75,9 @@ def run_train(train, model, source, steps=4, lr=FAST_LR, save_name="", latent=No
     return train.FateZeroTuneAVideoTrain.execute(**args)
 
 
-def unet_out(model, x, sigma, cond):
-    """The model's denoised prediction for a frame-major clip, through ComfyUI's sampling call."""
+def unet_out(model, x, sigma, cond, noise=None):
+    """The model's denoised prediction at ``x0 + sigma * noise`` (``x0``: the processed latent
+    ``x``) for a frame-major clip, through ComfyUI's sampling call."""
     import comfy.model_management
     import comfy.samplers
 
@@ -93,7 +93,8 @@ def unet_out(model, x, sigma, cond):
                                          **extra_args)
             return latent_image
 
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    if noise is None:
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
     guider.sample(noise, x, Once(), torch.tensor([sigma, 0.0]), seed=0, disable_pbar=True)
     return captured["out"]
 
@@ -279,3 +280,46 @@ def test_schema(nodes, train):
     assert defaults["trainable"] == "official" and defaults["lora_rank"] == 160
     assert all(i.tooltip for i in schema.inputs)
     assert train.FateZeroTuneAVideoTrain in nodes.node_classes()
+
+
+def reference_prev_first_attn1(q, k, v, extra):
+    """Eq. 8 with Tune-A-Video's keys, written out: frame i attends to the tokens of frame i-1
+    (frame 0: itself) and of frame 0, softmax(q K^T / sqrt(d)) V per head."""
+    heads = extra["n_heads"]
+    f, n, c = q.shape
+    d = c // heads
+    out = torch.empty_like(q)
+    for i in range(f):
+        keys = torch.cat([k[max(i - 1, 0)], k[0]])
+        values = torch.cat([v[max(i - 1, 0)], v[0]])
+        qh, kh, vh = (t.reshape(t.shape[0], heads, d).transpose(0, 1) for t in (q[i], keys, values))
+        weights = torch.softmax(qh @ kh.transpose(1, 2) / d ** 0.5, dim=-1)
+        out[i] = (weights @ vh).transpose(0, 1).reshape(n, c)
+    return out
+
+
+def test_first_step_loss_is_the_objective_on_the_loader_network(nodes, train, tiny_sd15, tiny_clip, losses):
+    """Before any update the temporal layers are the identity, so the network is the SD UNet with
+    clip-level GroupNorm and previous+first-frame self-attention; the first loss must be
+    mse(eps_theta(x0 + sigma_t * eps, t), eps) on it, with (t, eps) the seed's first draw."""
+    import comfy.model_management
+    from fatezero_core.tav import train as core
+
+    source = encode(tiny_clip, PROMPT)
+    latent = clip_latent()
+    run_train(train, tiny_sd15, source, steps=1, lr=1e-7)
+    reference = tiny_sd15.clone()
+    nodes.clip_runtime.use_clip_group_norm(reference)
+    for key in nodes.patching.attention_block_keys(reference.get_model_object("diffusion_model")):
+        reference.set_model_attn1_replace(reference_prev_first_attn1, *key)
+    x0 = tiny_sd15.model.process_latent_in(latent)
+    timestep, noise = core.draw_step(torch.Generator().manual_seed(SEED), x0)
+    sigma = float(tiny_sd15.get_model_object("model_sampling").sigma(torch.tensor([float(timestep)])))
+    def loss(model):
+        denoised = unet_out(model, latent, sigma, source, noise=noise)
+        eps = (x0 + sigma * noise - denoised) / sigma
+        return float(((eps - noise) ** 2).mean())
+    expected = loss(reference)
+    assert losses[0] == pytest.approx(expected, rel=1e-4)
+    per_frame = tiny_sd15.clone()  # the control: the plain per-frame network gives another loss
+    assert abs(loss(per_frame) - expected) > 1e-3 * expected
