@@ -514,6 +514,32 @@ def run_child(script: Path, args: list[str], timeout: float = 1800) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def add_per_run_arguments(parser, runs, default_run: str, steps: int | None, steps_help: str) -> None:
+    """``--size/--frames/--steps/--runs``, the host options and the hidden ``--child/--run`` of a
+    script that measures each of ``runs`` in a fresh process (:func:`run_each`)."""
+    import argparse
+
+    parser.add_argument("--size", type=int, default=None, help="frame side in px (CPU 128, GPU 512)")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
+    parser.add_argument("--runs", default=",".join(runs), help=f"comma list of {runs}")
+    add_host_arguments(parser)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--run", default=default_run, help=argparse.SUPPRESS)
+
+
+def run_each(script: Path, args, size: int, steps: int, report) -> list[dict]:
+    """Every run of ``args.runs`` as ``script --child`` at ``size``/``args.frames``/``steps``;
+    ``report(result)`` after each. Returns the results in order."""
+    results = []
+    for run in (r.strip() for r in args.runs.split(",") if r.strip()):
+        child_args = ["--run", run, "--size", str(size), "--frames", str(args.frames),
+                      "--steps", str(steps)] + host_child_args(args)
+        results.append(run_child(script, child_args))
+        report(results[-1])
+    return results
+
+
 def median(values):
     return statistics.median(values)
 

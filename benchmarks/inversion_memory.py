@@ -84,13 +84,7 @@ def child(args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=None, help="frame side in px (CPU 128, GPU 512)")
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma list of {RUNS}")
-    _host.add_host_arguments(parser)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--run", default="cpu", help=argparse.SUPPRESS)
+    _host.add_per_run_arguments(parser, RUNS, "cpu", 10, "DDIM steps")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
@@ -101,15 +95,9 @@ def main() -> int:
 
     gpu = torch.cuda.is_available()
     size = args.size or (512 if gpu else 128)
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     t0 = time.perf_counter()
-    results = []
-    for run in runs:
-        child_args = ["--run", run, "--size", str(size), "--frames", str(args.frames),
-                      "--steps", str(args.steps)] + _host.host_child_args(args)
-        r = _host.run_child(Path(__file__).resolve(), child_args)
-        print(f"  {run}: {r['seconds']:.0f} s, peak RSS {_host.mb(r['peak_rss'])}", flush=True)
-        results.append(r)
+    results = _host.run_each(Path(__file__).resolve(), args, size, args.steps, lambda r: print(
+        f"  {r['run']}: {r['seconds']:.0f} s, peak RSS {_host.mb(r['peak_rss'])}", flush=True))
     m = results[0]["machine"]
     where = _host.where_it_ran(m, gpu)
     print(f"\nFateZero DDIM Invert, peak memory per placement: SD1.5-shape UNet "

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .keyframes import gather_key_frames, is_identity_table
+from .frames import frames_per_chunk
+from .keyframes import gather_key_frames, is_identity_table, key_frame_table
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -45,6 +46,18 @@ def spatio_temporal_attention(q, k, v, heads: int, table: torch.Tensor) -> torch
     if is_identity_table(table):
         return attention(q, k, v, heads)
     return attention(q, gather_key_frames(k, table), gather_key_frames(v, table), heads)
+
+
+def clip_self_attention(q, k, v, heads: int, rule, chunks: int = 1) -> torch.Tensor:
+    """Spatio-temporal self-attention (eq. 8) of a frame-major batch of ``chunks`` clips, each
+    over its own frames: ``q, k, v`` are ``[chunks*F, N, C]``; ``rule`` a key-frame rule
+    (``keyframes``), e.g. Tune-A-Video's ``(-1, "first")``. This is the network's own
+    self-attention, without capture or fusion (used to tune a Tune-A-Video model)."""
+    frames = frames_per_chunk(q.shape[0], chunks)
+    table = key_frame_table(rule, frames)
+    outs = [spatio_temporal_attention(q[s], k[s], v[s], heads, table)
+            for s in (slice(c * frames, (c + 1) * frames) for c in range(chunks))]
+    return outs[0] if chunks == 1 else torch.cat(outs)
 
 
 def row_blend(edit: torch.Tensor, source: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -13,13 +13,14 @@ from .invert import FateZeroDDIMInvert
 from .metrics import FateZeroVideoMetrics
 from .sample import FateZeroSample
 from .tav_loader import FateZeroTuneAVideoLoader
+from .tav_train import FateZeroTuneAVideoTrain
 from .video import FateZeroLoadVideoFrames
 
 
 def node_classes() -> list[type[io.ComfyNode]]:
     """Every node class of the pack, in menu order."""
-    return [FateZeroLoadVideoFrames, FateZeroTuneAVideoLoader, FateZeroDDIMInvert, FateZeroAttentionBlendSettings,
-            FateZeroSample, FateZeroVideoMetrics]
+    return [FateZeroLoadVideoFrames, FateZeroTuneAVideoLoader, FateZeroTuneAVideoTrain, FateZeroDDIMInvert,
+            FateZeroAttentionBlendSettings, FateZeroSample, FateZeroVideoMetrics]
 
 
 class FateZeroExtension(ComfyExtension):

@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from ..fatezero_core.attention import clip_self_attention
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.layers import AttnCall, LayerInfo
 
@@ -97,6 +98,22 @@ def patched_clone(model, controller, step_offset: int):
         clone.set_model_attn1_replace(attn1, *key)
         clone.set_model_attn2_replace(attn2, *key)
     return clone
+
+
+def add_clip_self_attention(patcher, rule, on_call=None) -> None:
+    """attn1 replace patches on ``patcher`` (a clone the caller owns) that run every transformer
+    block's self-attention spatio-temporally with key-frame ``rule``, per clip of the batch, with
+    nothing captured or fused: the network a Tune-A-Video model is (tuned as). ``on_call()`` runs
+    before each call (e.g. the host's interrupt check)."""
+
+    def attn1(q, k, v, extra):
+        if on_call is not None:
+            on_call()
+        chunks = len(extra.get("cond_or_uncond") or ()) or 1
+        return clip_self_attention(q, k, v, int(extra["n_heads"]), rule, chunks)
+
+    for key in attention_block_keys(patcher.get_model_object("diffusion_model")):
+        patcher.set_model_attn1_replace(attn1, *key)
 
 
 def model_fingerprint(model) -> str:

@@ -176,22 +176,28 @@ def comfy_unet_state_dict(ckpt: TavCheckpoint, unet_config: dict, expected: dict
     return out
 
 
-def _check_base(base, unet_config: dict) -> None:
-    """The base MODEL must be an SD1.x UNet of the checkpoint's topology; differences named."""
-    model = getattr(base, "model", None)
+def sd1_unet_problem(patcher, unet_config: dict | None = None) -> str | None:
+    """Why ``patcher`` is not an SD1.x UNet of ``unet_config``'s topology (default: SD1.x at the
+    model's own width), or None."""
+    model = getattr(patcher, "model", None)
     if not isinstance(model, comfy.model_base.BaseModel) or not isinstance(getattr(model, "diffusion_model", None), UNetModel):
-        found = type(getattr(model, "diffusion_model", model)).__name__
-        raise FateZeroNodeError(
-            f"The base model is not a Stable Diffusion 1.x UNet (found {found}). Connect the SD1.x "
-            "checkpoint the Tune-A-Video model was tuned from, or leave base_model empty."
-        )
+        return f"it is not a Stable Diffusion 1.x UNet (found {type(getattr(model, 'diffusion_model', model)).__name__})"
     theirs = model.model_config.unet_config
+    if unet_config is None:
+        unet_config = comfy.model_detection.convert_config(
+            dict(SD15_UNET_CONFIG, model_channels=theirs.get("model_channels")))
     differences = [f"{k} {theirs.get(k)!r} instead of {unet_config.get(k)!r}"
                    for k in TOPOLOGY_KEYS if theirs.get(k) != unet_config.get(k)]
-    if differences:
+    return f"its UNet differs ({'; '.join(differences)})" if differences else None
+
+
+def _check_base(base, unet_config: dict) -> None:
+    """The base MODEL must be an SD1.x UNet of the checkpoint's topology; differences named."""
+    problem = sd1_unet_problem(base, unet_config)
+    if problem:
         raise FateZeroNodeError(
-            f"The base model's UNet does not match the Tune-A-Video checkpoint ({'; '.join(differences)}). "
-            "Connect the SD1.x checkpoint it was tuned from, or leave base_model empty."
+            f"The base model does not fit the Tune-A-Video checkpoint: {problem}. Connect the SD1.x "
+            "checkpoint it was tuned from, or leave base_model empty."
         )
 
 
@@ -275,9 +281,10 @@ def compute_dtype(patcher) -> torch.dtype:
     return patcher.model.manual_cast_dtype or patcher.model.get_dtype()
 
 
-def insert_temporal_layers(patcher, ckpt: TavCheckpoint) -> int:
+def insert_temporal_layers(patcher, ckpt: TavCheckpoint, dtype: torch.dtype | None = None) -> int:
     """Object patches for every temporal layer of ``ckpt`` and for clip-level GroupNorms, the clip
-    runtime, the key-frame rule.
+    runtime, the key-frame rule. The layers take ``dtype`` (default: the UNet's compute dtype) and
+    are listed, in ``temporal_targets`` order, in ``clip_runtime(patcher).modules``.
 
     Returns the number of temporal layers inserted (0 for a plain SD1.x checkpoint)."""
     targets = temporal_targets(ckpt)
@@ -287,7 +294,7 @@ def insert_temporal_layers(patcher, ckpt: TavCheckpoint) -> int:
     heads = int(patcher.model.model_config.unet_config.get("num_heads", 8))
     if heads <= 0:
         heads = 8
-    dtype = compute_dtype(patcher)
+    dtype = dtype or compute_dtype(patcher)
     runtime = clip_runtime(patcher)
     nbytes = 0
     for target in targets:

@@ -531,3 +531,23 @@ def test_long_clip_keeps_the_store_off_memory():
     text = " ".join([n.get("title", "") for n in ui["nodes"]]
                     + [str(v) for n in ui["nodes"] if n["type"] in VIRTUAL_NODES for v in n["widgets_values"]])
     assert "disk" in text, "the long-clip example should say how to keep the store on disk instead"
+
+
+def test_shape_edit_train_tunes_on_the_clip_then_inverts_and_edits_with_the_tuned_model():
+    api = load_api("shape_edit_train")
+    ids = {n["class_type"]: i for i, n in api.items()}
+    train = api[ids["FateZero_TuneAVideoTrain"]]["inputs"]
+    assert train["model"] == [ids["CheckpointLoaderSimple"], 0]
+    assert train["latent"] == [ids["VAEEncode"], 0]
+    assert api[ids["VAEEncode"]]["inputs"]["pixels"] == [ids["FateZero_LoadVideoFrames"], 0]
+    settings = ids["FateZero_AttentionBlendSettings"]
+    assert train["source"] == [settings, 0]  # tuned on the source prompt
+    assert (train["steps"], train["learning_rate"], train["lora_rank"]) == (200, 1e-5, 160)  # jeep_tuned_200
+    assert (train["trainable"], train["precision"], train["gradient_checkpointing"]) == ("official", "auto", True)
+    assert train["save_name"]
+    for node in ("FateZero_DDIMInvert", "FateZero_Sample"):
+        assert api[ids[node]]["inputs"]["model"] == [ids["FateZero_TuneAVideoTrain"], 0]
+    assert api[ids["FateZero_DDIMInvert"]]["inputs"]["key_frames"] == "auto"
+    assert "FateZero_TuneAVideoLoader" not in ids
+    assert any(n["inputs"].get("images") == [ids["FateZero_TuneAVideoTrain"], 1]
+               for n in api_nodes("shape_edit_train", "PreviewImage"))

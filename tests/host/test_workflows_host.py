@@ -199,6 +199,8 @@ def shrink(api: dict, server, video: str, prefix: str, frames: int = FRAMES, fil
                           select_every_nth=1)
         elif kind == "FateZero_DDIMInvert":
             inputs["steps"] = STEPS
+        elif kind == "FateZero_TuneAVideoTrain":
+            inputs.update(steps=STEPS, save_name=f"{prefix}/tuned")
         elif kind == "LoraLoaderModelOnly":
             inputs["lora_name"] = files["lora"]
         elif kind == "ControlNetLoader":
@@ -279,6 +281,31 @@ def test_controlnet_workflow_runs_end_to_end(comfy_server, tiny_controlnet):
     hint_previews = [i for i, n in prompt.items()
                      if n["class_type"] == "PreviewImage" and n["inputs"]["images"] == [canny, 0]]
     assert all(len(entry["outputs"][i]["images"]) == FRAMES for i in hint_previews)
+
+
+def test_shape_edit_train_workflow_trains_saves_and_edits(comfy_server):
+    """Load -> encode -> train -> invert -> sample -> decode -> save, with 2 training steps, on a
+    checkpoint of the real SD1.5 UNet shape (the trainer, like the Tune-A-Video Loader, needs the
+    SD1.x topology; random weights, a few MB on disk); the tuned UNet lands in models/tuneavideo
+    and the loss curve is previewed."""
+    import tiny_models
+
+    base_name = "fatezero_sd15_shape.ckpt"
+    base_path = comfy_server.base / "models" / "checkpoints" / base_name
+    if not base_path.exists():
+        tiny_models.write_tiny_sd15_checkpoint(base_path, channel_mult=tiny_models.SD15_CHANNEL_MULT)
+    video = write_clip(comfy_server.input_dir, "wf_shape_edit_train.avi")
+    prompt = shrink(load_api("shape_edit_train"), comfy_server, video, prefix=f"wf_train_{uuid.uuid4().hex[:6]}")
+    next(n for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple")["inputs"]["ckpt_name"] = base_name
+    entry = comfy_server.run(prompt, timeout=900)
+    assert entry["status"]["status_str"] == "success", (execution_error(entry), comfy_server.log_tail())
+    check_outputs(comfy_server, {k: n for k, n in prompt.items() if n["_meta"]["title"] != "Training loss"},
+                  entry, FRAMES)
+    train = next(n for n in prompt.values() if n["class_type"] == "FateZero_TuneAVideoTrain")["inputs"]
+    saved = comfy_server.base / "models" / "tuneavideo" / f"{train['save_name']}.safetensors"
+    assert saved.is_file() and saved.stat().st_size > 0
+    loss_id = next(i for i, n in prompt.items() if n["_meta"]["title"] == "Training loss")
+    assert len(entry["outputs"][loss_id]["images"]) == 1
 
 
 @pytest.mark.parametrize("name", workflow_names())

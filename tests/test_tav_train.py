@@ -1,0 +1,157 @@
+"""Core of Tune-A-Video tuning (``fatezero_core.tav.train``), against the official settings and
+definitions (``fatezero-reference-implementation.md`` section 4, "Tuning")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fatezero_core import tav
+from fatezero_core.attention import attention, clip_self_attention
+from fatezero_core.errors import FateZeroError
+from fatezero_core.tav import train as core
+
+
+def test_trainable_names_follow_the_official_rule():
+    # train_tune_a_video.py: names ending in attn_temporal or .to_q, and conv_temporal; not norm_temporal
+    for name in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+                 "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_q.weight",
+                 "attn_temporal.to_k.weight", "attn_temporal.to_out.0.bias",
+                 "conv_temporal.down.weight", "conv_temporal.up.weight"):
+        assert core.is_trainable(name), name
+    for name in ("norm_temporal.weight", "norm_temporal.bias", "attn1.to_k.weight", "attn2.to_v.weight",
+                 "attn1.to_out.0.weight", "norm1.weight", "ff.net.0.proj.weight"):
+        assert not core.is_trainable(name), name
+
+
+def test_official_defaults():
+    assert core.OFFICIAL_LEARNING_RATE == 1e-5 and core.OFFICIAL_LORA_RANK == 160
+    assert 150 <= core.OFFICIAL_STEPS <= 250 and core.OFFICIAL_SEED == 74831
+    opt = core.make_optimizer([torch.nn.Parameter(torch.zeros(2))])
+    group = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.AdamW)
+    assert (group["lr"], group["betas"], group["weight_decay"], group["eps"]) == (1e-5, (0.9, 0.999), 1e-2, 1e-8)
+
+
+@pytest.mark.parametrize("shape, message", [((1, 4, 8, 8), "at least 2 frames"), ((3, 8, 8, 8), "frames, 4, h, w"),
+                                            ((1, 3, 4, 8, 8), "frames, 4, h, w")])
+def test_clip_latent_errors(shape, message):
+    with pytest.raises(FateZeroError, match=message):
+        core.check_clip_latent(torch.zeros(shape))
+    assert core.check_clip_latent(torch.zeros(2, 4, 8, 8)) == 2
+
+
+def widths():
+    blocks = {b: (320 if b.startswith(("down_blocks.0", "up_blocks.3")) else 640) for b in tav.sd1_transformer_blocks()}
+    convs = {c: 4 if c == "conv_out" else 320 for c in tav.sd1_inflated_convs()}
+    return blocks, convs
+
+
+def test_fresh_layers_are_the_official_untuned_layers_in_the_fatezero_layout():
+    blocks, convs = widths()
+    ckpt = core.fresh_temporal_checkpoint(blocks, convs, lora_rank=160, heads=8, seed=1)
+    flat = core.fatezero_layout({}, ckpt.temporal_attention, {c: w.state_dict for c, w in ckpt.temporal_convs.items()})
+    # the loader's own splitter reads it back as the FateZero layout with LoRA convs
+    again = tav.split_tav_state_dict(dict(flat, **{"conv_in.weight": torch.zeros(320, 4, 3, 3)}))
+    assert again.layout == tav.LAYOUT_FATEZERO
+    assert set(again.temporal_attention) == set(blocks) and set(again.temporal_convs) == set(convs)
+    assert again.temporal_convs["conv_out"].rank == 2  # 160 > 4 channels -> 4 // 2
+    assert again.temporal_convs["conv_in"].rank == 160
+    for block, group in ckpt.temporal_attention.items():
+        c = blocks[block]
+        assert torch.equal(group["attn_temporal.to_out.0.weight"], torch.zeros(c, c))  # untuned: identity
+        assert torch.equal(group["attn_temporal.to_out.0.bias"], torch.zeros(c))
+        assert torch.equal(group["norm_temporal.weight"], torch.ones(c))
+        bound = (6 / (2 * c)) ** 0.5  # Xavier uniform
+        assert 0 < group["attn_temporal.to_q.weight"].abs().max() <= bound
+    for conv, weights in ckpt.temporal_convs.items():
+        assert torch.equal(weights.state_dict["conv_temporal.up.weight"], torch.zeros_like(weights.state_dict["conv_temporal.up.weight"]))
+        down = weights.state_dict["conv_temporal.down.weight"]
+        assert abs(float(down.std()) - 1.0 / weights.rank) < 0.2 / weights.rank  # N(0, 1/r) as official
+    same = core.fresh_temporal_checkpoint(blocks, convs, lora_rank=160, heads=8, seed=1)
+    other = core.fresh_temporal_checkpoint(blocks, convs, lora_rank=160, heads=8, seed=2)
+    key = "down_blocks.0.attentions.0.transformer_blocks.0"
+    assert torch.equal(same.temporal_attention[key]["attn_temporal.to_q.weight"], ckpt.temporal_attention[key]["attn_temporal.to_q.weight"])
+    assert not torch.equal(other.temporal_attention[key]["attn_temporal.to_q.weight"], ckpt.temporal_attention[key]["attn_temporal.to_q.weight"])
+    assert core.fresh_temporal_checkpoint(blocks, convs, None, 8, 1).temporal_convs == {}
+
+
+def test_fresh_layers_leave_the_global_generator_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    core.fresh_temporal_checkpoint({"mid_block.attentions.0.transformer_blocks.0": 16}, {}, None, 8, 3)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_draw_step_is_the_official_sample():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.zeros(3, 4, 2, 2)
+    draws = [core.draw_step(g, x0) for _ in range(400)]
+    timesteps = [t for t, _ in draws]
+    assert all(0 <= t < 1000 for t in timesteps) and len(set(timesteps)) > 300
+    assert draws[0][1].shape == x0.shape and draws[0][1].dtype == torch.float32
+    noise = torch.stack([n for _, n in draws])
+    assert abs(float(noise.mean())) < 0.05 and abs(float(noise.std()) - 1) < 0.05
+    again = core.draw_step(torch.Generator().manual_seed(0), x0)
+    assert again[0] == draws[0][0] and torch.equal(again[1], draws[0][1])
+
+
+def test_eps_from_denoised_inverts_the_eps_parameterisation():
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    sigma = torch.tensor([2.5])
+    x = x0 + sigma * eps
+    assert torch.allclose(core.eps_from_denoised(x, x - sigma * eps, sigma), eps, atol=1e-6)
+    assert float(core.noise_prediction_loss(eps + 1.0, eps)) == pytest.approx(1.0)
+    assert core.noise_prediction_loss(eps.half(), eps).dtype == torch.float32
+
+
+def test_train_step_descends_and_clips():
+    target = torch.tensor([3.0, -2.0])
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = core.make_optimizer([w], core.OptimizerSettings(lr=0.1, weight_decay=0.0))
+    losses = [core.train_step(lambda: ((w - target) ** 2).mean(), opt, [w]) for _ in range(60)]
+    assert losses[-1] < 0.2 * losses[0]
+    # the gradient is clipped to norm 1 before the step (the official max_grad_norm)
+    v = torch.nn.Parameter(torch.zeros(2))
+    sgd = torch.optim.SGD([v], lr=1.0)
+    core.train_step(lambda: (100 * v * torch.tensor([3.0, 4.0])).sum(), sgd, [v], max_grad_norm=1.0)
+    assert torch.allclose(v.detach(), -torch.tensor([0.6, 0.8]), atol=1e-6)
+    with pytest.raises(FateZeroError, match="not finite"):
+        core.train_step(lambda: (v * float("nan")).sum(), sgd, [v])
+
+
+def test_running_mean_and_loss_curve():
+    assert core.running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    image = core.loss_curve_image([2.0, 1.5, 1.0, 0.8, 0.5], width=200, height=100)
+    assert image.shape == (1, 100, 200, 3) and 0 <= float(image.min()) and float(image.max()) <= 1
+    blue = (image[0, :, :, 2] > image[0, :, :, 0] + 0.3)
+    assert blue.any()  # the running mean is drawn
+    rows = blue.float().nonzero()[:, 0]
+    cols = blue.float().nonzero()[:, 1]
+    # falling loss: the curve's left end is higher in the picture (smaller row) than its right end
+    assert rows[cols < cols.min() + 10].float().mean() < rows[cols > cols.max() - 10].float().mean()
+    assert core.loss_curve_image([]).shape == (1, 256, 512, 3)
+
+
+def test_oom_advice_names_what_to_change():
+    text = core.oom_advice(8, 64, 64, checkpointing=False, precision="fp32")
+    assert "gradient_checkpointing on" in text and "bf16" in text and "fewer frames (now 8)" in text and "512x512" in text
+    text = core.oom_advice(8, 64, 64, checkpointing=True, precision="bf16")
+    assert "gradient_checkpointing" not in text and "bf16" not in text
+
+
+def test_clip_self_attention_is_per_clip_with_previous_and_first_frame_keys():
+    g = torch.Generator().manual_seed(2)
+    frames, tokens, channels, heads = 3, 5, 8, 2
+    q, k, v = (torch.randn(2 * frames, tokens, channels, generator=g) for _ in range(3))
+    out = clip_self_attention(q, k, v, heads, (-1, "first"), chunks=2)
+    for c in range(2):
+        for f in range(frames):
+            i = c * frames + f
+            keys = [c * frames + max(f - 1, 0), c * frames]  # previous frame, then the first (eq. 8, TAV)
+            ref = attention(q[i:i + 1], torch.cat([k[j] for j in keys])[None], torch.cat([v[j] for j in keys])[None], heads)
+            assert torch.allclose(out[i], ref[0], atol=1e-6), (c, f)
+    with pytest.raises(FateZeroError, match="whole clips"):
+        clip_self_attention(q, k, v, heads, (-1, "first"), chunks=4)
