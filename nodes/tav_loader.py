@@ -39,6 +39,8 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy_api.latest import io
 
 from ..fatezero_core.errors import CheckpointError
+from ..fatezero_core.frames import FrameContext
+from ..fatezero_core.keyframes import TAV_KEY_RULE, format_key_rule
 from ..fatezero_core.tav.checkpoint import (
     DIFFUSERS_WEIGHT_FILES,
     LAYOUT_PLAIN,
@@ -49,7 +51,6 @@ from ..fatezero_core.tav.checkpoint import (
     resolve_checkpoint_file,
     temporal_targets,
 )
-from ..fatezero_core.frames import FrameContext
 from ..fatezero_core.tav.inflate import block_list_patch, conv_patch
 from ..fatezero_core.tav.modules import FramewiseTemporalConv, TemporalAttention, temporal_module_from_state_dict
 from .clip_runtime import clip_runtime, use_clip_group_norm
@@ -57,7 +58,6 @@ from .patching import KEY_RULE_KEY
 from .user_errors import FateZeroNodeError, user_errors
 
 FOLDER = "tuneavideo"
-TAV_KEY_RULE = "prev, first"  # official Tune-A-Video keys: previous frame, then first frame
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 
 # ComfyUI's SD1.5 diffusers-UNet config (comfy/model_detection.py, unet_config_from_diffusers_unet),
@@ -309,7 +309,7 @@ def insert_temporal_layers(patcher, ckpt: TavCheckpoint, dtype: torch.dtype | No
         patcher.add_object_patch(f"diffusion_model.{path}", container)
     use_clip_group_norm(patcher)  # it was tuned with clip-level ResNet statistics
     patcher.size = patcher.model_size() + nbytes  # so ComfyUI reserves memory for them too
-    patcher.model_options.setdefault("transformer_options", {})[KEY_RULE_KEY] = TAV_KEY_RULE
+    patcher.model_options.setdefault("transformer_options", {})[KEY_RULE_KEY] = format_key_rule(TAV_KEY_RULE)
     return len(targets)
 
 
