@@ -363,5 +363,7 @@ class AttentionStore:
 
     def __repr__(self):
         state = "released" if self.released else ("complete" if self.complete else "capturing")
+        attention = self.nbytes - self.latent_nbytes
         return (f"AttentionStore({self.placement}, {state}, {self.config.describe()}, "
-                f"{self.nbytes / 2**20:.1f} MiB)")
+                f"{attention / 2**20:.1f} MiB attention + {self.latent_nbytes / 2**20:.1f} MiB "
+                "latents on the CPU)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 import comfy.samplers
@@ -22,6 +24,8 @@ from .patching import conditioning_fingerprint, model_fingerprint, model_key_rul
 from .samplers import FateZeroGuider, zero_noise
 from .sockets import AttnStore
 from .user_errors import reports_user_errors
+
+log = logging.getLogger("comfyui-fatezero")
 
 KEY_FRAME_CHOICES = ["auto", "mid", "self, mid", "prev, first", "first", "self"]
 OFFICIAL_MIN_CHANNELS = 640  # official least_sc_channel for SD configs
@@ -137,4 +141,5 @@ class FateZeroDDIMInvert(io.ComfyNode):
                                        source_fingerprint=conditioning_fingerprint(source),
                                        inverted_latent=latent_fingerprint(out))
         store.finish()
+        log.info("FateZero: %r", store)  # what the store holds until ComfyUI drops it
         return io.NodeOutput({"samples": out}, store)

@@ -132,6 +132,10 @@ def test_exact_byte_accounting(rule, placement, tmp_path):
                 assert not store.has(j, layer.name, "q") and not store.has(j, layer.name, "probs")
     held += sum(store.latent(i).numel() * store.latent(i).element_size() for i in range(STEPS + 1))
     assert held == store.nbytes
+    # DDIM Invert logs this line: the attention it holds (on the GPU for ``gpu``) and the latents.
+    mib = f"{STEPS * step_bytes / 2**20:.1f} MiB attention + {latent_bytes() / 2**20:.1f} MiB latents"
+    assert repr(store).startswith(f"AttentionStore({placement}, complete, {FRAMES} frames at 128x128 px")
+    assert repr(store).endswith(mib + " on the CPU)")
     store.release()
 
 
