@@ -29,8 +29,6 @@ def test_official_sigmas_are_the_official_timesteps():
         assert torch.equal(sigmas[:-1], torch.stack(expected)) and sigmas[-1] == 0
     official_end = official_sigmas(TABLE, 10, "official")[-1]
     assert math.isclose(alpha(official_end), 0.99915, rel_tol=1e-6)  # alphas_cumprod[0]
-    with pytest.raises(FateZeroError, match="schedule end"):
-        official_sigmas(TABLE, 10, "other")
 
 
 def test_official_sigmas_floor_the_spacing_and_refuse_steps_past_the_table():
