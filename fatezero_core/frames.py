@@ -36,16 +36,6 @@ def frames_per_chunk(batch: int, chunks: int) -> int:
     return batch // chunks
 
 
-def check_whole_clips(batch: int, num_frames: int) -> None:
-    """The batch must hold whole clips of ``num_frames`` frames (frame-major layout)."""
-    if num_frames < 1 or batch % num_frames != 0:
-        raise FateZeroError(
-            f"A batch of {batch} latents is not a whole number of {num_frames}-frame clips. "
-            "Temporal layers and clip-level norms need every frame of the clip in the same batch: "
-            "turn off context windows or batch splitting, or set the frame count to the clip length."
-        )
-
-
 class FrameContext:
     """How many clips the batch now running through the UNet holds.
 
@@ -87,16 +77,18 @@ def clip_group_norm(norm: nn.Module, x: torch.Tensor, frames: int) -> torch.Tens
     This is the official layer itself: ``norm`` is called on the ``[b, c, f, h, w]`` view, exactly
     as ``ResnetBlockPseudo3D.forward`` calls ``norm1``/``norm2`` (FateZero ``models/resnet.py``) and
     ``UNetPseudo3DConditionModel.forward`` calls ``conv_norm_out`` (``unet_3d_condition.py``); the
-    host's module keeps its own weight casting and patches.
+    host's module keeps its own weight casting and patches. ``frames`` comes from
+    :func:`frames_per_chunk` (via :class:`FrameContext`), which has already refused a batch that
+    is not whole clips.
     """
-    check_whole_clips(x.shape[0], frames)
     clips = x.unflatten(0, (-1, frames)).transpose(1, 2)  # [b, c, f, *spatial]
     return norm(clips).transpose(1, 2).flatten(0, 1)
 
 
 class ClipNormSequential(nn.Sequential):
     """The same modules as a ResNet block's ``in_layers`` / ``out_layers`` or the UNet's ``out``
-    (GroupNorm first), with that GroupNorm computed over each clip (:func:`clip_group_norm`).
+    (GroupNorm first, as :func:`clip_norm_paths` finds them), with that GroupNorm computed over each
+    clip (:func:`clip_group_norm`).
 
     The modules are the host's own objects under their own indices, so every weight keeps its
     state-dict key and weight patches (LoRA) still find it; anything appended after them (a
@@ -105,8 +97,6 @@ class ClipNormSequential(nn.Sequential):
 
     def __init__(self, *modules: nn.Module, frames: FrameContext):
         super().__init__(*modules)
-        if not modules or not isinstance(modules[0], nn.GroupNorm):
-            raise FateZeroError("A clip-level norm container must start with a GroupNorm.")
         self.frames = frames
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,5 +134,4 @@ def clip_norm_paths(unet: nn.Module) -> list[str]:
     return paths
 
 
-__all__ = ["ClipNormSequential", "FrameContext", "check_whole_clips", "clip_group_norm", "clip_norm_paths",
-           "frames_per_chunk"]
+__all__ = ["ClipNormSequential", "FrameContext", "clip_group_norm", "clip_norm_paths", "frames_per_chunk"]

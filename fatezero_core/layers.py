@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import FateZeroError
+from .frames import frames_per_chunk
 
 CHUNK_KINDS = ("uncond", "cond", "source")
 
@@ -74,13 +75,7 @@ class AttnCall:
     chunks: tuple[str, ...]
 
     def frames(self, batch: int) -> int:
-        if batch % len(self.chunks):
-            raise FateZeroError(
-                f"Batch of {batch} does not split into {len(self.chunks)} equal chunks "
-                f"{self.chunks}; frames must not be split across calls (context windows are "
-                "not supported)."
-            )
-        return batch // len(self.chunks)
+        return frames_per_chunk(batch, len(self.chunks))
 
 
 @dataclass(frozen=True)
@@ -93,11 +88,7 @@ class LayerSet:
     - ``official``: the official absolute rule, query length <= 1024 tokens.
     """
 
-    rule: str = "relative"
-
-    def __post_init__(self):
-        if self.rule not in LAYER_SETS:
-            raise FateZeroError(f"Unknown layer set '{self.rule}'; use one of {LAYER_SETS}.")
+    rule: str = "relative"  # one of LAYER_SETS: the node's combo (the host refuses other values)
 
     def stores(self, layer: LayerInfo) -> bool:
         if self.rule == "official":

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .ddim import (SCHEDULE_ENDS, alphas_cumprod_from_sigmas, ddim_invert_step, diffusers_timesteps,
-                   ve_to_vp, vp_to_ve)
+from .ddim import alphas_cumprod_from_sigmas, ddim_invert_step, ve_to_vp, vp_to_ve
 from .controller import latent_blend
 from .errors import FateZeroError
 
@@ -27,13 +26,28 @@ from .errors import FateZeroError
 def official_sigmas(sigma_table: torch.Tensor, steps: int, end: str = "comfy") -> torch.Tensor:
     """Descending edit sigmas ``[s_N, ..., s_1, s_end]``; ``.flip(0)`` gives the inversion's.
 
-    (ComfyUI's ``ddim_uniform`` gives the same timesteps only when 1000 mod N <= 1; for N = 30 it
-    returns 31 steps.) The table is indexed, not interpolated, so the sigmas are bit-equal to it.
+    The official code's diffusers ``DDIMScheduler`` (``steps_offset=1``, "leading" spacing) runs
+    the train timesteps ``t_k = 1 + k * (T // N)``, k = N-1 .. 0 (SD1.x, T = 1000: N = 50 ->
+    981, 961, ..., 1). The clean end is sigma 0 (``comfy``) or the sigma of ``alphas_cumprod[0]``
+    (``official``: ``set_alpha_to_one=False``). ComfyUI's ``ddim_uniform`` gives the same
+    timesteps only when 1000 mod N <= 1; for N = 30 it returns 31 steps. The table is indexed,
+    not interpolated, so the sigmas are bit-equal to it. ``end`` is one of ``SCHEDULE_ENDS`` (the
+    node's combo: the host refuses other values).
     """
-    if end not in SCHEDULE_ENDS:
-        raise FateZeroError(f"Unknown schedule end '{end}'; use one of {SCHEDULE_ENDS}.")
     table = sigma_table.detach().float().cpu()
-    t = diffusers_timesteps(steps, num_train_timesteps=len(table))
+    num_train_timesteps = len(table)
+    # A distilled model sampling (LCM) keeps only 50 timesteps in its table.
+    if steps > num_train_timesteps:
+        raise FateZeroError(
+            f"Steps ({steps}) cannot exceed the model's {num_train_timesteps} training "
+            "timesteps; use fewer steps (FateZero uses 50)."
+        )
+    t = torch.arange(steps - 1, -1, -1, dtype=torch.int64) * (num_train_timesteps // steps) + 1
+    if int(t[0]) >= num_train_timesteps:
+        raise FateZeroError(
+            f"{steps} steps with steps_offset 1 reach timestep {int(t[0])}, outside "
+            f"0..{num_train_timesteps - 1}; use fewer steps."
+        )
     tail = torch.zeros(1) if end == "comfy" else table[:1]
     return torch.cat([table[t], tail])
 

@@ -4,7 +4,8 @@ The tiny UNet (``tiny_unet.py``) has real self- and cross-attention transformer 
 resolutions and is driven exactly as ComfyUI drives attn1/attn2 replace patches: projected,
 heads-merged q/k/v, frame-major chunks (``("cond",)`` while inverting, ``[uncond F | cond F]``
 while editing with CFG, ``("source",)`` for the ``recompute`` store's regenerating pass), and the
-running sampler's step index in ``call.step``.
+running sampler's step index in ``call.step``. The loops are the shipping ones
+(``fatezero_core.sampling``), with the tiny UNet wrapped as a host denoiser (``eps_denoiser``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import pytest
 import torch
 
 from fatezero_core import blend_mask as bm
-from fatezero_core.controller import CaptureController, EditController, latent_blend
-from fatezero_core.ddim import DDIMSchedule, ddim_invert, ddim_sample
+from ddim_reference import SIGMA_TABLE, eps_denoiser, set_timesteps
+from fatezero_core.controller import CaptureController, EditController
+from fatezero_core.ddim import vp_to_ve
 from fatezero_core.edit_spec import EditSpec
 from fatezero_core.keyframes import parse_key_rule
+from fatezero_core.sampling import latent_blend_step, official_sigmas, sample_ddim, sample_ddim_inversion
 from fatezero_core.store import AttentionStore, CaptureConfig
 from tiny_unet import LATENT, MIN_ST_CHANNELS, TinyTextEncoder, TinyUNet, tokenize
 from ids import placement_id
@@ -28,7 +31,8 @@ STEPS = 10
 FRAMES = 8
 SOURCE = "a cat sitting on the grass"
 TARGET = "a dog sitting on the grass"
-SCHEDULE = DDIMSchedule.sd1(STEPS)
+SIGMAS = official_sigmas(SIGMA_TABLE, STEPS)  # descending, clean end at sigma 0 (comfy)
+TIMESTEPS = set_timesteps(STEPS)  # descending: edit step i and inversion step N-1-i run at [i]
 # The cat region of tiny_unet (latent rows 0-3, columns 12-15) dilated by the 3x3 max-pool at the
 # 4x4 mask level: the top-right quadrant of the latent.
 QUADRANT = torch.zeros(LATENT, LATENT, dtype=torch.bool)
@@ -63,20 +67,19 @@ def batch_context(embeddings, frames):
 
 
 def timestep(i_or_j: int, edit: bool) -> int:
-    j = STEPS - 1 - i_or_j if edit else i_or_j
-    return int(SCHEDULE.timesteps[j])
+    return TIMESTEPS[i_or_j if edit else STEPS - 1 - i_or_j]
 
 
 def invert(model, encoder, z0, placement="cpu", dtype="fp32", key_rule="mid", tmp_path=None,
            eps_log=None):
     """DDIM Invert as the host runs it: source prompt, cfg 1, capture controller.
 
-    ``eps_log``: optional dict filled with the eps of every inversion step.
+    ``eps_log``: optional dict filled with (model input, eps) of every inversion step.
     """
     frames = z0.shape[0]
     rule = parse_key_rule(key_rule)
     config = CaptureConfig(num_frames=frames, latent_size=(LATENT, LATENT),
-                           sigmas=tuple(float(s) for s in SCHEDULE.sigmas_ascending()), key_rule=rule,
+                           sigmas=tuple(SIGMAS.flip(0).tolist()), key_rule=rule,
                            min_st_channels=MIN_ST_CHANNELS, layer_set="relative",
                            model_fingerprint="tiny_unet/0")
     store = AttentionStore(config, placement=placement, dtype=dtype,
@@ -84,15 +87,22 @@ def invert(model, encoder, z0, placement="cpu", dtype="fp32", key_rule="mid", tm
     src = batch_context([encoder.encode(SOURCE)], frames)
     model.controller = CaptureController(store)
 
-    def eps_fn(z, j):
-        eps = model(z, timestep(j, edit=False), src, step=j, chunks=("cond",))
+    def eps_fn(z, t):
+        j = STEPS - 1 - TIMESTEPS.index(t)
+        eps = model(z, t, src, step=j, chunks=("cond",))
         if eps_log is not None:
-            eps_log[j] = eps
+            eps_log[j] = (z, eps)
         return eps
+
+    latents = [z0]
+
+    def on_step(j, z):
+        store.end_step(j)
+        latents.append(z)
 
     try:
         with torch.no_grad():
-            latents = ddim_invert(eps_fn, z0, SCHEDULE, callback=lambda j, z: store.end_step(j))
+            sample_ddim_inversion(eps_denoiser(eps_fn), z0, SIGMAS.flip(0), on_step=on_step)
     finally:
         model.controller = None
     store.set_latents(latents)
@@ -119,12 +129,8 @@ def edit(model, encoder, store, spec: EditSpec, cfg: float = 1.0, fuse: bool = T
     masks = {}
     model.controller = controller
 
-    def eps_fn(z, i):
-        t = timestep(i, edit=True)
-        if store.placement == "recompute":
-            j = STEPS - 1 - i
-            store.begin_regeneration(j)
-            model(store.latent(j), t, src_ctx, step=i, chunks=("source",))
+    def eps_fn(z, t):
+        i = TIMESTEPS.index(t)
         out = model(torch.cat([z] * len(chunks)), t, ctx, step=i, chunks=chunks)
         if extra_eval:
             model(z + 0.5 * torch.randn(z.shape, generator=torch.Generator().manual_seed(i)), t,
@@ -134,16 +140,30 @@ def edit(model, encoder, store, spec: EditSpec, cfg: float = 1.0, fuse: bool = T
         eu, ec = out.chunk(2)
         return eu + cfg * (ec - eu)
 
-    def callback(i, z):
+    denoiser = eps_denoiser(eps_fn)
+    source_pass = eps_denoiser(lambda z, t: model(z, t, src_ctx, step=TIMESTEPS.index(t), chunks=("source",)))
+
+    def guided(x, sigma):
+        """FateZeroGuider: a ``recompute`` store first replays the step's inversion pass on the
+        stored latent at this sigma (its output unused)."""
+        if store.placement == "recompute":
+            j = STEPS - 1 - int((SIGMAS - sigma[0]).abs().argmin())
+            store.begin_regeneration(j)
+            source_pass(vp_to_ve(store.latent(j), sigma[0]), sigma)
+        return denoiser(x, sigma)
+
+    blend = latent_blend_step(controller, store)
+
+    def after_step(i, x, sigma_next):
         mask = controller.latent_blend_mask(i, (LATENT, LATENT))
         if mask is not None:
             masks[i] = mask
-            z_src = store.latent(controller.latent_blend_source_index(i))
-            z.copy_(latent_blend(z, z_src, mask))  # ddim_sample continues from this tensor
+        return blend(i, x, sigma_next)
 
     try:
         with torch.no_grad():
-            z = ddim_sample(eps_fn, store.latent(STEPS), SCHEDULE, callback=callback)
+            z = sample_ddim(guided, vp_to_ve(store.latent(STEPS), SIGMAS[0]), SIGMAS,
+                            after_step=after_step)
     finally:
         model.controller = None
     return z, controller, masks
@@ -182,7 +202,7 @@ def reconstruction(model, encoder, captured):
 
 def test_tiny_model_is_sane_and_cat_attention_is_local(model, encoder, clip, captured):
     store, eps_log = captured
-    eps = torch.stack([eps_log[j] for j in range(STEPS)])
+    eps = torch.stack([eps_log[j][1] for j in range(STEPS)])
     assert torch.isfinite(eps).all()
     assert 0.5 < float(eps.std()) < 2.0  # measured 1.20 (max 5.4)
     # The blend mask of "cat" from the stored source cross-attention (4x4 mask layers, 3x3
@@ -209,8 +229,8 @@ class _MisindexedEditController(EditController):
         return edit_step
 
 
-def _edit_eps_on_inversion_latents(model, encoder, store, controller_cls):
-    """eps of every edit step i run on the inversion step's own input latent z_j, j = N-1-i."""
+def _edit_eps_on_inversion_latents(model, encoder, store, eps_log, controller_cls):
+    """eps of every edit step i run on the inversion step's own model input, j = N-1-i."""
     model.controller = controller_cls(store, SAME.edit_settings(STEPS))
     ctx = batch_context([encoder.encode(SOURCE)], store.config.num_frames)
     out = {}
@@ -218,7 +238,7 @@ def _edit_eps_on_inversion_latents(model, encoder, store, controller_cls):
         with torch.no_grad():
             for i in range(STEPS):
                 j = STEPS - 1 - i
-                out[j] = model(store.latent(j), timestep(i, edit=True), ctx, step=i, chunks=("cond",))
+                out[j] = model(eps_log[j][0], timestep(i, edit=True), ctx, step=i, chunks=("cond",))
     finally:
         model.controller = None
     return out
@@ -229,11 +249,11 @@ def test_full_replacement_reproduces_the_captured_passes(model, encoder, capture
     step's eps equals the captured inversion eps (stored q/k/probs at the right step j = N-1-i).
     Measured: max diff 0 (fp32 store); reading step i instead of N-1-i gives 2.9."""
     store, eps_log = captured
-    fused = _edit_eps_on_inversion_latents(model, encoder, store, EditController)
-    worst = max(float((fused[j] - eps_log[j]).abs().max()) for j in range(STEPS))
+    fused = _edit_eps_on_inversion_latents(model, encoder, store, eps_log, EditController)
+    worst = max(float((fused[j] - eps_log[j][1]).abs().max()) for j in range(STEPS))
     assert worst <= 1e-5, worst
-    wrong = _edit_eps_on_inversion_latents(model, encoder, store, _MisindexedEditController)
-    worst_wrong = max(float((wrong[j] - eps_log[j]).abs().max()) for j in range(STEPS))
+    wrong = _edit_eps_on_inversion_latents(model, encoder, store, eps_log, _MisindexedEditController)
+    worst_wrong = max(float((wrong[j] - eps_log[j][1]).abs().max()) for j in range(STEPS))
     assert worst_wrong > 0.1, worst_wrong
 
 
@@ -366,7 +386,7 @@ def test_every_placement_gives_the_cpu_result(placement, model, encoder, clip, c
 
 
 def test_fp16_store_stays_close_to_fp32(model, encoder, clip, cpu_fp32_edit):
-    """Measured: max abs difference 4.2e-3 (mean 4.3e-4; latent std 1), half the bytes.
+    """Measured: max abs difference 4.2e-3 (mean 4.4e-4; latent std 1), half the bytes.
 
     fp16 rounds the stored q/k, and this model's sharp self-attention scores (|q|, |k| up to 12)
     turn that into small map changes that CFG amplifies along the trajectory: 1.8e-3 at cfg 1,

@@ -199,8 +199,3 @@ def test_layer_set_official_is_absolute():
 def test_mask_layers_are_quarter_resolution():
     rule = LayerSet("relative")
     assert [rule.is_mask_layer(layer(s)) for s in (64, 32, 16, 8)] == [False, False, True, False]
-
-
-def test_unknown_layer_set():
-    with pytest.raises(FateZeroError, match="Unknown layer set"):
-        LayerSet("everything")

@@ -11,18 +11,9 @@ import math
 import pytest
 import torch
 
-from fatezero_core.ddim import sd1_alphas_cumprod, sigmas_from_alphas_cumprod
+from ddim_reference import SIGMA_TABLE as TABLE, eps_denoiser
 from fatezero_core.errors import FateZeroError
 from fatezero_core.sampling import latent_blend_step, official_sigmas, sample_ddim, sample_ddim_inversion
-
-TABLE = sigmas_from_alphas_cumprod(sd1_alphas_cumprod()).float()  # the SD1.x sigma table
-
-
-def eps_model(eps_of_sigma):
-    """A host-style denoiser (VE in, denoised VE out) whose noise prediction is ``eps_of_sigma``."""
-    def model(x, sigma, **extra):
-        return x - sigma.view(-1, 1, 1, 1) * eps_of_sigma(x, sigma[0])
-    return model
 
 
 def alpha(sigma) -> float:
@@ -38,15 +29,25 @@ def test_official_sigmas_are_the_official_timesteps():
         assert torch.equal(sigmas[:-1], torch.stack(expected)) and sigmas[-1] == 0
     official_end = official_sigmas(TABLE, 10, "official")[-1]
     assert math.isclose(alpha(official_end), 0.99915, rel_tol=1e-6)  # alphas_cumprod[0]
-    with pytest.raises(FateZeroError, match="schedule end"):
-        official_sigmas(TABLE, 10, "other")
+
+
+def test_official_sigmas_floor_the_spacing_and_refuse_steps_past_the_table():
+    # diffusers' set_timesteps for 7 steps: 1000 // 7 = 142, so the schedule stops at 853.
+    timesteps = [853, 711, 569, 427, 285, 143, 1]
+    assert torch.equal(official_sigmas(TABLE, 7)[:-1], TABLE[timesteps])
+    lcm_table = TABLE[19::20]  # ComfyUI's distilled (LCM) model sampling keeps 50 timesteps
+    assert torch.equal(official_sigmas(lcm_table, 10)[:-1], lcm_table[[46, 41, 36, 31, 26, 21, 16, 11, 6, 1]])
+    with pytest.raises(FateZeroError, match="cannot exceed the model's 50 training timesteps"):
+        official_sigmas(lcm_table, 51)
+    with pytest.raises(FateZeroError, match="reach timestep 50"):
+        official_sigmas(lcm_table, 50)
 
 
 def test_inversion_follows_eq3_and_sampling_eq2_walks_back():
     g = torch.Generator().manual_seed(7)
     z0 = torch.randn(3, 4, 8, 8, generator=g)
     base = torch.randn(3, 4, 8, 8, generator=g)
-    model = eps_model(lambda x, s: base * (1 + float(s)))  # content-independent, sigma-dependent
+    model = eps_denoiser(lambda z, t: base * (1 + float(TABLE[t])))  # content-independent, sigma-dependent
     sigmas = official_sigmas(TABLE, 5, "official").flip(0)
     seen = []
     x_T = sample_ddim_inversion(model, z0, sigmas, on_step=lambda j, z: seen.append(z))
@@ -87,7 +88,7 @@ def test_latent_blend_keeps_the_source_outside_the_mask():
         return out
 
     x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1)) * float(sigmas[0])
-    sample_ddim(eps_model(lambda x, s: torch.zeros_like(x)), x, sigmas, after_step=after_step)
+    sample_ddim(eps_denoiser(lambda z, t: torch.zeros_like(z)), x, sigmas, after_step=after_step)
     for i, z_out, z_in in blended:
         if i == 1:
             assert torch.allclose(z_out[..., 2:], source[..., 2:]) and torch.allclose(z_out[..., :2], z_in[..., :2])
@@ -118,7 +119,7 @@ def test_loops_compute_the_schedule_on_the_cpu():
     sigmas = official_sigmas(TABLE, 3).flip(0).as_subclass(NoFloat64Tensor)
     with pytest.raises(TypeError):
         sigmas.double()  # the stand-in refuses float64 as MPS does
-    model = eps_model(lambda x, s: torch.zeros_like(x))
+    model = eps_denoiser(lambda z, t: torch.zeros_like(z))
     x = torch.randn(2, 4, 8, 8)
     inverted = sample_ddim_inversion(model, x, sigmas)
     edited = sample_ddim(model, inverted, sigmas.flip(0))

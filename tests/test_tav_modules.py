@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fatezero_core.errors import FateZeroError
 from fatezero_core.tav import modules as tav_modules
 from fatezero_core.tav.modules import (
     FramewiseTemporalConv,
@@ -111,13 +110,6 @@ def test_temporal_attention_follows_input_dtype():
     out = block(x, FRAMES)
     assert out.dtype == torch.float64
     assert block.norm_temporal.weight.dtype == torch.float32
-
-
-def test_batch_that_is_not_whole_clips_is_refused():
-    with pytest.raises(FateZeroError, match="whole number of 4-frame clips"):
-        TemporalAttention(DIM, HEADS, DIM // HEADS)(tokens(), 4)
-    with pytest.raises(FateZeroError, match="whole number"):
-        TemporalConv(3)(torch.randn(10, 3, 2, 2), 3)
 
 
 # ---------------------------------------------------------------------------------------------------

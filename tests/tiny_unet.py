@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fatezero_core.ddim import sd1_alphas_cumprod
+from ddim_reference import sd1_alphas_cumprod
 from fatezero_core.layers import AttnCall, LayerInfo
 
 LATENT = 16

@@ -28,7 +28,6 @@ from einops import rearrange
 from torch import nn
 
 from ..errors import CheckpointError
-from ..frames import check_whole_clips
 
 # Sequences per scaled_dot_product_attention call. CUDA attention kernels put the batch on a grid
 # axis limited to 65535 blocks; the frame axis is short, so splitting the batch costs nothing.
@@ -120,7 +119,6 @@ class TemporalAttention(nn.Module):
         nn.init.zeros_(self.attn_temporal.to_out[0].bias)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        check_whole_clips(x.shape[0], num_frames)
         tokens = x.shape[1]
         h = rearrange(x, "(b f) d c -> (b d) f c", f=num_frames)
         h = h + self.attn_temporal(self.norm_temporal(h))
@@ -194,7 +192,6 @@ class TemporalConv(nn.Module):
             nn.init.zeros_(self.conv_temporal.up.weight)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        check_whole_clips(x.shape[0], num_frames)
         height, width = x.shape[-2:]
         h = rearrange(x, "(b f) c h w -> (b h w) c f", f=num_frames)
         h = self.conv_temporal(h)

@@ -120,6 +120,25 @@ def test_fusion_off_equals_core_ddim_ksampler(nodes, tiny_sd15, tiny_clip):
     assert torch.equal(ours["samples"], core["samples"])
 
 
+@pytest.mark.parametrize("steps", [10, 50, 30])
+def test_official_schedule_against_the_host_ddim_uniform(comfy_nodes, tiny_sd15, steps):
+    """On the model's own sigma table ComfyUI's ``ddim_uniform`` runs the official timesteps
+    ``1 + k (1000 // N)`` when 1000 mod N <= 1, bit for bit; for N = 30 it runs 31 steps. The
+    ``official`` end is alphas_cumprod[0] = 1 - 0.00085."""
+    import comfy.samplers
+
+    official_sigmas = comfy_nodes.fatezero_core.sampling.official_sigmas
+    model_sampling = tiny_sd15.get_model_object("model_sampling")
+    ours = official_sigmas(model_sampling.sigmas, steps)
+    host = comfy.samplers.calculate_sigmas(model_sampling, "ddim_uniform", steps).cpu()
+    if steps == 30:
+        assert (len(ours), len(host)) == (31, 32)
+    else:
+        assert torch.equal(ours, host)
+    end = float(official_sigmas(model_sampling.sigmas, steps, "official")[-1])
+    assert abs(1 / (1 + end * end) - (1 - 0.00085)) < 1e-6
+
+
 def test_model_passed_in_is_not_modified(nodes, tiny_sd15, tiny_clip):
     before_options = copy.deepcopy(tiny_sd15.model_options)
     before_patches = dict(tiny_sd15.patches)
