@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from fatezero_core import blend_mask as bm
-from fatezero_core.controller import CaptureController, EditController, latent_blend
+from fatezero_core.controller import CaptureController, EditController
 from fatezero_core.ddim import DDIMSchedule, ddim_invert, ddim_sample
+from fatezero_core.edit_maps import latent_blend
 from fatezero_core.edit_spec import EditSpec
 from fatezero_core.keyframes import parse_key_rule
 from fatezero_core.store import AttentionStore, CaptureConfig
@@ -135,10 +136,10 @@ def edit(model, encoder, store, spec: EditSpec, cfg: float = 1.0, fuse: bool = T
         return eu + cfg * (ec - eu)
 
     def callback(i, z):
-        mask = controller.latent_blend_mask(i, (LATENT, LATENT))
+        mask = controller.maps.latent_blend_mask(i, (LATENT, LATENT))
         if mask is not None:
             masks[i] = mask
-            z_src = store.latent(controller.latent_blend_source_index(i))
+            z_src = store.latent(controller.maps.latent_blend_source_index(i))
             z.copy_(latent_blend(z, z_src, mask))  # ddim_sample continues from this tensor
 
     try:
@@ -192,10 +193,10 @@ def test_tiny_model_is_sane_and_cat_attention_is_local(model, encoder, clip, cap
     cat = controller.settings.blend_tokens
     grass = EditSpec(SOURCE, SOURCE, tokenize, blend_words=("grass",)).edit_settings(STEPS).blend_tokens
     for j in range(STEPS):
-        word_map, _ = controller.source_word_map(j, cat)
+        word_map, _ = controller.maps.source_word_map(j, cat)
         mask = bm.blend_mask(word_map, (LATENT, LATENT), 0.3).view(FRAMES, LATENT, LATENT).bool()
         assert torch.equal(mask, QUADRANT.expand_as(mask)), j
-        word_map, _ = controller.source_word_map(j, grass)
+        word_map, _ = controller.maps.source_word_map(j, grass)
         mask = bm.blend_mask(word_map, (LATENT, LATENT), 0.3).view(FRAMES, LATENT, LATENT).bool()
         assert not torch.equal(mask, QUADRANT.expand_as(mask)), j
 
@@ -330,9 +331,9 @@ def test_preview_shows_the_swapped_word_when_token_counts_match(captured):
     spec = EditSpec(SOURCE, TARGET, tokenize, mode="replace")
     controller = EditController(captured[0], spec.edit_settings(STEPS))
     assert torch.equal(controller.settings.mapper, torch.eye(77))
-    assert controller.preview_tokens() == (2,)
+    assert controller.maps.preview_tokens() == (2,)
     same = EditController(captured[0], EditSpec(SOURCE, SOURCE, tokenize, mode="replace").edit_settings(STEPS))
-    assert same.preview_tokens() == (1,)  # nothing changes: the first word, as before
+    assert same.maps.preview_tokens() == (1,)  # nothing changes: the first word, as before
 
 
 # ------------------------------------------------------------------------------ placements
