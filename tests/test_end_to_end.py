@@ -325,6 +325,18 @@ def test_target_word_map_counts_each_step_once(model, encoder, captured):
         assert torch.equal(once[i], twice[i]), i
 
 
+def test_preview_map_is_the_blend_words_source_attention_at_the_first_step(model, encoder, captured):
+    """The preview shows the blend words' stored source attention of the first edit step, i = 0,
+    which reads inversion step N - 1; later steps do not change it."""
+    store = captured[0]
+    _, controller, _ = edit(model, encoder, store, SWAP)
+    maps = controller.maps
+    expected, _ = maps.source_word_map(STEPS - 1, controller.settings.blend_tokens)
+    assert maps.preview_map is not None and torch.equal(maps.preview_map, expected)
+    later, _ = maps.source_word_map(0, controller.settings.blend_tokens)
+    assert not torch.equal(later, expected)  # the check can fail
+
+
 def test_preview_shows_the_swapped_word_when_token_counts_match(captured):
     """Replace "cat" -> "dog" (one token each): the mapper is the identity, yet the preview must
     show the attention of "cat" (position 2 after BOS and "a"), not of "a"."""
