@@ -9,7 +9,8 @@ made of equal frame-major chunks named by ``call.chunks`` (ComfyUI: ``[uncond F 
   key-frame keys and cross-attention probabilities of the ``cond`` chunk into the store.
 - :class:`EditController` (editing): fuses the ``cond`` chunk only, as the official code does;
   ``uncond`` keeps its own attention; ``source`` chunks (``recompute`` store) are captured into the
-  store's scratch for the current step.
+  store's scratch for the current step. Masks and maps derived from attention live in its
+  :class:`fatezero_core.edit_maps.EditMaps`, which ``attn2`` feeds (``maps.observe_cross``).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from . import blend_mask as bm
 from .attention import (apply_probs, attention, attention_probs, blended_self_attention,
                         spatio_temporal_attention)
 from .cross_fusion import fuse_cross_probs
+from .edit_maps import EditMaps
 from .errors import FateZeroError, StoreMismatchError
 from .keyframes import (gather_key_frames, key_frame_table, key_frames_used, remap_table,
                         rule_for_channels)
-from .layers import MASK_LEVEL, AttnCall, LayerInfo, LayerSet
+from .layers import AttnCall, LayerInfo, LayerSet
 from .store import AttentionStore
 
 
@@ -174,16 +175,15 @@ class EditController(_Controller):
     ``j = N - 1 - i``, which ran the UNet at the same timestep (reference doc section 3.2).
     """
 
-    def __init__(self, store: AttentionStore, settings: EditSettings):
+    def __init__(self, store: AttentionStore, settings: EditSettings, maps: EditMaps | None = None):
         super().__init__(store)
         store.check_readable()
         self.settings = settings
         self.num_steps = self.config.num_steps
         self._check_settings()
-        self._masks: dict[tuple, torch.Tensor] = {}
-        self._target_map: torch.Tensor | None = None
-        self._target_map_parts: set[tuple[int, str]] = set()  # (step, layer) already summed
-        self.preview_map: torch.Tensor | None = None  # source word attention at the first edit step
+        # Blend masks, preview map and latent-blend target map: fed from attn2, read by the
+        # sampling loop and the preview.
+        self.maps = maps if maps is not None else EditMaps(store, settings)
         # Host option: end a source-only pass with SourcePassComplete once its last stored layer is
         # captured (the host must catch it); off by default so a plain driver runs whole passes.
         self.stop_source_pass_early = False
@@ -229,7 +229,7 @@ class EditController(_Controller):
         q_src = self.store.get(j, layer.name, "q", q.device, q.dtype)
         k_src = self.store.get(j, layer.name, "k", k.device, k.dtype)
         k_src_keys = gather_key_frames(k_src, remap_table(table, key_frames_used(table)))
-        mask = self.self_mask(j, layer)
+        mask = self.maps.self_mask(j, layer)
         return blended_self_attention(q, gather_key_frames(k, table), gather_key_frames(v, table),
                                       q_src, k_src_keys, layer.heads, mask)
 
@@ -242,13 +242,17 @@ class EditController(_Controller):
             if kind == "source":
                 outs.append(self._cross_source(j, layer, qc, kc, vc, True))
             elif kind == "cond" and fuse:
-                outs.append(self._fused_cross(i, j, layer, qc, kc, vc))
+                out, edit_probs = self._fused_cross(i, j, layer, qc, kc, vc)
+                self.maps.observe_cross(i, j, layer, edit_probs)
+                outs.append(out)
+                del edit_probs  # held no longer than before: the next chunk's attention may be large
             else:
                 outs.append(attention(qc, kc, vc, layer.heads))
         self._maybe_end_source_pass(call, "cross")
         return torch.cat(outs)
 
     def _fused_cross(self, i, j, layer, q, k, v):
+        """Eq. 5 cross-attention output and the edit's own probabilities it fused."""
         s = self.settings
         edit = attention_probs(q, k, layer.heads)
         src = self.store.get(j, layer.name, "probs", q.device, edit.dtype)
@@ -257,111 +261,9 @@ class EditController(_Controller):
                 f"The target prompt has {edit.shape[-1]} token slots but the source {src.shape[-1]}: "
                 "keep both prompts within 75 tokens."
             )
-        if s.latent_blend and layer.level == MASK_LEVEL:
-            self._accumulate_target_map(i, layer, edit)
-        if self.preview_map is None and layer.level == MASK_LEVEL:
-            self.preview_map, _ = self.source_word_map(j, self.preview_tokens())
         fused = fuse_cross_probs(edit, src, s.mode, s.mapper.to(q.device), _to(s.refine_alphas, q.device),
                                  _to(s.equalizer, q.device), s.cross_alphas[i].to(q.device))
-        return apply_probs(fused, v, layer.heads)
-
-    # ------------------------------------------------------------------ masks
-    def preview_tokens(self) -> tuple[int, ...]:
-        """Tokens shown in previews: the blend words, else the source tokens the edit changes.
-
-        A source token is changed when a target token it maps to has another id (replace: along
-        the mapper, so equal token counts, where the mapper is the identity, still show the swapped
-        word; refine: it is not aligned with any kept target token)."""
-        s = self.settings
-        if s.blend_tokens:
-            return s.blend_tokens
-        if s.mode == "replace":
-            src, tgt = s.source_token_ids, s.target_token_ids
-            changed = [t for t in range(1, s.mapper.shape[0])
-                       if any(src[t] != tgt[n] for n in torch.nonzero(s.mapper[t]).flatten().tolist())]
-        else:
-            kept = {int(m) for m, a in zip(s.mapper.tolist(), s.refine_alphas.tolist()) if a == 1}
-            changed = [t for t in range(1, s.mapper.numel()) if t not in kept]
-        return tuple(changed[:8]) or (1,)
-
-    def _mask_layers(self) -> list[LayerInfo]:
-        layers = [info for info in self.store.layers("cross") if info.level == MASK_LEVEL]
-        if not layers:
-            raise FateZeroError(
-                "Blend words need the source cross-attention at 1/4 of the latent size, which this "
-                "store does not hold (frames too small, or layer set 'official' at a large size): "
-                "use the 'relative' layer set or frames of at least 64 px."
-            )
-        return layers
-
-    def source_word_map(self, j: int, tokens) -> tuple[torch.Tensor, tuple[int, int]]:
-        """``[F, h, w]`` source attention of ``tokens`` at the mask layers, inversion step j."""
-        layers = self._mask_layers()
-        probs = [self.store.get(j, info.name, "probs", dtype=torch.float32) for info in layers]
-        size = (layers[0].height, layers[0].width)
-        return bm.word_attention_map(probs, tokens, size), size
-
-    def self_mask(self, j: int, layer: LayerInfo) -> torch.Tensor | None:
-        """Eq. 6 mask for one layer's query rows (``[F, h*w]``), or None for full replacement."""
-        s = self.settings
-        if not s.blend_tokens:
-            return None
-        key = (j, layer.height, layer.width)
-        if key not in self._masks:
-            if self._masks and next(iter(self._masks))[0] != j:
-                self._masks.clear()  # keep one step of masks
-            word_map, _ = self.source_word_map(j, s.blend_tokens)
-            self._masks[key] = bm.blend_mask(word_map, (layer.height, layer.width), s.blend_threshold, s.soft_mask)
-        return self._masks[key]
-
-    # ------------------------------------------------------ local latent blend
-    def _accumulate_target_map(self, i, layer, edit_probs):
-        """Running sum over steps of the edit's own target-word attention (reference doc 3.5).
-
-        The official mask takes the layer mean of per-layer sums over steps; summing each layer's
-        map divided by the number of mask layers is the same quantity. Each (step, layer) counts
-        once, however often the sampler evaluates the conditional branch in that step (midpoint
-        samplers, several positive conds).
-        """
-        tokens = self.settings.target_blend_tokens
-        if not tokens or (i, layer.name) in self._target_map_parts:
-            return
-        self._target_map_parts.add((i, layer.name))
-        word = bm.word_attention_map([edit_probs], tokens, (layer.height, layer.width))
-        if self._target_map is None:
-            self._target_map = torch.zeros_like(word)
-        self._target_map += word / len(self._mask_layers())
-
-    def latent_blend_active(self, i: int) -> bool:
-        """Official window: ``int(a N) < i + 1 < int(b N)`` (N=50: steps 10..38)."""
-        a, b = self.settings.latent_blend_window
-        n = self.num_steps
-        return self.settings.latent_blend and int(a * n) < i + 1 < int(b * n)
-
-    def latent_blend_source_index(self, i: int) -> int:
-        """Inversion latent mixed in after edit step i.
-
-        Parity (default): ``z_{N-i}``, one step noisier than the edit latent, as the official code
-        does; aligned: ``z_{N-1-i}``, the same noise level.
-        """
-        return self.num_steps - 1 - i if self.settings.latent_blend_aligned else self.num_steps - i
-
-    def latent_blend_mask(self, i: int, latent_size) -> torch.Tensor | None:
-        """``[F, 1, h, w]`` union of the source- and target-word masks, or None when inactive."""
-        if not self.latent_blend_active(i):
-            return None
-        s = self.settings
-        word_map, _ = self.source_word_map(self.inversion_step(i), s.blend_tokens)
-        mask = bm.blend_mask(word_map, latent_size, s.blend_threshold, s.soft_mask)
-        if s.target_blend_tokens and self._target_map is not None:
-            target = bm.blend_mask(self._target_map, latent_size, s.blend_threshold, s.soft_mask)
-            mask = bm.union(mask, target)
-        return mask.view(mask.shape[0], 1, *latent_size)
-
-
-def latent_blend(z: torch.Tensor, z_src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Local latent blend: ``z_src + M (z - z_src)``: outside the mask the source latent is kept."""
-    return z_src + mask.to(z.dtype) * (z - z_src)
+        return apply_probs(fused, v, layer.heads), edit
 
 
 def _to(t, device):

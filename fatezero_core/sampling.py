@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .ddim import alphas_cumprod_from_sigmas, ddim_invert_step, ve_to_vp, vp_to_ve
-from .controller import latent_blend
+from .edit_maps import latent_blend
 from .errors import FateZeroError
 
 
@@ -101,7 +101,7 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 def latent_blend_step(masks, store):
     """``after_step`` for :func:`sample_ddim`: the local latent blend ``z_src + M (z - z_src)``
-    (reference doc 3.5) in VP space, with ``masks`` the edit controller (its
+    (reference doc 3.5) in VP space, with ``masks`` the edit's ``edit_maps.EditMaps`` (its
     ``latent_blend_mask`` / ``latent_blend_source_index``) and the store's inversion latents."""
 
     def after_step(i, x, sigma_next):

@@ -15,13 +15,12 @@ attention reweight of a word is only the ``reweight`` field.
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from typing import Callable
 
 from comfy_api.latest import io
 
 from ..fatezero_core.edit_spec import EditSpec
+from ..fatezero_core.edit_text import cross_replace_setting, parse_reweight, parse_words
 from ..fatezero_core.prompt_align import BOS, EOS, MODES, PromptTokens, is_embedding_id, tokenize_prompt
 from ..fatezero_core.prompt_syntax import EMBEDDING_PREFIX
 from .patching import conditioning_fingerprint
@@ -29,115 +28,6 @@ from .sockets import BlendSettings
 from .user_errors import FateZeroNodeError, user_errors
 
 MODE_OPTIONS = ["auto"] + [m for m in MODES if m != "auto"]
-
-_SEPARATORS = re.compile(r"[,;\n]")
-_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
-_RANGE = re.compile(rf"^\s*({_NUMBER})\s*(?:-|\.\.|to)\s*({_NUMBER})\s*$")
-
-
-# --------------------------------------------------------------------------------------------
-# Small text fields
-# --------------------------------------------------------------------------------------------
-
-
-def _entries(text: str | None) -> list[str]:
-    """Comma-, semicolon- or newline-separated entries, stripped, empty ones dropped."""
-    if text is None:
-        return []
-    if not isinstance(text, str):
-        raise FateZeroNodeError(f"Expected text, got {type(text).__name__}.")
-    return [part.strip() for part in _SEPARATORS.split(text) if part.strip()]
-
-
-def parse_words(text: str | None, field: str) -> tuple[str, ...]:
-    """``"jeep, Wonder Woman"`` -> ``("jeep", "Wonder Woman")``; duplicates are dropped."""
-    words = []
-    for entry in _entries(text):
-        bare = entry[len(EMBEDDING_PREFIX):] if entry.lower().startswith(EMBEDDING_PREFIX) else entry
-        if ":" in bare:
-            raise FateZeroNodeError(
-                f"{field}: '{entry}' contains ':'. List plain words separated by commas, "
-                "for example 'jeep, car'."
-            )
-        if entry.lower() not in (w.lower() for w in words):
-            words.append(entry)
-    return tuple(words)
-
-
-def _split_entry(entry: str, field: str, example: str) -> tuple[str, str]:
-    word, sep, value = entry.rpartition(":")
-    word, value = word.strip(), value.strip()
-    if not sep or not word or not value:
-        raise FateZeroNodeError(
-            f"{field}: could not read '{entry}'. Write 'word: value' entries separated by "
-            f"commas, for example '{example}'."
-        )
-    return word, value
-
-
-def _float(value: str, field: str, word: str, example: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise FateZeroNodeError(
-            f"{field}: the value '{value}' for '{word}' is not a number. Use entries like "
-            f"'{example}'."
-        )
-    return number
-
-
-def _add_unique(mapping: dict, word: str, value, field: str) -> None:
-    key = word.lower()
-    if any(k.lower() == key for k in mapping):
-        raise FateZeroNodeError(f"{field}: '{word}' is listed twice; keep one entry per word.")
-    mapping[word] = value
-
-
-def parse_reweight(text: str | None) -> dict[str, float] | None:
-    """``"watercolor: 10, silver: 2"`` -> ``{"watercolor": 10.0, "silver": 2.0}`` (None if empty)."""
-    field, example = "reweight", "watercolor: 10, silver: 2"
-    weights: dict[str, float] = {}
-    for entry in _entries(text):
-        word, value = _split_entry(entry, field, example)
-        _add_unique(weights, word, _float(value, field, word, example), field)
-    return weights or None
-
-
-def _fraction(value: float, field: str, word: str) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise FateZeroNodeError(
-            f"{field}: {value:g} for '{word}' is outside 0..1. Windows are fractions of the "
-            "sampling steps, for example 0.5 (the first half) or 0.2-0.9."
-        )
-    return value
-
-
-def parse_cross_replace_words(text: str | None) -> dict[str, object]:
-    """``"watercolor: 0.5, jeep: 0.2-0.9"`` -> ``{"watercolor": 0.5, "jeep": (0.2, 0.9)}``.
-
-    A single number ``c`` means the window ``0..c``; ``a-b`` (also ``a..b``, ``a to b``) means
-    ``a..b``. Both are fractions of the sampling steps.
-    """
-    field, example = "cross_replace_words", "watercolor: 0.5, jeep: 0.2-0.9"
-    windows: dict[str, object] = {}
-    for entry in _entries(text):
-        word, value = _split_entry(entry, field, example)
-        match = _RANGE.match(value)
-        if match:
-            start = _fraction(_float(match.group(1), field, word, example), field, word)
-            end = _fraction(_float(match.group(2), field, word, example), field, word)
-            if start > end:
-                raise FateZeroNodeError(
-                    f"{field}: the window {value} for '{word}' ends before it starts; write the "
-                    f"smaller number first, for example {end:g}-{start:g}."
-                )
-            window: object = (start, end)
-        else:
-            window = _fraction(_float(value, field, word, example), field, word)
-        _add_unique(windows, word, window, field)
-    return windows
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,24 +247,22 @@ class FateZeroAttentionBlendSettings(io.ComfyNode):
         if mode not in MODE_OPTIONS:
             raise FateZeroNodeError(f"mode must be one of {', '.join(MODE_OPTIONS)} (got {mode!r}).")
 
-        per_word = parse_cross_replace_words(cross_replace_words)
-        cross = {"default_": float(cross_replace_steps), **per_word} if per_word else float(cross_replace_steps)
-        spec = EditSpec(
-            source_prompt=source_prompt,
-            target_prompt=target_prompt,
-            tokenize=tokenize,
-            mode=mode,
-            cross_replace_steps=cross,
-            self_replace_steps=float(self_replace_steps),
-            blend_words=parse_words(blend_words, "blend_words"),
-            target_blend_words=parse_words(target_blend_words, "target_blend_words"),
-            blend_threshold=float(blend_threshold),
-            soft_mask=bool(soft_mask),
-            reweight=parse_reweight(reweight),
-            latent_blend=bool(local_latent_blend),
-            embedding_length=embedding_length,
-        )
         with user_errors():
+            spec = EditSpec(
+                source_prompt=source_prompt,
+                target_prompt=target_prompt,
+                tokenize=tokenize,
+                mode=mode,
+                cross_replace_steps=cross_replace_setting(cross_replace_steps, cross_replace_words),
+                self_replace_steps=float(self_replace_steps),
+                blend_words=parse_words(blend_words, "blend_words"),
+                target_blend_words=parse_words(target_blend_words, "target_blend_words"),
+                blend_threshold=float(blend_threshold),
+                soft_mask=bool(soft_mask),
+                reweight=parse_reweight(reweight),
+                latent_blend=bool(local_latent_blend),
+                embedding_length=embedding_length,
+            )
             spec.check()
             source_layout = tokenize_prompt(source_prompt, tokenize, embedding_length)
             target_layout = tokenize_prompt(target_prompt, tokenize, embedding_length)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 import comfy.utils
 import latent_preview
 from comfy_api.latest import io, ui
 
-from ..fatezero_core import blend_mask as bm
 from ..fatezero_core.controller import EditController
+from ..fatezero_core.edit_maps import EditMaps, preview_image
 from ..fatezero_core.edit_spec import EditSpec
 from ..fatezero_core.errors import FateZeroError, StoreMismatchError, StoreReleasedError
 from ..fatezero_core.store import AttentionStore
@@ -80,22 +79,6 @@ def check_spec(spec, store) -> None:
             "into FateZero DDIM Invert (or type the same source prompt).")
 
 
-def preview_image(controller: EditController | None, frames: int, latent_size) -> torch.Tensor:
-    """``[F, H, 2W, 3]``: left the blend mask (white = edited), right the words' source attention."""
-    h, w = latent_size
-    out = torch.zeros(frames, h * 8, w * 16, 3)
-    if controller is None or controller.preview_map is None:
-        return out
-    word_map = controller.preview_map
-    s = controller.settings
-    mask = (bm.blend_mask(word_map, (h, w), s.blend_threshold, s.soft_mask).view(frames, 1, h, w)
-            if s.blend_tokens else torch.zeros(frames, 1, h, w))
-    heat = F.interpolate(bm.normalise_per_frame(word_map).unsqueeze(1), size=(h, w), mode="nearest")
-    pair = torch.cat([mask, heat], dim=-1).float().cpu()
-    big = F.interpolate(pair, scale_factor=8, mode="nearest")
-    return big.squeeze(1).unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
-
-
 class FateZeroSample(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -138,9 +121,10 @@ class FateZeroSample(io.ComfyNode):
         sigmas = torch.tensor(store.config.sigmas, dtype=torch.float32).flip(0)
 
         # The network the inversion ran: its GroupNorm choice comes with the store.
-        controller, patched = None, with_group_norm(model, store.config.group_norm)
+        controller, maps, patched = None, None, with_group_norm(model, store.config.group_norm)
         if fusion:
-            controller = EditController(store, settings)
+            maps = EditMaps(store, settings)
+            controller = EditController(store, settings, maps)
             patched = patched_clone(patched, controller, step_offset=0)
         guider = FateZeroGuider(patched, store if fusion else None)
         guider.set_conds(positive, negative)
@@ -150,7 +134,7 @@ class FateZeroSample(io.ComfyNode):
             controller.stop_source_pass_early = True  # FateZeroGuider catches SourcePassComplete
 
         if sampler is None:
-            sampler = edit_ksampler(controller if fusion and settings.latent_blend else None, store)
+            sampler = edit_ksampler(maps if settings.latent_blend else None, store)
         elif settings.latent_blend:
             log.warning("FateZero: the local latent blend needs the built-in DDIM sampler; it is "
                         "off with a sampler override.")
@@ -158,5 +142,5 @@ class FateZeroSample(io.ComfyNode):
         callback = latent_preview.prepare_callback(patched, steps)
         out = guider.sample(zero_noise(samples), samples, sampler, sigmas, callback=callback,
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
-        preview = preview_image(controller, samples.shape[0], tuple(samples.shape[-2:]))
+        preview = preview_image(maps, samples.shape[0], tuple(samples.shape[-2:]))
         return io.NodeOutput({"samples": out}, preview, ui=ui.PreviewImage(preview, cls=cls))

@@ -63,7 +63,8 @@ def zero_noise(latent: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(latent, device="cpu")
 
 
-def edit_ksampler(controller=None, store=None) -> comfy.samplers.KSAMPLER:
-    """``sample_ddim`` as a host sampler, with the local latent blend when a controller is given."""
-    after_step = latent_blend_step(controller, store) if controller is not None else None
+def edit_ksampler(maps=None, store=None) -> comfy.samplers.KSAMPLER:
+    """``sample_ddim`` as a host sampler, with the local latent blend when the edit's
+    ``EditMaps`` are given."""
+    after_step = latent_blend_step(maps, store) if maps is not None else None
     return comfy.samplers.KSAMPLER(sample_ddim, extra_options={"after_step": after_step})

@@ -152,10 +152,10 @@ def edit(model, encoder, store, spec: EditSpec, cfg: float = 1.0, fuse: bool = T
             source_pass(vp_to_ve(store.latent(j), sigma[0]), sigma)
         return denoiser(x, sigma)
 
-    blend = latent_blend_step(controller, store)
+    blend = latent_blend_step(controller.maps, store)
 
     def after_step(i, x, sigma_next):
-        mask = controller.latent_blend_mask(i, (LATENT, LATENT))
+        mask = controller.maps.latent_blend_mask(i, (LATENT, LATENT))
         if mask is not None:
             masks[i] = mask
         return blend(i, x, sigma_next)
@@ -212,10 +212,10 @@ def test_tiny_model_is_sane_and_cat_attention_is_local(model, encoder, clip, cap
     cat = controller.settings.blend_tokens
     grass = EditSpec(SOURCE, SOURCE, tokenize, blend_words=("grass",)).edit_settings(STEPS).blend_tokens
     for j in range(STEPS):
-        word_map, _ = controller.source_word_map(j, cat)
+        word_map, _ = controller.maps.source_word_map(j, cat)
         mask = bm.blend_mask(word_map, (LATENT, LATENT), 0.3).view(FRAMES, LATENT, LATENT).bool()
         assert torch.equal(mask, QUADRANT.expand_as(mask)), j
-        word_map, _ = controller.source_word_map(j, grass)
+        word_map, _ = controller.maps.source_word_map(j, grass)
         mask = bm.blend_mask(word_map, (LATENT, LATENT), 0.3).view(FRAMES, LATENT, LATENT).bool()
         assert not torch.equal(mask, QUADRANT.expand_as(mask)), j
 
@@ -344,15 +344,27 @@ def test_target_word_map_counts_each_step_once(model, encoder, captured):
         assert torch.equal(once[i], twice[i]), i
 
 
+def test_preview_map_is_the_blend_words_source_attention_at_the_first_step(model, encoder, captured):
+    """The preview shows the blend words' stored source attention of the first edit step, i = 0,
+    which reads inversion step N - 1; later steps do not change it."""
+    store = captured[0]
+    _, controller, _ = edit(model, encoder, store, SWAP)
+    maps = controller.maps
+    expected, _ = maps.source_word_map(STEPS - 1, controller.settings.blend_tokens)
+    assert maps.preview_map is not None and torch.equal(maps.preview_map, expected)
+    later, _ = maps.source_word_map(0, controller.settings.blend_tokens)
+    assert not torch.equal(later, expected)  # the check can fail
+
+
 def test_preview_shows_the_swapped_word_when_token_counts_match(captured):
     """Replace "cat" -> "dog" (one token each): the mapper is the identity, yet the preview must
     show the attention of "cat" (position 2 after BOS and "a"), not of "a"."""
     spec = EditSpec(SOURCE, TARGET, tokenize, mode="replace")
     controller = EditController(captured[0], spec.edit_settings(STEPS))
     assert torch.equal(controller.settings.mapper, torch.eye(77))
-    assert controller.preview_tokens() == (2,)
+    assert controller.maps.preview_tokens() == (2,)
     same = EditController(captured[0], EditSpec(SOURCE, SOURCE, tokenize, mode="replace").edit_settings(STEPS))
-    assert same.preview_tokens() == (1,)  # nothing changes: the first word, as before
+    assert same.maps.preview_tokens() == (1,)  # nothing changes: the first word, as before
 
 
 # ------------------------------------------------------------------------------ placements

@@ -158,7 +158,7 @@ def run_both(edit, blend, rule, frames, placement, tmp_path, soft=False, latent_
         for x, y in zip(a, b):
             worst = max(worst, float((x - y).abs().max()))
         if latent_blend:
-            ma = editor.latent_blend_mask(i, (LATENT, LATENT))
+            ma = editor.maps.latent_blend_mask(i, (LATENT, LATENT))
             if ma is not None:
                 mb = naive.latent_mask(i, (LATENT, LATENT))
                 assert torch.equal(ma, mb)
@@ -200,7 +200,7 @@ def test_latent_blend_mask_equals_naive(tmp_path):
     worst, _, editor = run_both("replace", 0.3, "mid", 8, "cpu", tmp_path, latent_blend=True)
     assert worst <= 1e-5
     # the official window int(0.2 N) < i + 1 < int(0.8 N): N=5 -> i + 1 in {2, 3}
-    assert [i for i in range(STEPS) if editor.latent_blend_active(i)] == [1, 2]
+    assert [i for i in range(STEPS) if editor.maps.latent_blend_active(i)] == [1, 2]
 
 
 def test_fusion_changes_the_output(tmp_path):
