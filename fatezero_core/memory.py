@@ -21,20 +21,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from .layers import LayerInfo, LayerSet
+from .sd1 import HEADS as SD1_HEADS
+from .sd1 import sd1_attention_blocks
 
 TEXT_TOKENS = 77
-SD1_HEADS = 8
-
-# SD1.x attention blocks in call order: (host block key, downsampling level, inner channels).
-_SD1_BLOCKS = (
-    ("input_1_0", 0, 320), ("input_2_0", 0, 320),
-    ("input_4_0", 1, 640), ("input_5_0", 1, 640),
-    ("input_7_0", 2, 1280), ("input_8_0", 2, 1280),
-    ("middle_0_0", 3, 1280),
-    ("output_3_0", 2, 1280), ("output_4_0", 2, 1280), ("output_5_0", 2, 1280),
-    ("output_6_0", 1, 640), ("output_7_0", 1, 640), ("output_8_0", 1, 640),
-    ("output_9_0", 0, 320), ("output_10_0", 0, 320), ("output_11_0", 0, 320),
-)
 
 
 def official_map_store_bytes_per_step(frames: int, heads: int, layers: Iterable[int], key_frames: int,
@@ -83,10 +73,11 @@ def _side(size: int, level: int) -> int:
 
 
 def sd1_layer_infos(latent_side: int | tuple[int, int] = 64) -> list[LayerInfo]:
-    """The 16 SD1.x attention layers (host block keys, token grids, 8 heads, channels) in call order."""
+    """The 16 SD1.x attention layers (named by diffusers block path; token grids, 8 heads,
+    channels) in call order."""
     lh, lw = (latent_side, latent_side) if isinstance(latent_side, int) else latent_side
-    return [LayerInfo(name, _side(lh, level), _side(lw, level), lh, lw, SD1_HEADS, channels)
-            for name, level, channels in _SD1_BLOCKS]
+    return [LayerInfo(block.path, _side(lh, block.level), _side(lw, block.level), lh, lw, SD1_HEADS, block.channels())
+            for block in sd1_attention_blocks()]
 
 
 def sd1_stored_layers(latent_side: int | tuple[int, int] = 64,

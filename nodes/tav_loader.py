@@ -1,9 +1,12 @@
 """Tune-A-Video Loader: a Tune-A-Video / FateZero inflated UNet as an ordinary SD1.x MODEL.
 
-The checkpoint's 2D weights are loaded into a ComfyUI SD1.x UNet (diffusers names mapped with
-``comfy.utils.unet_to_diffusers``, as ComfyUI's own diffusers-UNet loader does). Its temporal
-layers are added as object patches on the ``ModelPatcher`` (``fatezero_core.tav.inflate``), so the
-2D weights keep their keys and LoRA, ControlNet and every sampler work as with any SD1.x model:
+The checkpoint's 2D weights are loaded by ComfyUI's own diffusers-UNet loader
+(``comfy.sd.load_diffusion_model_state_dict``), or into the base model's config through ComfyUI's
+key conversion (``comfy.utils.unet_to_diffusers``). The same conversion finds where each temporal
+layer goes: the core names its owner in diffusers terms, and the owner's ComfyUI path is read from
+the mapping of the owner's weights. The temporal layers are added as object patches on the
+``ModelPatcher`` (``fatezero_core.tav.inflate``), so the 2D weights keep their keys and LoRA,
+ControlNet and every sampler work as with any SD1.x model:
 
 - temporal attention after each transformer block: ``<SpatialTransformer>.transformer_blocks``
   becomes ``ModuleList([block, TemporalBlockAdapter])``;
@@ -29,9 +32,9 @@ import torch
 from torch import nn
 
 import comfy.model_base
-import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
+import comfy.sd
 import comfy.supported_models
 import comfy.utils
 import folder_paths
@@ -49,6 +52,7 @@ from ..fatezero_core.tav.checkpoint import (
     TavCheckpoint,
     load_tav_checkpoint,
     resolve_checkpoint_file,
+    sd1_unet_mismatch,
     temporal_targets,
 )
 from ..fatezero_core.tav.inflate import block_list_patch, conv_patch
@@ -59,21 +63,6 @@ from .user_errors import FateZeroNodeError, user_errors
 
 FOLDER = "tuneavideo"
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
-
-# ComfyUI's SD1.5 diffusers-UNet config (comfy/model_detection.py, unet_config_from_diffusers_unet),
-# with the width taken from the checkpoint (320 for every released SD1.x model).
-SD15_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-    "legacy": False, "adm_in_channels": None, "dtype": None, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-    "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-# What a base model's UNet must share with the checkpoint's (compared by name for the message).
-TOPOLOGY_KEYS = ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
-                 "transformer_depth", "transformer_depth_middle", "transformer_depth_output",
-                 "context_dim", "use_linear_in_transformer", "adm_in_channels")
 
 folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
 
@@ -132,68 +121,52 @@ def resolve_checkpoint(name: str) -> str:
 # The 2D UNet
 # --------------------------------------------------------------------------------------------------
 
-def _model_channels(ckpt: TavCheckpoint) -> int:
-    return int(ckpt.unet_2d["conv_in.weight"].shape[0])
+def diffusers_key_map(unet_config: dict) -> dict[str, str]:
+    """diffusers UNet key -> ComfyUI UNet key for a UNet of ``unet_config``: ComfyUI's own
+    conversion (``comfy.utils.unet_to_diffusers``), the one its diffusers-UNet loader uses."""
+    return comfy.utils.unet_to_diffusers(unet_config)
 
 
-def checkpoint_unet_config(ckpt: TavCheckpoint) -> dict:
-    """ComfyUI's SD1.5 UNet config at the checkpoint's width (already checked to be SD1.x)."""
-    return comfy.model_detection.convert_config(dict(SD15_UNET_CONFIG, model_channels=_model_channels(ckpt)))
-
-
-def _names(keys, limit: int = 6) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def comfy_unet_state_dict(ckpt: TavCheckpoint, unet_config: dict, expected: dict) -> dict:
-    """The checkpoint's 2D weights under ComfyUI names (``comfy.utils.unet_to_diffusers``), for a
-    UNet whose state dict has the keys and shapes of ``expected``. Every missing, unexpected or
-    misshapen weight is named (diffusers names, as in the file)."""
-    names: dict[str, list[str]] = {}
-    for diffusers_key, comfy_key in comfy.utils.unet_to_diffusers(unet_config).items():
-        names.setdefault(comfy_key, []).append(diffusers_key)
-    out, used, missing, wrong = {}, set(), [], []
-    for comfy_key, reference in expected.items():
-        candidates = names.get(comfy_key, [comfy_key])
-        key = next((k for k in candidates if k in ckpt.unet_2d), None)
-        if key is None:
-            missing.append(candidates[0])
-            continue
-        used.add(key)
-        tensor = ckpt.unet_2d[key]
-        if tuple(tensor.shape) != tuple(reference.shape):
-            wrong.append(f"{key} {list(tensor.shape)} (model: {list(reference.shape)})")
-        out[comfy_key] = tensor
-    unexpected = set(ckpt.unet_2d) - used
-    if missing or unexpected or wrong:
-        parts = [missing and f"missing {_names(missing)}", unexpected and f"unexpected {_names(unexpected)}",
-                 wrong and f"other shapes: {_names(wrong, 4)}"]
+def module_path(owner: str, key_map: dict[str, str]) -> str:
+    """ComfyUI module path of the diffusers module ``owner`` (a transformer block or a conv), read
+    from the mapping of its weights: ``<owner>.<rest>`` maps to ``<path>.<rest>``."""
+    prefix = owner + "."
+    paths = {comfy_key[: -len(key) + len(owner)] for key, comfy_key in key_map.items()
+             if key.startswith(prefix) and comfy_key.endswith(key[len(owner):])}
+    if len(paths) != 1:
         raise CheckpointError(
-            f"{ckpt.source} does not fit the UNet it is loaded into ({'; '.join(p for p in parts if p)}). "
-            "Use an SD1.x Tune-A-Video checkpoint, and as base model the SD1.x checkpoint it was tuned from."
-        )
-    return out
+            f"ComfyUI's UNet has no single module for {owner} (found {sorted(paths) or 'none'}); "
+            "Tune-A-Video layers need a Stable Diffusion 1.x UNet.")
+    return paths.pop()
 
 
-def sd1_unet_problem(patcher, unet_config: dict | None = None) -> str | None:
-    """Why ``patcher`` is not an SD1.x UNet of ``unet_config``'s topology (default: SD1.x at the
-    model's own width), or None."""
+def diffusers_state_dict(patcher) -> dict[str, torch.Tensor]:
+    """The UNet's 2D weights (as loaded, not copied) under their diffusers names."""
+    running = patcher.model.diffusion_model.state_dict()
+    key_map = diffusers_key_map(patcher.model.model_config.unet_config)
+    return {key: running[comfy_key] for key, comfy_key in key_map.items() if comfy_key in running}
+
+
+def sd1_unet_problem(patcher, model_channels: int | None = None) -> str | None:
+    """Why ``patcher`` is not an SD1.x UNet (of width ``model_channels``; default: its own), or
+    None. SD1.x: ComfyUI's own SD1.5 criteria (``comfy.supported_models.SD15.unet_config``) and,
+    through ComfyUI's key conversion, the SD1.x diffusers keys and shapes (``fatezero_core.tav``)."""
     model = getattr(patcher, "model", None)
     if not isinstance(model, comfy.model_base.BaseModel) or not isinstance(getattr(model, "diffusion_model", None), UNetModel):
         return f"it is not a Stable Diffusion 1.x UNet (found {type(getattr(model, 'diffusion_model', model)).__name__})"
     theirs = model.model_config.unet_config
-    if unet_config is None:
-        unet_config = comfy.model_detection.convert_config(
-            dict(SD15_UNET_CONFIG, model_channels=theirs.get("model_channels")))
-    differences = [f"{k} {theirs.get(k)!r} instead of {unet_config.get(k)!r}"
-                   for k in TOPOLOGY_KEYS if theirs.get(k) != unet_config.get(k)]
-    return f"its UNet differs ({'; '.join(differences)})" if differences else None
+    wanted = dict(comfy.supported_models.SD15.unet_config)
+    wanted["model_channels"] = theirs.get("model_channels") if model_channels is None else model_channels
+    differences = [f"{k} {theirs.get(k)!r} instead of {v!r}" for k, v in wanted.items() if theirs.get(k) != v]
+    if differences:
+        return f"its UNet differs ({'; '.join(differences)})"
+    mismatch = sd1_unet_mismatch(diffusers_state_dict(patcher))
+    return f"its UNet is not shaped as SD1.x ({mismatch})" if mismatch else None
 
 
-def _check_base(base, unet_config: dict) -> None:
-    """The base MODEL must be an SD1.x UNet of the checkpoint's topology; differences named."""
-    problem = sd1_unet_problem(base, unet_config)
+def _check_base(base, ckpt: TavCheckpoint) -> None:
+    """The base MODEL must be an SD1.x UNet of the checkpoint's width; differences named."""
+    problem = sd1_unet_problem(base, int(ckpt.unet_2d["conv_in.weight"].shape[0]))
     if problem:
         raise FateZeroNodeError(
             f"The base model does not fit the Tune-A-Video checkpoint: {problem}. Connect the SD1.x "
@@ -201,46 +174,46 @@ def _check_base(base, unet_config: dict) -> None:
         )
 
 
-def _standalone_model_config(ckpt: TavCheckpoint):
-    """SD1.5 model config, dtype chosen as ComfyUI's UNET loader chooses it."""
-    model_config = comfy.supported_models.SD15(checkpoint_unet_config(ckpt))
-    load_device = comfy.model_management.get_torch_device()
-    unet_dtype = comfy.model_management.unet_dtype(
-        model_params=comfy.utils.calculate_parameters(ckpt.unet_2d),
-        supported_dtypes=list(model_config.supported_inference_dtypes),
-        weight_dtype=comfy.utils.weight_dtype(ckpt.unet_2d))
-    manual_cast = comfy.model_management.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(unet_dtype, manual_cast)
-    return model_config, load_device
+def _load_unet(ckpt: TavCheckpoint):
+    """ComfyUI's diffusers-UNet loader (model detection, UNet dtype, devices), as UNETLoader."""
+    patcher = comfy.sd.load_diffusion_model_state_dict(dict(ckpt.unet_2d))  # it pops the keys it loads
+    if patcher is None:
+        width = int(ckpt.unet_2d["conv_in.weight"].shape[0])
+        sd15_width = comfy.supported_models.SD15.unet_config["model_channels"]
+        raise CheckpointError(
+            f"ComfyUI does not detect {ckpt.source} as a Stable Diffusion 1.x UNet on its own (its "
+            f"width is {width}; ComfyUI's SD1.x UNets have {sd15_width}). Connect the SD1.x "
+            "checkpoint it was tuned from as base_model.")
+    return patcher
+
+
+def _load_into_base_config(ckpt: TavCheckpoint, base):
+    """A new model of the base's class and config, holding the checkpoint's 2D weights (ComfyUI's
+    key conversion and weight loading)."""
+    source = base.model
+    model = type(source)(source.model_config, model_type=source.model_type)
+    model.model_sampling = copy.deepcopy(source.model_sampling)
+    key_map = diffusers_key_map(source.model_config.unet_config)
+    model.load_model_weights({key_map[k]: v for k, v in ckpt.unet_2d.items()}, "")
+    model = model.to(base.offload_device).eval()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=base.load_device, offload_device=base.offload_device)
+    _carry_over(base, patcher)
+    return patcher
 
 
 def build_unet_model(ckpt: TavCheckpoint, base=None):
     """A new ``ModelPatcher`` over a new SD1.x ``BaseModel`` holding the checkpoint's 2D weights.
 
-    Without ``base``: ComfyUI's SD1.5 model config (latent format, eps sampling) at the
-    checkpoint's width and ComfyUI's usual UNet dtype. With ``base``: the base model's config,
-    prediction type, model sampling, devices, model options and non-UNet object patches; its UNet
-    weights (and weight patches such as LoRA) are replaced by the checkpoint's, its base weights
-    are left untouched.
+    Without ``base``: ComfyUI's own diffusers-UNet loader (SD1.5 model config, latent format,
+    eps sampling, ComfyUI's usual UNet dtype). With ``base``: the base model's config, prediction
+    type, model sampling, devices, model options and non-UNet object patches; its UNet weights
+    (and weight patches such as LoRA) are replaced by the checkpoint's, its base weights are left
+    untouched.
     """
     if base is None:
-        model_config, load_device = _standalone_model_config(ckpt)
-        offload_device = comfy.model_management.unet_offload_device()
-        model = model_config.get_model({}, "")
-    else:
-        _check_base(base, checkpoint_unet_config(ckpt))
-        source = base.model
-        model_config, load_device, offload_device = source.model_config, base.load_device, base.offload_device
-        model = type(source)(model_config, model_type=source.model_type)
-        model.model_sampling = copy.deepcopy(source.model_sampling)
-    weights = comfy_unet_state_dict(ckpt, model_config.unet_config, model.diffusion_model.state_dict())
-    model.diffusion_model.load_state_dict(weights, strict=True)
-    del weights
-    model = model.to(offload_device).eval()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-    if base is not None:
-        _carry_over(base, patcher)
-    return patcher
+        return _load_unet(ckpt)
+    _check_base(base, ckpt)
+    return _load_into_base_config(ckpt, base)
 
 
 def _carry_over(base, patcher) -> None:
@@ -296,16 +269,18 @@ def insert_temporal_layers(patcher, ckpt: TavCheckpoint, dtype: torch.dtype | No
         heads = 8
     dtype = dtype or compute_dtype(patcher)
     runtime = clip_runtime(patcher)
+    key_map = diffusers_key_map(patcher.model.model_config.unet_config)
     nbytes = 0
     for target in targets:
         layer = temporal_module_from_state_dict(target.kind, target.state_dict, heads=heads)
         layer = layer.to(device=patcher.offload_device, dtype=dtype).eval()
         runtime.modules.append(layer)
         nbytes += sum(p.numel() * p.element_size() for p in layer.parameters())
+        owner = module_path(target.owner, key_map)
         if target.kind == "attention":
-            path, container = block_list_patch(unet, target.path, TemporalBlockAdapter(layer, runtime.frames))
+            path, container = block_list_patch(unet, owner, TemporalBlockAdapter(layer, runtime.frames))
         else:
-            path, container = conv_patch(unet, target.path, FramewiseTemporalConv(layer, runtime.frames))
+            path, container = conv_patch(unet, owner, FramewiseTemporalConv(layer, runtime.frames))
         patcher.add_object_patch(f"diffusion_model.{path}", container)
     use_clip_group_norm(patcher)  # it was tuned with clip-level ResNet statistics
     patcher.size = patcher.model_size() + nbytes  # so ComfyUI reserves memory for them too

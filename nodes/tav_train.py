@@ -45,16 +45,18 @@ from comfy_api.latest import io
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.keyframes import TAV_KEY_RULE
 from ..fatezero_core.tav import train as core
-from ..fatezero_core.tav.checkpoint import (
-    comfy_conv_path,
-    comfy_transformer_block_path,
-    sd1_inflated_convs,
-    sd1_transformer_blocks,
-    sd1_unet_key_shapes,
-)
+from ..fatezero_core.tav.checkpoint import sd1_inflated_convs, sd1_transformer_blocks
 from .clip_runtime import clip_runtime, model_group_norm
 from .patching import add_clip_self_attention, model_key_rule, refuse_context_windows
-from .tav_loader import FOLDER, compute_dtype, insert_temporal_layers, sd1_unet_problem
+from .tav_loader import (
+    FOLDER,
+    compute_dtype,
+    diffusers_key_map,
+    diffusers_state_dict,
+    insert_temporal_layers,
+    module_path,
+    sd1_unet_problem,
+)
 from .user_errors import FateZeroNodeError, user_errors
 
 log = logging.getLogger("comfyui-fatezero")
@@ -122,11 +124,14 @@ def query_weight_keys(unet) -> list[str]:
             if name.endswith(("attn1.to_q", "attn2.to_q"))]
 
 
-def fresh_layers(unet, heads: int, lora_rank: int | None, seed: int):
-    """Untuned temporal layers for every SD1.x transformer block and inflated conv of ``unet``."""
-    blocks = {b: int(unet.get_submodule(comfy_transformer_block_path(b)).norm1.normalized_shape[0])
+def fresh_layers(model, heads: int, lora_rank: int | None, seed: int):
+    """Untuned temporal layers for every SD1.x transformer block and inflated conv of ``model``'s
+    UNet, found through ComfyUI's key conversion."""
+    unet = model.get_model_object("diffusion_model")
+    key_map = diffusers_key_map(model.model.model_config.unet_config)
+    blocks = {b: int(unet.get_submodule(module_path(b, key_map)).norm1.normalized_shape[0])
               for b in sd1_transformer_blocks()}
-    convs = {c: int(unet.get_submodule(comfy_conv_path(c)).weight.shape[0]) for c in sd1_inflated_convs()}
+    convs = {c: int(unet.get_submodule(module_path(c, key_map)).weight.shape[0]) for c in sd1_inflated_convs()}
     return core.fresh_temporal_checkpoint(blocks, convs, lora_rank, heads, seed)
 
 
@@ -192,7 +197,7 @@ class TuneRun:
         self.seed, self.checkpointing, self.precision = seed, checkpointing, precision
         unet = model.get_model_object("diffusion_model")
         heads = int(model.model.model_config.unet_config.get("num_heads", 8)) or 8
-        fresh = fresh_layers(unet, heads, lora_rank, seed)
+        fresh = fresh_layers(model, heads, lora_rank, seed)
         self.output = model.clone()
         insert_temporal_layers(self.output, fresh, dtype=torch.float32)  # fp32 masters
         self.layers = list(clip_runtime(self.output).modules)
@@ -272,17 +277,7 @@ class TuneRun:
     def layout_state_dict(self) -> dict[str, torch.Tensor]:
         """The tuned UNet as the output MODEL runs it, in the FateZero checkpoint layout."""
         comfy.model_management.load_models_gpu([self.output], force_full_load=True)
-        unet = self.output.model.diffusion_model
-        running = unet.state_dict()
-        width = int(running["input_blocks.0.0.weight"].shape[0])
-        wanted = sd1_unet_key_shapes(width)
-        unet_2d = {}
-        for diffusers_key, comfy_key in comfy.utils.unet_to_diffusers(self.output.model.model_config.unet_config).items():
-            if diffusers_key in wanted and comfy_key in running:
-                unet_2d[diffusers_key] = running[comfy_key].detach().to("cpu", copy=True).contiguous()
-        missing = wanted.keys() - unet_2d.keys()
-        if missing:
-            raise FateZeroError(f"Cannot map the UNet to diffusers names ({len(missing)} keys missing, e.g. {sorted(missing)[0]}).")
+        unet_2d = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in diffusers_state_dict(self.output).items()}
         groups = {owner: {k: v.detach().to("cpu", copy=True).contiguous() for k, v in layer.state_dict().items()}
                   for owner, layer in zip(self.attention_owners + self.conv_owners, self.layers)}
         attention = {o: groups[o] for o in self.attention_owners}

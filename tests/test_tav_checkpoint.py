@@ -1,4 +1,4 @@
-"""Tune-A-Video checkpoints: loading, layout detection, validation and the ComfyUI path mapping
+"""Tune-A-Video checkpoints: loading, layout detection, validation and the temporal owners
 (reference doc section 4; design decision 8). Checkpoints are synthetic: a scaled SD1.x topology
 (model_channels 32, context 16, 2 heads) with small random tensors, written by the tests."""
 
@@ -12,8 +12,6 @@ from fatezero_core.tav import (
     check_sd1_unet,
     check_tav_checkpoint,
     check_temporal_shapes,
-    comfy_conv_path,
-    comfy_transformer_block_path,
     load_state_dict_file,
     load_tav_checkpoint,
     sd1_inflated_convs,
@@ -25,81 +23,6 @@ from fatezero_core.tav import (
 )
 
 MODEL_CHANNELS, CONTEXT, HEADS, LORA_RANK = 32, 16, 2, 16
-
-# ComfyUI (ldm openaimodel) module path of every SD1.x transformer block and kernel-3 conv, as
-# comfy.utils.unet_to_diffusers maps them for SD1.5 (num_res_blocks 2, channel_mult [1, 2, 4, 4]).
-BLOCK_PATHS = {
-    "down_blocks.0.attentions.0.transformer_blocks.0": "input_blocks.1.1.transformer_blocks.0",
-    "down_blocks.0.attentions.1.transformer_blocks.0": "input_blocks.2.1.transformer_blocks.0",
-    "down_blocks.1.attentions.0.transformer_blocks.0": "input_blocks.4.1.transformer_blocks.0",
-    "down_blocks.1.attentions.1.transformer_blocks.0": "input_blocks.5.1.transformer_blocks.0",
-    "down_blocks.2.attentions.0.transformer_blocks.0": "input_blocks.7.1.transformer_blocks.0",
-    "down_blocks.2.attentions.1.transformer_blocks.0": "input_blocks.8.1.transformer_blocks.0",
-    "mid_block.attentions.0.transformer_blocks.0": "middle_block.1.transformer_blocks.0",
-    "up_blocks.1.attentions.0.transformer_blocks.0": "output_blocks.3.1.transformer_blocks.0",
-    "up_blocks.1.attentions.1.transformer_blocks.0": "output_blocks.4.1.transformer_blocks.0",
-    "up_blocks.1.attentions.2.transformer_blocks.0": "output_blocks.5.1.transformer_blocks.0",
-    "up_blocks.2.attentions.0.transformer_blocks.0": "output_blocks.6.1.transformer_blocks.0",
-    "up_blocks.2.attentions.1.transformer_blocks.0": "output_blocks.7.1.transformer_blocks.0",
-    "up_blocks.2.attentions.2.transformer_blocks.0": "output_blocks.8.1.transformer_blocks.0",
-    "up_blocks.3.attentions.0.transformer_blocks.0": "output_blocks.9.1.transformer_blocks.0",
-    "up_blocks.3.attentions.1.transformer_blocks.0": "output_blocks.10.1.transformer_blocks.0",
-    "up_blocks.3.attentions.2.transformer_blocks.0": "output_blocks.11.1.transformer_blocks.0",
-}
-CONV_PATHS = {
-    "conv_in": "input_blocks.0.0",
-    "down_blocks.0.resnets.0.conv1": "input_blocks.1.0.in_layers.2",
-    "down_blocks.0.resnets.0.conv2": "input_blocks.1.0.out_layers.3",
-    "down_blocks.0.resnets.1.conv1": "input_blocks.2.0.in_layers.2",
-    "down_blocks.0.resnets.1.conv2": "input_blocks.2.0.out_layers.3",
-    "down_blocks.0.downsamplers.0.conv": "input_blocks.3.0.op",
-    "down_blocks.1.resnets.0.conv1": "input_blocks.4.0.in_layers.2",
-    "down_blocks.1.resnets.0.conv2": "input_blocks.4.0.out_layers.3",
-    "down_blocks.1.resnets.1.conv1": "input_blocks.5.0.in_layers.2",
-    "down_blocks.1.resnets.1.conv2": "input_blocks.5.0.out_layers.3",
-    "down_blocks.1.downsamplers.0.conv": "input_blocks.6.0.op",
-    "down_blocks.2.resnets.0.conv1": "input_blocks.7.0.in_layers.2",
-    "down_blocks.2.resnets.0.conv2": "input_blocks.7.0.out_layers.3",
-    "down_blocks.2.resnets.1.conv1": "input_blocks.8.0.in_layers.2",
-    "down_blocks.2.resnets.1.conv2": "input_blocks.8.0.out_layers.3",
-    "down_blocks.2.downsamplers.0.conv": "input_blocks.9.0.op",
-    "down_blocks.3.resnets.0.conv1": "input_blocks.10.0.in_layers.2",
-    "down_blocks.3.resnets.0.conv2": "input_blocks.10.0.out_layers.3",
-    "down_blocks.3.resnets.1.conv1": "input_blocks.11.0.in_layers.2",
-    "down_blocks.3.resnets.1.conv2": "input_blocks.11.0.out_layers.3",
-    "mid_block.resnets.0.conv1": "middle_block.0.in_layers.2",
-    "mid_block.resnets.0.conv2": "middle_block.0.out_layers.3",
-    "mid_block.resnets.1.conv1": "middle_block.2.in_layers.2",
-    "mid_block.resnets.1.conv2": "middle_block.2.out_layers.3",
-    "up_blocks.0.resnets.0.conv1": "output_blocks.0.0.in_layers.2",
-    "up_blocks.0.resnets.0.conv2": "output_blocks.0.0.out_layers.3",
-    "up_blocks.0.resnets.1.conv1": "output_blocks.1.0.in_layers.2",
-    "up_blocks.0.resnets.1.conv2": "output_blocks.1.0.out_layers.3",
-    "up_blocks.0.resnets.2.conv1": "output_blocks.2.0.in_layers.2",
-    "up_blocks.0.resnets.2.conv2": "output_blocks.2.0.out_layers.3",
-    "up_blocks.0.upsamplers.0.conv": "output_blocks.2.1.conv",
-    "up_blocks.1.resnets.0.conv1": "output_blocks.3.0.in_layers.2",
-    "up_blocks.1.resnets.0.conv2": "output_blocks.3.0.out_layers.3",
-    "up_blocks.1.resnets.1.conv1": "output_blocks.4.0.in_layers.2",
-    "up_blocks.1.resnets.1.conv2": "output_blocks.4.0.out_layers.3",
-    "up_blocks.1.resnets.2.conv1": "output_blocks.5.0.in_layers.2",
-    "up_blocks.1.resnets.2.conv2": "output_blocks.5.0.out_layers.3",
-    "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
-    "up_blocks.2.resnets.0.conv1": "output_blocks.6.0.in_layers.2",
-    "up_blocks.2.resnets.0.conv2": "output_blocks.6.0.out_layers.3",
-    "up_blocks.2.resnets.1.conv1": "output_blocks.7.0.in_layers.2",
-    "up_blocks.2.resnets.1.conv2": "output_blocks.7.0.out_layers.3",
-    "up_blocks.2.resnets.2.conv1": "output_blocks.8.0.in_layers.2",
-    "up_blocks.2.resnets.2.conv2": "output_blocks.8.0.out_layers.3",
-    "up_blocks.2.upsamplers.0.conv": "output_blocks.8.2.conv",
-    "up_blocks.3.resnets.0.conv1": "output_blocks.9.0.in_layers.2",
-    "up_blocks.3.resnets.0.conv2": "output_blocks.9.0.out_layers.3",
-    "up_blocks.3.resnets.1.conv1": "output_blocks.10.0.in_layers.2",
-    "up_blocks.3.resnets.1.conv2": "output_blocks.10.0.out_layers.3",
-    "up_blocks.3.resnets.2.conv1": "output_blocks.11.0.in_layers.2",
-    "up_blocks.3.resnets.2.conv2": "output_blocks.11.0.out_layers.3",
-    "conv_out": "out.2",
-}
 
 # Known shapes of the real SD1.5 UNet (diffusers names).
 SD15_SHAPES = {
@@ -219,34 +142,25 @@ def test_key_shapes_are_those_of_sd15():
 
 def test_block_and_conv_lists_match_the_topology():
     sd = unet_2d()
-    assert sorted(sd1_transformer_blocks()) == sorted(blocks_of(sd)) == sorted(BLOCK_PATHS)
-    assert sorted(sd1_inflated_convs()) == sorted(k3_convs_of(sd)) == sorted(CONV_PATHS)
-    assert len(BLOCK_PATHS) == 16 and len(CONV_PATHS) == 52
+    assert sorted(sd1_transformer_blocks()) == sorted(blocks_of(sd))
+    assert sorted(sd1_inflated_convs()) == sorted(k3_convs_of(sd))
+    assert len(sd1_transformer_blocks()) == 16 and len(sd1_inflated_convs()) == 52
 
 
-@pytest.mark.parametrize("block", sorted(BLOCK_PATHS))
-def test_transformer_block_paths(block):
-    assert comfy_transformer_block_path(block) == BLOCK_PATHS[block]
-
-
-@pytest.mark.parametrize("conv", sorted(CONV_PATHS))
-def test_conv_paths(conv):
-    assert comfy_conv_path(conv) == CONV_PATHS[conv]
-
-
-@pytest.mark.parametrize("path", ["up_blocks.0.attentions.0.transformer_blocks.0",
-                                  "down_blocks.3.attentions.0.transformer_blocks.0",
-                                  "down_blocks.0.attentions.0.transformer_blocks.1"])
-def test_blocks_outside_sd1_are_refused(path):
-    with pytest.raises(CheckpointError, match="not a transformer block"):
-        comfy_transformer_block_path(path)
-
-
-@pytest.mark.parametrize("path", ["down_blocks.3.downsamplers.0.conv", "up_blocks.3.upsamplers.0.conv",
-                                  "down_blocks.1.resnets.0.conv_shortcut", "mid_block.resnets.2.conv1"])
-def test_convs_outside_sd1_are_refused(path):
-    with pytest.raises(CheckpointError, match="not an inflated"):
-        comfy_conv_path(path)
+@pytest.mark.parametrize("owner, name, what", [
+    ("up_blocks.0.attentions.0.transformer_blocks.0", "attn_temporal.to_q.weight", "attention"),
+    ("down_blocks.3.attentions.0.transformer_blocks.0", "attn_temporal.to_q.weight", "attention"),
+    ("down_blocks.0.attentions.0.transformer_blocks.1", "attn_temporal.to_q.weight", "attention"),
+    ("down_blocks.3.downsamplers.0.conv", "conv_temporal.weight", "convs"),
+    ("up_blocks.3.upsamplers.0.conv", "conv_temporal.weight", "convs"),
+    ("down_blocks.1.resnets.0.conv_shortcut", "conv_temporal.weight", "convs"),
+    ("mid_block.resnets.2.conv1", "conv_temporal.weight", "convs"),
+])
+def test_temporal_owners_outside_sd1_are_refused(owner, name, what):
+    sd = fatezero_checkpoint()
+    sd[f"{owner}.{name}"] = torch.zeros(MODEL_CHANNELS, MODEL_CHANNELS)
+    with pytest.raises(CheckpointError, match=rf"temporal {what} at paths that are not in a Stable Diffusion 1\.x UNet: {owner}"):
+        split_tav_state_dict(sd)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,7 +183,7 @@ def test_checkpoint_maps_fully(tmp_path, name, suffix):
     assert ckpt.layout == layout
     assert len(ckpt.unet_2d) + ckpt.temporal_key_count() == len(original)
     assert ckpt.unet_2d.keys() == sd1_unet_key_shapes(MODEL_CHANNELS, CONTEXT).keys()
-    assert sorted(ckpt.temporal_attention) == sorted(BLOCK_PATHS)
+    assert sorted(ckpt.temporal_attention) == sorted(sd1_transformer_blocks())
     for block, group in ckpt.temporal_attention.items():
         assert set(group) == ATTENTION_NAMES
         attn = "attn_temp" if layout == "tuneavideo" else "attn_temporal"
@@ -279,8 +193,8 @@ def test_checkpoint_maps_fully(tmp_path, name, suffix):
 
     targets = temporal_targets(ckpt)
     assert sum(len(t.state_dict) for t in targets) == ckpt.temporal_key_count()
-    assert {t.path for t in targets if t.kind == "attention"} == set(BLOCK_PATHS.values())
-    assert {t.path for t in targets if t.kind == "conv"} == (set(CONV_PATHS.values()) if n_convs else set())
+    assert [t.owner for t in targets if t.kind == "attention"] == sd1_transformer_blocks()
+    assert [t.owner for t in targets if t.kind == "conv"] == (sd1_inflated_convs() if n_convs else [])
 
 
 def test_lora_rank_is_read_per_conv():

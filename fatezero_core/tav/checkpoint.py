@@ -11,9 +11,10 @@ layout"; ``design.md`` decision 8):
 - ``plain``: no temporal keys (an ordinary SD1.x diffusers UNet).
 
 ``<block>`` is one of the 16 ``...attentions.N.transformer_blocks.0`` paths, ``<conv>`` one of the
-52 kernel-3 convs. Everything here is pure: state dicts in, state dicts and paths out. The host
-loads ``TavCheckpoint.unet_2d`` with its own diffusers loader and inserts the modules that
-``temporal_targets`` describes at the ComfyUI (ldm ``openaimodel``) paths it gives.
+52 kernel-3 convs (the SD1.x layout is ``fatezero_core.sd1``). Everything here is pure and in
+diffusers names: state dicts in, state dicts and diffusers paths out. The host loads
+``TavCheckpoint.unet_2d`` with its own diffusers loader and finds the owner of each module that
+``temporal_targets`` describes in its own UNet through its own key mapping.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 import torch
 
 from ..errors import CheckpointError
+from ..sd1 import (
+    CHANNEL_MULT,
+    DOWN_LEVELS_WITH_ATTENTION,
+    LAYERS_PER_BLOCK,
+    MODEL_CHANNELS,
+    UP_LEVELS_WITH_ATTENTION,
+    sd1_transformer_blocks,
+)
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -35,11 +44,6 @@ LAYOUT_TUNEAVIDEO = "tuneavideo"
 LAYOUT_FATEZERO = "fatezero"
 LAYOUT_PLAIN = "plain"
 
-# SD1.x UNet2DConditionModel topology (diffusers config of SD1.4/SD1.5).
-CHANNEL_MULT = (1, 2, 4, 4)
-LAYERS_PER_BLOCK = 2
-DOWN_LEVELS_WITH_ATTENTION = (0, 1, 2)
-UP_LEVELS_WITH_ATTENTION = (1, 2, 3)
 LATENT_CHANNELS = 4
 
 UNET_ROOTS = ("conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out")
@@ -88,13 +92,6 @@ def _names(keys: Iterable[str], limit: int = 6) -> str:
 # --------------------------------------------------------------------------------------------------
 # SD1.x topology
 # --------------------------------------------------------------------------------------------------
-
-def sd1_transformer_blocks() -> List[str]:
-    """The 16 diffusers transformer-block paths of SD1.x, in UNet order (reference doc section 4)."""
-    down = [f"down_blocks.{i}.attentions.{j}" for i in DOWN_LEVELS_WITH_ATTENTION for j in range(LAYERS_PER_BLOCK)]
-    up = [f"up_blocks.{i}.attentions.{j}" for i in UP_LEVELS_WITH_ATTENTION for j in range(LAYERS_PER_BLOCK + 1)]
-    return [f"{owner}.transformer_blocks.0" for owner in down + ["mid_block.attentions.0"] + up]
-
 
 def sd1_inflated_convs() -> List[str]:
     """The 52 kernel-3 convs that FateZero inflates (conv_in, resnet conv1/conv2, down/up sampler
@@ -186,7 +183,7 @@ def _up_shapes(model_channels: int, context_dim: int, c_time: int) -> Dict[str, 
     return shapes
 
 
-def sd1_unet_key_shapes(model_channels: int = 320, context_dim: int = 768) -> Dict[str, Tuple[int, ...]]:
+def sd1_unet_key_shapes(model_channels: int = MODEL_CHANNELS, context_dim: int = 768) -> Dict[str, Tuple[int, ...]]:
     """Every key of a diffusers SD1.x ``UNet2DConditionModel`` with its shape (686 keys)."""
     c0, c_time, c_mid = model_channels, 4 * model_channels, model_channels * CHANNEL_MULT[-1]
     shapes = {**_conv_shapes("conv_in", c0, LATENT_CHANNELS, 3),
@@ -200,75 +197,6 @@ def sd1_unet_key_shapes(model_channels: int = 320, context_dim: int = 768) -> Di
     shapes.update(_norm_shapes("conv_norm_out", c0))
     shapes.update(_conv_shapes("conv_out", LATENT_CHANNELS, c0, 3))
     return shapes
-
-
-# --------------------------------------------------------------------------------------------------
-# diffusers -> ComfyUI (ldm openaimodel) module paths, SD1.x (same as comfy.utils.unet_to_diffusers)
-# --------------------------------------------------------------------------------------------------
-
-def _input_block(level: int, layer: int) -> int:
-    """``input_blocks`` index of down level ``level``, layer ``layer`` (index 0 is conv_in)."""
-    return (LAYERS_PER_BLOCK + 1) * level + layer + 1
-
-
-def _output_block(level: int, layer: int) -> int:
-    return (LAYERS_PER_BLOCK + 1) * level + layer
-
-
-_RESNET_CONV = {"conv1": "in_layers.2", "conv2": "out_layers.3"}
-
-
-def comfy_transformer_block_path(block: str) -> str:
-    """``down_blocks.i.attentions.j.transformer_blocks.0`` -> ``input_blocks.{3i+j+1}.1.transformer_blocks.0``,
-    ``mid_block.attentions.0...`` -> ``middle_block.1...``, ``up_blocks.i.attentions.j...`` ->
-    ``output_blocks.{3i+j}.1...``."""
-    if block not in _SD1_BLOCKS:
-        raise CheckpointError(f"{block} is not a transformer block of a Stable Diffusion 1.x UNet.")
-    parts = block.split(".")
-    if parts[0] == "mid_block":
-        return "middle_block.1.transformer_blocks.0"
-    i, j = int(parts[1]), int(parts[3])
-    if parts[0] == "down_blocks":
-        return f"input_blocks.{_input_block(i, j)}.1.transformer_blocks.0"
-    return f"output_blocks.{_output_block(i, j)}.1.transformer_blocks.0"
-
-
-def _comfy_resnet_conv_path(parts: List[str]) -> str:
-    conv = _RESNET_CONV[parts[-1]]
-    if parts[0] == "mid_block":
-        return f"middle_block.{2 * int(parts[2])}.{conv}"
-    i, j = int(parts[1]), int(parts[3])
-    if parts[0] == "down_blocks":
-        return f"input_blocks.{_input_block(i, j)}.0.{conv}"
-    return f"output_blocks.{_output_block(i, j)}.0.{conv}"
-
-
-def _comfy_sampler_conv_path(parts: List[str]) -> str:
-    """Downsampler: ``input_blocks.{3(i+1)}.0.op``. Upsampler: last output block of the level,
-    after the resnet (index 1) and, where the level has attention, the transformer (index 2)."""
-    i = int(parts[1])
-    if parts[0] == "down_blocks":
-        return f"input_blocks.{(LAYERS_PER_BLOCK + 1) * (i + 1)}.0.op"
-    position = 2 if i in UP_LEVELS_WITH_ATTENTION else 1
-    return f"output_blocks.{_output_block(i, LAYERS_PER_BLOCK)}.{position}.conv"
-
-
-def comfy_conv_path(conv: str) -> str:
-    """ComfyUI module path of one of the 52 inflated convs (see ``sd1_inflated_convs``)."""
-    if conv not in _SD1_CONVS:
-        raise CheckpointError(f"{conv} is not an inflated (kernel 3) conv of a Stable Diffusion 1.x UNet.")
-    if conv == "conv_in":
-        return "input_blocks.0.0"
-    if conv == "conv_out":
-        return "out.2"
-    parts = conv.split(".")
-    if parts[-1] in _RESNET_CONV:
-        return _comfy_resnet_conv_path(parts)
-    return _comfy_sampler_conv_path(parts)
-
-
-_SD1_BLOCKS = frozenset(sd1_transformer_blocks())
-_SD1_CONVS = frozenset(sd1_inflated_convs())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,11 +233,11 @@ class TavCheckpoint:
 
 
 class TemporalTarget(NamedTuple):
-    """Where the host inserts one temporal module: ``path`` is the ComfyUI module path of the
-    transformer block (``kind`` "attention", the module runs after it) or of the 2D conv (``kind``
-    "conv", the module runs on that conv's output)."""
+    """One temporal module and its owner: ``owner`` is the diffusers path of the transformer block
+    (``kind`` "attention", the module runs after it) or of the 2D conv (``kind`` "conv", the module
+    runs on that conv's output). The host finds the owner in its own UNet by its own key mapping."""
 
-    path: str
+    owner: str
     kind: str
     state_dict: StateDict
 
@@ -435,8 +363,8 @@ def split_tav_state_dict(sd: StateDict, source: str = "checkpoint") -> TavCheckp
     temporal_keys = [k for k in sd if _temporal_name(k)]
     layout = detect_layout({_temporal_name(k) for k in temporal_keys}, source)
     blocks, conv_groups = _group_temporal(temporal_keys, sd, source)
-    _check_owners(blocks, _SD1_BLOCKS, "attention", source)
-    _check_owners(conv_groups, _SD1_CONVS, "convs", source)
+    _check_owners(blocks, frozenset(sd1_transformer_blocks()), "attention", source)
+    _check_owners(conv_groups, frozenset(sd1_inflated_convs()), "convs", source)
     for block, group in blocks.items():
         _check_group_keys(block, group, ATTENTION_KEYS, source, layout)
     if layout != LAYOUT_PLAIN:
@@ -465,27 +393,37 @@ def _not_sd1(source: str, found: str) -> CheckpointError:
     )
 
 
-def check_sd1_unet(sd2d: StateDict, context_dim: int = 768, source: str = "checkpoint") -> int:
-    """Check that ``sd2d`` has exactly the keys and shapes of an SD1.x diffusers UNet, whatever
-    its width; returns ``model_channels`` (320 for SD1.x). ``context_dim`` is the cross-attention
-    width (768: CLIP ViT-L). Raises ``CheckpointError`` naming missing, unexpected or misshapen keys."""
+def sd1_unet_mismatch(sd2d: StateDict, context_dim: int = 768) -> Optional[str]:
+    """How ``sd2d`` differs from an SD1.x diffusers UNet of its own width (missing, unexpected or
+    misshapen keys, named), or None when it has exactly those keys and shapes. ``context_dim`` is
+    the cross-attention width (768: CLIP ViT-L)."""
     conv_in = sd2d.get("conv_in.weight")
     if conv_in is None or conv_in.ndim != 4:
-        raise _not_sd1(source, "no 4-D conv_in.weight")
+        return "no 4-D conv_in.weight"
     expected = sd1_unet_key_shapes(int(conv_in.shape[0]), context_dim)
     missing, unexpected = expected.keys() - sd2d.keys(), sd2d.keys() - expected.keys()
     if missing or unexpected:
         parts = [missing and f"{_count(len(missing), 'missing key')}: {_names(missing)}",
                  unexpected and f"{_count(len(unexpected), 'unexpected key')}: {_names(unexpected)}"]
-        raise _not_sd1(source, "; ".join(filter(None, parts)))
+        return "; ".join(filter(None, parts))
     wrong = [f"{k} {list(sd2d[k].shape)} instead of {list(shape)}"
              for k, shape in expected.items() if tuple(sd2d[k].shape) != shape]
     if wrong:
         found_ctx = _found_context_dim(sd2d)
         ctx = (f"cross-attention context dim {found_ctx} instead of {context_dim}; "
                if found_ctx not in (None, context_dim) else "")
-        raise _not_sd1(source, f"{ctx}{_count(len(wrong), 'key')} with other shapes: {_names(wrong, 4)}")
-    return int(conv_in.shape[0])
+        return f"{ctx}{_count(len(wrong), 'key')} with other shapes: {_names(wrong, 4)}"
+    return None
+
+
+def check_sd1_unet(sd2d: StateDict, context_dim: int = 768, source: str = "checkpoint") -> int:
+    """Check that ``sd2d`` has exactly the keys and shapes of an SD1.x diffusers UNet, whatever
+    its width (``sd1_unet_mismatch``); returns ``model_channels`` (320 for SD1.x). Raises
+    ``CheckpointError`` naming missing, unexpected or misshapen keys."""
+    mismatch = sd1_unet_mismatch(sd2d, context_dim)
+    if mismatch:
+        raise _not_sd1(source, mismatch)
+    return int(sd2d["conv_in.weight"].shape[0])
 
 
 def _attention_shapes_expected(channels: int) -> Dict[str, Tuple[int, ...]]:
@@ -531,11 +469,11 @@ def check_tav_checkpoint(ckpt: TavCheckpoint, context_dim: int = 768) -> None:
 
 
 def temporal_targets(ckpt: TavCheckpoint) -> List[TemporalTarget]:
-    """``(comfy_module_path, kind, state_dict)`` for every temporal module, in UNet order:
-    attention blocks first, then convs."""
-    attention = [TemporalTarget(comfy_transformer_block_path(b), "attention", ckpt.temporal_attention[b])
+    """``(owner, kind, state_dict)`` for every temporal module, in UNet order: attention blocks
+    first, then convs."""
+    attention = [TemporalTarget(b, "attention", ckpt.temporal_attention[b])
                  for b in sd1_transformer_blocks() if b in ckpt.temporal_attention]
-    convs = [TemporalTarget(comfy_conv_path(c), "conv", ckpt.temporal_convs[c].state_dict)
+    convs = [TemporalTarget(c, "conv", ckpt.temporal_convs[c].state_dict)
              for c in sd1_inflated_convs() if c in ckpt.temporal_convs]
     return attention + convs
 

@@ -196,23 +196,91 @@ def test_schema(loader, comfy_nodes):
 
 
 # ------------------------------------------------------------------------------------------------
+# Where the temporal layers go: ComfyUI's own key conversion
+# ------------------------------------------------------------------------------------------------
+
+# ComfyUI (ldm openaimodel) module path of every SD1.x transformer block and kernel-3 conv, written
+# from the ldm UNet layout (input_blocks: conv_in, then per level 2 x [ResBlock, SpatialTransformer]
+# and a Downsample; output_blocks: per level 3 x [ResBlock, SpatialTransformer], the last with an
+# Upsample), for SD1.5 (num_res_blocks 2, channel_mult [1, 2, 4, 4]).
+BLOCK_PATHS = {
+    "down_blocks.0.attentions.0.transformer_blocks.0": "input_blocks.1.1.transformer_blocks.0",
+    "down_blocks.0.attentions.1.transformer_blocks.0": "input_blocks.2.1.transformer_blocks.0",
+    "down_blocks.1.attentions.0.transformer_blocks.0": "input_blocks.4.1.transformer_blocks.0",
+    "down_blocks.1.attentions.1.transformer_blocks.0": "input_blocks.5.1.transformer_blocks.0",
+    "down_blocks.2.attentions.0.transformer_blocks.0": "input_blocks.7.1.transformer_blocks.0",
+    "down_blocks.2.attentions.1.transformer_blocks.0": "input_blocks.8.1.transformer_blocks.0",
+    "mid_block.attentions.0.transformer_blocks.0": "middle_block.1.transformer_blocks.0",
+    "up_blocks.1.attentions.0.transformer_blocks.0": "output_blocks.3.1.transformer_blocks.0",
+    "up_blocks.1.attentions.1.transformer_blocks.0": "output_blocks.4.1.transformer_blocks.0",
+    "up_blocks.1.attentions.2.transformer_blocks.0": "output_blocks.5.1.transformer_blocks.0",
+    "up_blocks.2.attentions.0.transformer_blocks.0": "output_blocks.6.1.transformer_blocks.0",
+    "up_blocks.2.attentions.1.transformer_blocks.0": "output_blocks.7.1.transformer_blocks.0",
+    "up_blocks.2.attentions.2.transformer_blocks.0": "output_blocks.8.1.transformer_blocks.0",
+    "up_blocks.3.attentions.0.transformer_blocks.0": "output_blocks.9.1.transformer_blocks.0",
+    "up_blocks.3.attentions.1.transformer_blocks.0": "output_blocks.10.1.transformer_blocks.0",
+    "up_blocks.3.attentions.2.transformer_blocks.0": "output_blocks.11.1.transformer_blocks.0",
+}
+CONV_PATHS = {"conv_in": "input_blocks.0.0", "conv_out": "out.2"}
+for _level in range(4):
+    for _j in range(2):
+        _n = 3 * _level + _j + 1
+        CONV_PATHS[f"down_blocks.{_level}.resnets.{_j}.conv1"] = f"input_blocks.{_n}.0.in_layers.2"
+        CONV_PATHS[f"down_blocks.{_level}.resnets.{_j}.conv2"] = f"input_blocks.{_n}.0.out_layers.3"
+    if _level < 3:
+        CONV_PATHS[f"down_blocks.{_level}.downsamplers.0.conv"] = f"input_blocks.{3 * _level + 3}.0.op"
+    for _j in range(3):
+        _n = 3 * _level + _j
+        CONV_PATHS[f"up_blocks.{_level}.resnets.{_j}.conv1"] = f"output_blocks.{_n}.0.in_layers.2"
+        CONV_PATHS[f"up_blocks.{_level}.resnets.{_j}.conv2"] = f"output_blocks.{_n}.0.out_layers.3"
+    if _level < 3:  # after the ResBlock and, from level 1 on, the SpatialTransformer
+        CONV_PATHS[f"up_blocks.{_level}.upsamplers.0.conv"] = f"output_blocks.{3 * _level + 2}.{2 if _level else 1}.conv"
+for _j in range(2):
+    CONV_PATHS[f"mid_block.resnets.{_j}.conv1"] = f"middle_block.{2 * _j}.in_layers.2"
+    CONV_PATHS[f"mid_block.resnets.{_j}.conv2"] = f"middle_block.{2 * _j}.out_layers.3"
+
+
+def test_owner_paths_come_from_comfyui_conversion(loader, tiny_sd15):
+    """Every temporal owner the core names maps, through ComfyUI's unet_to_diffusers, to the ldm
+    module the layout says, and that module is a transformer block or a 3x3 conv of the UNet."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
+    assert sorted(core_tav.sd1_transformer_blocks()) == sorted(BLOCK_PATHS)
+    assert sorted(core_tav.sd1_inflated_convs()) == sorted(CONV_PATHS)
+    key_map = loader.diffusers_key_map(tiny_sd15.model.model_config.unet_config)
+    unet = tiny_sd15.model.diffusion_model
+    for block, path in BLOCK_PATHS.items():
+        assert loader.module_path(block, key_map) == path, block
+        assert isinstance(unet.get_submodule(path), BasicTransformerBlock)
+    for conv, path in CONV_PATHS.items():
+        assert loader.module_path(conv, key_map) == path, conv
+        assert isinstance(unet.get_submodule(path), torch.nn.Conv2d) and unet.get_submodule(path).kernel_size == (3, 3)
+
+
+@pytest.mark.parametrize("owner", ["up_blocks.0.attentions.0.transformer_blocks.0",
+                                   "down_blocks.3.attentions.0.transformer_blocks.0",
+                                   "down_blocks.0.attentions.0.transformer_blocks.1", "mid_block.resnets.2.conv1"])
+def test_owners_outside_the_unet_are_refused(loader, tiny_sd15, owner):
+    key_map = loader.diffusers_key_map(tiny_sd15.model.model_config.unet_config)
+    with pytest.raises(ValueError, match=rf"no single module for {owner}"):
+        loader.module_path(owner, key_map)
+
+
+# ------------------------------------------------------------------------------------------------
 # Loading and temporal layers
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout, conv, with_base", [
-    ("official", None, False), ("official", None, True), ("fatezero", "lora", True),
-    ("fatezero", "lora", False), ("fatezero", "full", True),
-])
+@pytest.mark.parametrize("layout, conv", [("official", None), ("fatezero", "lora"), ("fatezero", "full")])
 def test_identity_temporal_layers_equal_the_clip_norm_2d_model(nodes, loader, tav_dir, tiny_sd15, tiny_2d,
-                                                               tiny_clip, layout, conv, with_base):
+                                                               tiny_clip, layout, conv):
     """Zero output projections and identity convs: under a plain core KSampler the model is the 2D
     model with clip-level ResNet/output GroupNorms (how Tune-A-Video models are tuned): bit for
     bit the pack's clip-norm 2D model, and the hand-written official network to float rounding."""
     from test_group_norm import TOL, official_network
 
     name = save(add_temporal(tiny_2d, layout, conv, identity=True), tav_dir / "noop.safetensors")
-    model = load(loader, name, tiny_sd15 if with_base else None)
+    model = load(loader, name, tiny_sd15)
     # one container per temporal layer; the 45 norm containers, 7 of them without a temporal conv
     assert len(model.object_patches) == 16 + (52 if conv else 45)
     assert all(k.startswith("diffusion_model.") for k in model.object_patches)
@@ -345,6 +413,23 @@ def test_base_model_of_another_architecture_is_refused(loader, tav_dir, tiny_2d,
         load(loader, name, base)
 
 
+def test_base_model_of_another_topology_is_refused(loader, tav_dir, tiny_2d):
+    """ComfyUI calls it SD1.5 (same width and context), but its levels are all 32 wide."""
+    import tiny_models
+
+    base = tiny_models.build_tiny_sd15(channel_mult=[1, 1, 1, 1])
+    name = save(add_temporal(tiny_2d), tav_dir / "t.safetensors")
+    with pytest.raises(ValueError, match=r"not shaped as SD1\.x \(4 missing keys: down_blocks\.1\.resnets\.0\.conv_shortcut"):
+        load(loader, name, base)
+
+
+def test_tiny_unet_alone_is_not_detected_by_comfyui(loader, tav_dir, tiny_2d):
+    """Without a base model ComfyUI's own detection decides, and it knows SD1.x at width 320 only."""
+    name = save(add_temporal(tiny_2d), tav_dir / "t.safetensors")
+    with pytest.raises(ValueError, match=r"does not detect .* on its own \(its width is 32; .* 320\).*base_model"):
+        load(loader, name)
+
+
 def test_temporal_layers_take_the_model_dtype(loader, tav_dir, tiny_2d, tiny_clip):
     """A bf16 base model: the temporal layers are built in bf16 and sampling runs."""
     import comfy.model_patcher
@@ -377,8 +462,8 @@ def test_plain_sd1_unet_loads_without_temporal_layers(loader, tav_dir, tiny_sd15
 # ------------------------------------------------------------------------------------------------
 
 
-def test_fatezero_invert_and_edit_use_the_tav_key_rule(nodes, loader, tav_dir, tiny_2d, tiny_clip):
-    model = load(loader, save(add_temporal(tiny_2d, gain=0.2), tav_dir / "t.safetensors"))  # UNet alone
+def test_fatezero_invert_and_edit_use_the_tav_key_rule(nodes, loader, tav_dir, tiny_sd15, tiny_2d, tiny_clip):
+    model = load(loader, save(add_temporal(tiny_2d, gain=0.2), tav_dir / "t.safetensors"), tiny_sd15)
     source, target, spec = nodes.blend_settings.FateZeroAttentionBlendSettings.execute(
         clip=tiny_clip, source_prompt="a silver jeep driving down a road",
         target_prompt="a Porsche car driving down a road", blend_words="silver, jeep",
@@ -596,3 +681,29 @@ def test_shape_edit_workflow_runs_headless(comfy_server):
     assert len(frames) == FRAMES and (stream.width, stream.height) == (64, 64)
     preview_id = next(i for i, n in prompt.items() if n["class_type"] == "PreviewImage")
     assert len(entry["outputs"][preview_id]["images"]) == FRAMES
+
+
+def test_unet_alone_loads_through_comfyui_loader(nodes, loader, tav_dir):
+    """No base model: ComfyUI's diffusers-UNet loader detects the real SD1.5 shape, picks its
+    usual UNet dtype and loads every 2D weight; the temporal layers, the key rule and clip-level
+    GroupNorm are added as with a base."""
+    import comfy.model_management
+    import comfy.supported_models
+    import comfy.utils
+
+    name = shared_tav_diffusers_file(tav_dir / "sd15_tav")
+    sd = core_tav.load_state_dict_file(tav_dir / name)
+    model = load(loader, name)
+    assert type(model.model.model_config) is comfy.supported_models.SD15
+    expected_dtype = comfy.model_management.unet_dtype(
+        model_params=comfy.utils.calculate_parameters({k: v for k, v in sd.items() if "temporal" not in k}),
+        supported_dtypes=list(model.model.model_config.supported_inference_dtypes),
+        weight_dtype=torch.float32)
+    assert model.model.get_dtype() == expected_dtype
+    unet = model.model.diffusion_model.state_dict()
+    for key, comfy_key in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items():
+        if key in sd:
+            assert torch.equal(unet[comfy_key], sd[key].to(expected_dtype)), key
+    assert len(model.object_patches) == 16 + 52
+    assert model.model_options["transformer_options"]["fatezero_key_rule"] == "prev, first"
+    assert nodes.clip_runtime.model_group_norm(model) == "clip"
