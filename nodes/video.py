@@ -1,10 +1,10 @@
 """FateZero Load Video Frames: a clip from ComfyUI's input folder as an IMAGE batch and its sound.
 
-Thin adapter over ``fatezero_core.video_io``: the node lists and resolves files in the input
-folder (or takes a core VIDEO), reports decoding progress to ComfyUI, and lets the core do the
-reading, resizing and audio cutting. AUDIO follows ComfyUI's convention (``comfy_extras``
-``nodes_audio``): ``{"waveform": [1, C, S] float, "sample_rate": int}``, or None for no sound,
-which core Create Video takes as "no audio track".
+Thin adapter over ``fatezero_core.clip_loading`` and ``clip_audio``: the node lists and resolves
+files in the input folder (``input_files``; or takes a core VIDEO), reports decoding progress to
+ComfyUI, and lets the core do the reading, resizing and audio cutting. AUDIO follows ComfyUI's
+convention (``comfy_extras`` ``nodes_audio``): ``{"waveform": [1, C, S] float, "sample_rate":
+int}``, or None for no sound, which core Create Video takes as "no audio track".
 """
 
 from __future__ import annotations
@@ -16,24 +16,17 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import InputImpl, io
 
+from ..fatezero_core.clip_audio import crop_audio, read_audio, selection_audio_span
+from ..fatezero_core.clip_loading import RESIZE_MODES, load_frames, select_frames
 from ..fatezero_core.errors import FateZeroError
-from ..fatezero_core.video_io import (
-    RESIZE_MODES,
-    crop_audio,
-    frames_fingerprint,
-    is_image_file,
-    is_video_file,
-    load_frames,
-    natural_sort_key,
-    read_audio,
-    safe_input_path,
-    select_frames,
-    selection_audio_span,
-)
+from ..fatezero_core.media_types import is_image_file, is_video_file, natural_sort_key
+from .input_files import FileDigests, frames_fingerprint, safe_input_path
 from .user_errors import FateZeroNodeError, user_errors
 
 MAX_FRAMES = 100_000
 MAX_SIZE = 8192
+FILE_DIGESTS = FileDigests(max_files=256)
+"""Digests of the files the loader fingerprinted (ComfyUI asks on every queued prompt)."""
 
 
 def _has_images(directory: str) -> bool:
@@ -88,8 +81,7 @@ def resolve_source(video: str) -> str:
     name, base = folder_paths.annotated_filepath(video.strip())
     if base is None:
         base = folder_paths.get_input_directory()
-    with user_errors():
-        return safe_input_path(base, name)
+    return safe_input_path(base, name)
 
 
 def _missing_message(video: str, path: str) -> str:
@@ -239,7 +231,7 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
         try:
             path = resolve_source(video)
             return frames_fingerprint(
-                path, frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
+                path, FILE_DIGESTS, frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
                 select_every_nth=select_every_nth, size=size, resize_mode=resize_mode,
                 sequence_fps=sequence_fps,
             )
