@@ -111,6 +111,21 @@ def _video_file(video) -> str | None:
     return path if isinstance(path, str) and os.path.isfile(path) else None
 
 
+# The whole-number settings, in schema order: (name, default, min, max, step, tooltip).
+_WHOLE_NUMBER_INPUTS = (
+    ("frame_load_cap", 8, 0, MAX_FRAMES, 1,
+     "Most frames to load after skipping and striding; 0 loads every frame. "
+     "FateZero's official clips are 8 frames; memory and time grow with this."),
+    ("skip_first_frames", 0, 0, 10 * MAX_FRAMES, 1,
+     "Frames to drop from the start of the clip before loading."),
+    ("select_every_nth", 1, 1, 1000, 1,
+     "Keep every n-th frame after skipping (1 keeps all). The fps output is "
+     "divided by n so the clip keeps its duration."),
+    ("size", 512, 8, MAX_SIZE, 8,
+     "Target size in pixels, a multiple of 8. 'crop': output is size x size; "
+     "'keep_aspect': the short side becomes size. SD1.x works best at 512."),
+)
+
 # validate_inputs' default for source_video: ComfyUI validates with links unresolved, passing a
 # connected input as None and leaving an unconnected one out, so this default means "not connected".
 _NOT_CONNECTED = object()
@@ -143,31 +158,8 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
                         "read as frames in natural order. Use the upload button to add a video."
                     ),
                 ),
-                io.Int.Input(
-                    "frame_load_cap", default=8, min=0, max=MAX_FRAMES, step=1,
-                    tooltip=(
-                        "Most frames to load after skipping and striding; 0 loads every frame. "
-                        "FateZero's official clips are 8 frames; memory and time grow with this."
-                    ),
-                ),
-                io.Int.Input(
-                    "skip_first_frames", default=0, min=0, max=10 * MAX_FRAMES, step=1,
-                    tooltip="Frames to drop from the start of the clip before loading.",
-                ),
-                io.Int.Input(
-                    "select_every_nth", default=1, min=1, max=1000, step=1,
-                    tooltip=(
-                        "Keep every n-th frame after skipping (1 keeps all). The fps output is "
-                        "divided by n so the clip keeps its duration."
-                    ),
-                ),
-                io.Int.Input(
-                    "size", default=512, min=8, max=MAX_SIZE, step=8,
-                    tooltip=(
-                        "Target size in pixels, a multiple of 8. 'crop': output is size x size; "
-                        "'keep_aspect': the short side becomes size. SD1.x works best at 512."
-                    ),
-                ),
+                *(io.Int.Input(name, default=default, min=low, max=high, step=step, tooltip=tooltip)
+                  for name, default, low, high, step, tooltip in _WHOLE_NUMBER_INPUTS),
                 io.Combo.Input(
                     "resize_mode", options=list(RESIZE_MODES), default="crop",
                     tooltip=(
