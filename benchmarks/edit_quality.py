@@ -125,7 +125,7 @@ def main() -> int:
     import torch
 
     from comfyui_fatezero.fatezero_core.metrics import measure_video
-    from comfyui_fatezero.fatezero_core.video_io import load_frames
+    from comfyui_fatezero.fatezero_core.clip_loading import load_frames
 
     gpu = _host.on_gpu()
     size = args.size or (512 if gpu else 128)

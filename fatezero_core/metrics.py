@@ -36,7 +36,7 @@ from kornia.metrics import ssim as kornia_ssim
 from kornia.geometry import create_meshgrid
 
 from .errors import MetricsError
-from .video_io import _scaled_size
+from .clip_loading import _scaled_size
 
 __all__ = [
     "FLOW_METHODS",

@@ -1,10 +1,10 @@
 """FateZero Load Video Frames: a clip from ComfyUI's input folder as an IMAGE batch and its sound.
 
-Thin adapter over ``fatezero_core.video_io``: the node lists and resolves files in the input
-folder (or takes a core VIDEO), reports decoding progress to ComfyUI, and lets the core do the
-reading, resizing and audio cutting. AUDIO follows ComfyUI's convention (``comfy_extras``
-``nodes_audio``): ``{"waveform": [1, C, S] float, "sample_rate": int}``, or None for no sound,
-which core Create Video takes as "no audio track".
+Thin adapter over ``fatezero_core.clip_loading`` and ``clip_audio``: the node lists and resolves
+files in the input folder (``input_files``; or takes a core VIDEO), reports decoding progress to
+ComfyUI, and lets the core do the reading, resizing and audio cutting. AUDIO follows ComfyUI's
+convention (``comfy_extras`` ``nodes_audio``): ``{"waveform": [1, C, S] float, "sample_rate":
+int}``, or None for no sound, which core Create Video takes as "no audio track".
 """
 
 from __future__ import annotations
@@ -16,24 +16,17 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import InputImpl, io
 
+from ..fatezero_core.clip_audio import crop_audio, read_audio, selection_audio_span
+from ..fatezero_core.clip_loading import RESIZE_MODES, load_frames, select_frames
 from ..fatezero_core.errors import FateZeroError
-from ..fatezero_core.video_io import (
-    RESIZE_MODES,
-    crop_audio,
-    frames_fingerprint,
-    is_image_file,
-    is_video_file,
-    load_frames,
-    natural_sort_key,
-    read_audio,
-    safe_input_path,
-    select_frames,
-    selection_audio_span,
-)
+from ..fatezero_core.media_types import is_image_file, is_video_file, natural_sort_key
+from .input_files import FileDigests, frames_fingerprint, safe_input_path
 from .user_errors import FateZeroNodeError, user_errors
 
 MAX_FRAMES = 100_000
 MAX_SIZE = 8192
+FILE_DIGESTS = FileDigests(max_files=256)
+"""Digests of the files the loader fingerprinted (ComfyUI asks on every queued prompt)."""
 
 
 def _has_images(directory: str) -> bool:
@@ -88,8 +81,7 @@ def resolve_source(video: str) -> str:
     name, base = folder_paths.annotated_filepath(video.strip())
     if base is None:
         base = folder_paths.get_input_directory()
-    with user_errors():
-        return safe_input_path(base, name)
+    return safe_input_path(base, name)
 
 
 def _missing_message(video: str, path: str) -> str:
@@ -118,6 +110,21 @@ def _video_file(video) -> str | None:
     path = video.get_stream_source()
     return path if isinstance(path, str) and os.path.isfile(path) else None
 
+
+# The whole-number settings, in schema order: (name, default, min, max, step, tooltip).
+_WHOLE_NUMBER_INPUTS = (
+    ("frame_load_cap", 8, 0, MAX_FRAMES, 1,
+     "Most frames to load after skipping and striding; 0 loads every frame. "
+     "FateZero's official clips are 8 frames; memory and time grow with this."),
+    ("skip_first_frames", 0, 0, 10 * MAX_FRAMES, 1,
+     "Frames to drop from the start of the clip before loading."),
+    ("select_every_nth", 1, 1, 1000, 1,
+     "Keep every n-th frame after skipping (1 keeps all). The fps output is "
+     "divided by n so the clip keeps its duration."),
+    ("size", 512, 8, MAX_SIZE, 8,
+     "Target size in pixels, a multiple of 8. 'crop': output is size x size; "
+     "'keep_aspect': the short side becomes size. SD1.x works best at 512."),
+)
 
 # validate_inputs' default for source_video: ComfyUI validates with links unresolved, passing a
 # connected input as None and leaving an unconnected one out, so this default means "not connected".
@@ -151,31 +158,8 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
                         "read as frames in natural order. Use the upload button to add a video."
                     ),
                 ),
-                io.Int.Input(
-                    "frame_load_cap", default=8, min=0, max=MAX_FRAMES, step=1,
-                    tooltip=(
-                        "Most frames to load after skipping and striding; 0 loads every frame. "
-                        "FateZero's official clips are 8 frames; memory and time grow with this."
-                    ),
-                ),
-                io.Int.Input(
-                    "skip_first_frames", default=0, min=0, max=10 * MAX_FRAMES, step=1,
-                    tooltip="Frames to drop from the start of the clip before loading.",
-                ),
-                io.Int.Input(
-                    "select_every_nth", default=1, min=1, max=1000, step=1,
-                    tooltip=(
-                        "Keep every n-th frame after skipping (1 keeps all). The fps output is "
-                        "divided by n so the clip keeps its duration."
-                    ),
-                ),
-                io.Int.Input(
-                    "size", default=512, min=8, max=MAX_SIZE, step=8,
-                    tooltip=(
-                        "Target size in pixels, a multiple of 8. 'crop': output is size x size; "
-                        "'keep_aspect': the short side becomes size. SD1.x works best at 512."
-                    ),
-                ),
+                *(io.Int.Input(name, default=default, min=low, max=high, step=step, tooltip=tooltip)
+                  for name, default, low, high, step, tooltip in _WHOLE_NUMBER_INPUTS),
                 io.Combo.Input(
                     "resize_mode", options=list(RESIZE_MODES), default="crop",
                     tooltip=(
@@ -239,7 +223,7 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
         try:
             path = resolve_source(video)
             return frames_fingerprint(
-                path, frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
+                path, FILE_DIGESTS, frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
                 select_every_nth=select_every_nth, size=size, resize_mode=resize_mode,
                 sequence_fps=sequence_fps,
             )

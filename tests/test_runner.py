@@ -3,9 +3,10 @@
 The fake speaks the parts of ComfyUI's API the runner uses, as ComfyUI 0.3.64 does:
 ``POST /upload/image`` (multipart, renames a different file of the same name to ``name (1).ext``),
 ``POST /prompt`` (``prompt_id`` or 400 with ``node_errors``), ``GET /history/<id>``, ``GET /view``,
-``POST /queue`` / ``/interrupt`` and ``/ws?clientId=`` (RFC 6455; it sends progress, a binary
-preview frame, a ping and a fragmented text message, and checks that client frames are masked).
-The real server is exercised by ``tests/host/test_runner_host.py``.
+``POST /queue`` / ``/interrupt`` and ``/ws?clientId=``: a websocket whose frames are built and
+parsed by websocket-client's own ``ABNF`` / ``frame_buffer`` (it sends progress, a binary preview,
+a ping and a fragmented text message, and can close or go quiet). The real server is exercised by
+``tests/host/test_runner_host.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import io
 import json
 import os
 import socket
-import struct
 import sys
 import threading
 import time
@@ -27,46 +27,44 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import websocket
 
 from repo_scripts import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 STYLE_API = REPO / "workflows" / "api" / "style_watercolor.json"
-GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3: the server's handshake answer
 
 
 runner = load_script("tools/fatezero_run.py")
 
 
 # ------------------------------------------------------------------------------------------------
-# Websocket frames, written independently of the runner's client
+# The server's side of the websocket, framed by websocket-client
 # ------------------------------------------------------------------------------------------------
+
+TEXT, CONT, BINARY = websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_CONT, websocket.ABNF.OPCODE_BINARY
+CLOSE, PING, PONG = websocket.ABNF.OPCODE_CLOSE, websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG
 
 
 def server_frame(payload: bytes, opcode: int, fin: bool = True) -> bytes:
-    head = bytes([(0x80 if fin else 0) | opcode])
-    n = len(payload)
-    if n < 126:
-        head += bytes([n])
-    elif n < 1 << 16:
-        head += bytes([126]) + struct.pack(">H", n)
-    else:
-        head += bytes([127]) + struct.pack(">Q", n)
-    return head + payload
+    """One frame as a server sends it (unmasked, RFC 6455 section 5.1)."""
+    return websocket.ABNF(fin=int(fin), opcode=opcode, mask_value=0, data=payload).format()
 
 
-def read_client_frame(rfile) -> tuple[int, bytes, bool]:
-    """``(opcode, payload, masked)`` of one frame sent by the client."""
-    b1, b2 = rfile.read(2)
-    n = b2 & 0x7F
-    if n == 126:
-        n = struct.unpack(">H", rfile.read(2))[0]
-    elif n == 127:
-        n = struct.unpack(">Q", rfile.read(8))[0]
-    masked = bool(b2 & 0x80)
-    mask = rfile.read(4) if masked else b"\0\0\0\0"
-    data = rfile.read(n)
-    return b1 & 0x0F, bytes(c ^ mask[i % 4] for i, c in enumerate(data)), masked
+def client_frames(rfile):
+    """The frames the client sends, as ``(opcode, payload, masked)``, until it closes."""
+
+    def read(n: int) -> bytes:
+        data = rfile.read1(n)
+        if not data:
+            raise ConnectionError("the client went away")
+        return data
+
+    frames = websocket.frame_buffer(read, skip_utf8_validation=True)
+    while True:
+        frame = frames.recv_frame()
+        yield frame.opcode, frame.data, bool(frame.mask_value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,8 +73,10 @@ def read_client_frame(rfile) -> tuple[int, bytes, bool]:
 
 
 class FakeComfy:
-    def __init__(self, websocket: bool = True):
+    def __init__(self, websocket: bool = True, close_websocket: bool = False, finish: bool = True):
         self.websocket = websocket
+        self.close_websocket = close_websocket  # the server closes the websocket as a run starts
+        self.finish = finish  # False: runs never end
         self.uploads: dict[str, bytes] = {}
         self.prompts: list[dict] = []
         self.history: dict[str, dict] = {}
@@ -139,15 +139,17 @@ class FakeComfy:
                     self.send_header("Sec-WebSocket-Accept", accept)
                     self.end_headers()
                     self.wfile.write(server_frame(json.dumps(
-                        {"type": "status", "data": {"sid": client_id}}).encode(), 1))
+                        {"type": "status", "data": {"sid": client_id}}).encode(), TEXT))
                     self.wfile.flush()
                 try:
-                    while True:
-                        frame = read_client_frame(self.rfile)
+                    for frame in client_frames(self.rfile):
                         fake.client_frames.append(frame)
-                        if frame[0] == 0x8:
+                        if frame[0] == CLOSE:
+                            with lock:  # the closing handshake: answer with a close frame
+                                self.wfile.write(server_frame(frame[1][:2], CLOSE))
+                                self.wfile.flush()
                             return
-                except (ValueError, OSError):
+                except (websocket.WebSocketException, OSError):
                     return
 
             def do_POST(self):
@@ -205,11 +207,12 @@ class FakeComfy:
         payload = json.dumps({"type": kind, "data": data}).encode()
         if fragmented:
             third = len(payload) // 3
-            self.send(client_id, server_frame(payload[:third], 0x1, fin=False))
-            self.send(client_id, server_frame(payload[third:2 * third], 0x0, fin=False))
-            self.send(client_id, server_frame(payload[2 * third:], 0x0, fin=True))
+            self.send(client_id, server_frame(payload[:third], TEXT, fin=False))
+            self.send(client_id, server_frame(b"", PING))  # a control frame between fragments is allowed
+            self.send(client_id, server_frame(payload[third:2 * third], CONT, fin=False))
+            self.send(client_id, server_frame(payload[2 * third:], CONT, fin=True))
         else:
-            self.send(client_id, server_frame(payload, 0x1))
+            self.send(client_id, server_frame(payload, TEXT))
 
     def play(self, prompt_id: str, number: int, body: dict) -> None:
         """What ComfyUI sends while it runs a prompt: progress, previews, then success or error."""
@@ -221,12 +224,18 @@ class FakeComfy:
         stem = video.rsplit(".", 1)[0].replace(" ", "_")
         if ws:
             self.send_json(client, "execution_start", {"prompt_id": prompt_id})
+            if self.close_websocket:
+                self.send(client, server_frame(b"\x03\xe9", CLOSE))  # 1001: going away
+                ws = False
+        if ws:
             self.send_json(client, "executing", {"node": sample, "prompt_id": prompt_id})
-            self.send(client, server_frame(b"\x00\x00\x00\x01" + b"\x89PNG" + b"\0" * 70_000, 0x2))
-            self.send(client, server_frame(b"are you there", 0x9))
+            self.send(client, server_frame(b"\x00\x00\x00\x01" + b"\x89PNG" + b"\0" * 70_000, BINARY))
+            self.send(client, server_frame(b"are you there", PING))
             for value in range(1, 4):
                 self.send_json(client, "progress", {"value": value, "max": 3, "prompt_id": prompt_id,
                                                     "node": sample}, fragmented=value == 2)
+        if not self.finish:
+            return
         failing = self.failure is not None and (not self.fail_only or number in self.fail_only)
         if failing:
             data = dict(self.failure, prompt_id=prompt_id)
@@ -307,9 +316,8 @@ def test_one_clip_is_uploaded_edited_and_downloaded(fake, tmp_path, capsys):
     assert "done: 2 file(s)" in err
     printed = capsys.readouterr().out.split()
     assert sorted(printed) == sorted([str(out / "jeep_00001_.mp4"), str(out / "previews" / "jeep_mask_00001_.png")])
-    pongs = [f for f in fake.client_frames if f[0] == 0xA]
-    assert pongs and pongs[0][1] == b"are you there"
-    assert all(masked for _, _, masked in fake.client_frames)  # RFC 6455: clients mask every frame
+    assert (PONG, b"are you there") in [f[:2] for f in fake.client_frames]
+    assert fake.client_frames[-1][0] == CLOSE  # the runner closes the websocket when it is done
 
 
 def test_a_folder_queues_every_video_in_it(fake, tmp_path):
@@ -349,16 +357,6 @@ def test_set_overrides_any_input_by_id_or_class(fake, tmp_path):
     assert graph["7"]["inputs"]["cfg"] == 6.5
     assert graph["3"]["inputs"]["local_latent_blend"] is True
     assert graph["3"]["inputs"]["reweight"] == "watercolor: 5"
-
-
-def test_progress_falls_back_to_polling_without_a_websocket(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "POLL_EVERY_S", 0.2)
-    with FakeComfy(websocket=False) as fake:
-        clip = write_clip(tmp_path, "jeep.mp4")
-        code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o"])
-    assert code == 0, err
-    assert "polling" in err
-    assert (tmp_path / "o" / "jeep_00001_.mp4").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -449,96 +447,44 @@ def test_bad_numbers_are_refused_by_the_argument_parser(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# The websocket client on its own
+# The websocket: closed, quiet, or its client missing
 # ------------------------------------------------------------------------------------------------
 
 
-class ScriptedSocketServer:
-    """Accepts one connection, answers the handshake (optionally wrongly), then sends ``frames``."""
-
-    def __init__(self, frames: list[bytes], accept_override: str | None = None, status: int = 101):
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(1)
-        self.port = self.listener.getsockname()[1]
-        self.frames, self.accept_override, self.status = frames, accept_override, status
-        self.received: list[tuple[int, bytes, bool]] = []
-        self.request = b""
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self):
-        conn, _ = self.listener.accept()
-        with conn:
-            rfile = conn.makefile("rb")
-            while not self.request.endswith(b"\r\n\r\n"):
-                self.request += rfile.read(1)
-            key = next(line.split(b":", 1)[1].strip().decode() for line in self.request.split(b"\r\n")
-                       if line.lower().startswith(b"sec-websocket-key:"))
-            accept = self.accept_override or base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
-            conn.sendall(f"HTTP/1.1 {self.status} Switching Protocols\r\nUpgrade: websocket\r\n"
-                         f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n".encode())
-            if self.status != 101:
-                return
-            for frame in self.frames:
-                if frame == b"PAUSE":
-                    time.sleep(0.3)
-                    continue
-                conn.sendall(frame)
-            try:
-                while True:
-                    frame = read_client_frame(rfile)
-                    self.received.append(frame)
-                    if frame[0] == 0x8:
-                        return
-            except (ValueError, OSError):
-                return
+@pytest.mark.parametrize("options, said", [
+    ({"websocket": False}, "no websocket (Handshake status 404"),
+    ({"close_websocket": True}, "jeep.mp4 | websocket lost (the server closed it); polling instead"),
+])
+def test_progress_falls_back_to_polling_without_a_websocket(tmp_path, monkeypatch, options, said):
+    monkeypatch.setattr(runner, "POLL_EVERY_S", 0.2)
+    with FakeComfy(**options) as fake:
+        clip = write_clip(tmp_path, "jeep.mp4")
+        code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o"])
+    assert code == 0, err
+    assert said in err
+    assert (tmp_path / "o" / "jeep_00001_.mp4").exists()
+    assert [op for op, _, _ in fake.client_frames[-1:]] in ([], [CLOSE])  # a server's close is answered
 
 
-def test_websocket_reads_text_skips_binary_answers_pings_and_times_out():
-    long_text = json.dumps({"type": "x", "data": "a" * 70_000})
-    medium_text = "m" * 300
-    frames = [
-        server_frame(b"\x00" * 200, 0x2),
-        server_frame(b"ping!", 0x9),
-        server_frame(b'{"type": "hel', 0x1, fin=False),
-        server_frame(b"", 0x9),  # a control frame between fragments is allowed
-        server_frame(b'lo"}', 0x0),
-        server_frame(medium_text.encode(), 0x1),
-        server_frame(long_text.encode(), 0x1),
-        b"PAUSE",
-        server_frame("é".encode(), 0x1),
-    ]
-    server = ScriptedSocketServer(frames)
-    ws = runner.WebSocket(f"ws://127.0.0.1:{server.port}/ws?clientId=abc")
-    assert b"GET /ws?clientId=abc HTTP/1.1" in server.request
-    assert json.loads(ws.recv(timeout=5)) == {"type": "hello"}
-    assert ws.recv(timeout=5) == medium_text
-    assert ws.recv(timeout=5) == long_text
-    assert ws.recv(timeout=0.05) is None  # nothing yet: a timeout, not an error
-    assert ws.recv(timeout=5) == "é"
-    ws.send("from the client")
-    ws.close()
-    server.thread.join(5)
-    kinds = [(op, data) for op, data, _ in server.received]
-    assert kinds[:2] == [(0xA, b"ping!"), (0xA, b"")]
-    assert (0x1, b"from the client") in kinds and kinds[-1][0] == 0x8
-    assert all(masked for _, _, masked in server.received)
+def test_a_quiet_websocket_waits_until_the_timeout(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "POLL_EVERY_S", 0.2)
+    with FakeComfy(finish=False) as fake:
+        clip = write_clip(tmp_path, "jeep.mp4")
+        started = time.monotonic()
+        code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o",
+                         "--timeout", "1.5"])
+    assert code == 1
+    assert "jeep.mp4: no result within 1.5 s (prompt prompt-1)" in err
+    assert "websocket lost" not in err  # silence is waited out, not taken for a broken connection
+    assert 1.5 <= time.monotonic() - started < 1.5 + runner.RECV_WAIT_S + 5
 
 
-def test_websocket_closed_by_the_server_raises():
-    server = ScriptedSocketServer([server_frame(struct.pack(">H", 1001), 0x8)])
-    ws = runner.WebSocket(f"ws://127.0.0.1:{server.port}/ws")
-    with pytest.raises(runner.WebSocketClosed):
-        ws.recv(timeout=5)
-    ws.sock.close()
-
-
-@pytest.mark.parametrize("accept, status", [("bm90IHRoZSByaWdodCBrZXk=", 101), (None, 404)])
-def test_websocket_handshake_is_checked(accept, status):
-    server = ScriptedSocketServer([], accept_override=accept, status=status)
-    with pytest.raises(ConnectionError):
-        runner.WebSocket(f"ws://127.0.0.1:{server.port}/ws")
+def test_a_missing_websocket_client_says_how_to_install_it(fake, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "websocket", None)
+    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server", fake.address])
+    assert code == 2
+    assert "websocket-client package is missing" in err and "-m pip install websocket-client" in err
+    assert not fake.uploads and not fake.prompts
 
 
 def test_progress_bar_redraws_in_place_on_a_terminal():

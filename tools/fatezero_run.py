@@ -16,22 +16,17 @@ Blend Settings, names the saved files after the clip (every ``filename_prefix`` 
 websocket, and downloads every file the run wrote (videos, previews) into ``--out``.
 Exits 0 when every clip succeeded, 1 with the server's error text when ComfyUI refused or failed
 a run, 2 for problems found before anything was sent (a ComfyUI that would not start included),
-130 when interrupted (queued runs are cancelled). Standard library only.
+130 when interrupted (queued runs are cancelled). Needs the ``websocket-client`` package (the
+client ComfyUI's own ``script_examples`` use); the rest is the standard library.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
 import os
-import re
 import shlex
 import signal
-import socket
-import ssl
-import struct
 import subprocess
 import sys
 import tempfile
@@ -44,13 +39,18 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the pack: its torch-free file list
-from fatezero_core.media_types import VIDEO_EXTENSIONS  # noqa: E402  (the loader's own list)
+from fatezero_core.media_types import VIDEO_EXTENSIONS, is_video_file, natural_sort_key  # noqa: E402
+
+try:
+    import websocket  # websocket-client
+except ImportError:  # main() says how to install it before anything is sent
+    websocket = None
 
 LOADER = "FateZero_LoadVideoFrames"
 SETTINGS = "FateZero_AttentionBlendSettings"
 INVERT = "FateZero_DDIMInvert"
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 POLL_EVERY_S = 5.0
+RECV_WAIT_S = 1.0  # longest wait for one websocket message before checking timeouts and polling
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
 STOP_WAIT_S = 20.0
 
@@ -61,132 +61,6 @@ class RunnerError(Exception):
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
         self.code = code
-
-
-# ------------------------------------------------------------------------------------------------
-# A minimal websocket client (RFC 6455): client handshake, masked sends, text messages in.
-# ------------------------------------------------------------------------------------------------
-
-
-class WebSocketClosed(ConnectionError):
-    pass
-
-
-class WebSocket:
-    """Blocking websocket client for ``ws://`` and ``wss://`` URLs.
-
-    ``recv(timeout)`` returns the next text message (binary messages, such as ComfyUI's preview
-    images, are skipped), or None when ``timeout`` passes first. Pings are answered.
-    """
-
-    def __init__(self, url: str, timeout: float = 10.0):
-        parts = urllib.parse.urlsplit(url)
-        secure = parts.scheme == "wss"
-        host, port = parts.hostname, parts.port or (443 if secure else 80)
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        sock = socket.create_connection((host, port), timeout=timeout)
-        if secure:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-        self.sock, self.buf = sock, b""
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-        while b"\r\n\r\n" not in self.buf:
-            self._fill()
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        if len(lines[0].split()) < 2 or lines[0].split()[1] != "101":
-            sock.close()
-            raise ConnectionError(f"websocket handshake refused: {lines[0]}")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
-        if headers.get("sec-websocket-accept") != accept:
-            sock.close()
-            raise ConnectionError("websocket handshake: wrong Sec-WebSocket-Accept")
-        self.parts: list[bytes] = []
-        self.opcode = 0
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise WebSocketClosed("the server closed the connection")
-        self.buf += chunk
-
-    def _frame(self):
-        """``(fin, opcode, payload)`` if a whole frame is buffered, else None."""
-        if len(self.buf) < 2:
-            return None
-        b1, b2 = self.buf[0], self.buf[1]
-        length, pos = b2 & 0x7F, 2
-        if length >= 126:
-            size = 2 if length == 126 else 8
-            if len(self.buf) < pos + size:
-                return None
-            length = int.from_bytes(self.buf[pos:pos + size], "big")
-            pos += size
-        mask = b""
-        if b2 & 0x80:
-            mask, pos = self.buf[pos:pos + 4], pos + 4
-        if len(self.buf) < pos + length:
-            return None
-        payload, self.buf = self.buf[pos:pos + length], self.buf[pos + length:]
-        if mask:
-            payload = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
-        return bool(b1 & 0x80), b1 & 0x0F, payload
-
-    def send(self, payload: bytes | str, opcode: int | None = None) -> None:
-        data = payload.encode() if isinstance(payload, str) else payload
-        opcode = opcode if opcode is not None else (1 if isinstance(payload, str) else 2)
-        n = len(data)
-        header = bytes([0x80 | opcode])
-        if n < 126:
-            header += bytes([0x80 | n])
-        elif n < 1 << 16:
-            header += bytes([0x80 | 126]) + struct.pack(">H", n)
-        else:
-            header += bytes([0x80 | 127]) + struct.pack(">Q", n)
-        mask = os.urandom(4)
-        self.sock.sendall(header + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(data)))
-
-    def recv(self, timeout: float | None = None) -> str | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            frame = self._frame()
-            if frame is None:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self.sock.settimeout(remaining)
-                try:
-                    self._fill()
-                except (socket.timeout, TimeoutError):
-                    return None
-                continue
-            fin, opcode, payload = frame
-            if opcode == 0x9:
-                self.send(payload, opcode=0xA)
-            elif opcode == 0x8:
-                try:
-                    self.send(payload[:2], opcode=0x8)
-                except OSError:
-                    pass
-                raise WebSocketClosed("the server closed the websocket")
-            elif opcode in (0x0, 0x1, 0x2):
-                if opcode:
-                    self.opcode, self.parts = opcode, []
-                self.parts.append(payload)
-                if fin:
-                    message, self.parts = b"".join(self.parts), []
-                    if self.opcode == 0x1:
-                        return message.decode("utf-8")
-
-    def close(self) -> None:
-        try:
-            self.send(struct.pack(">H", 1000), opcode=0x8)
-        except OSError:
-            pass
-        self.sock.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,13 +138,17 @@ class Client:
         dest.write_bytes(raw)
         return dest
 
-    def websocket(self, stream=None) -> WebSocket | None:
+    def open_websocket(self, stream=None):
+        """A ``websocket.WebSocket`` on ``/ws`` for this client id (ComfyUI sends this client's
+        progress there), or None when it cannot connect: then the runner polls /history."""
         try:
-            return WebSocket(f"{self.ws_base}/ws?clientId={self.client_id}", timeout=self.timeout)
-        except (OSError, ConnectionError) as err:
+            ws = websocket.create_connection(f"{self.ws_base}/ws?clientId={self.client_id}", timeout=self.timeout)
+        except (OSError, websocket.WebSocketException) as err:
             print(f"fatezero_run: no websocket ({err}); polling for the result instead",
                   file=stream or sys.stderr)
             return None
+        ws.settimeout(RECV_WAIT_S)
+        return ws
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,11 +240,9 @@ def find_videos(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        def natural(p: Path):
-            return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
         videos = sorted((p for p in path.iterdir()
-                         if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".")),
-                        key=natural)
+                         if p.is_file() and is_video_file(p) and not p.name.startswith(".")),
+                        key=lambda p: natural_sort_key(p.name))
         if not videos:
             raise RunnerError(f"no video files in {path} ({', '.join(sorted(VIDEO_EXTENSIONS))})", 2)
         return videos
@@ -575,7 +451,7 @@ class Runner:
     def __init__(self, client: Client, out: Path, timeout: float | None, verbose: bool, stream=None):
         self.client, self.out, self.timeout, self.verbose = client, out, timeout, verbose
         self.stream = stream or sys.stderr
-        self.ws: WebSocket | None = None
+        self.ws = None  # a websocket.WebSocket while progress comes from the server
         self.events: dict[str, dict] = {}  # prompt_id -> {"done": bool, "failure": data}
 
     def node_label(self, graph: dict, node_id) -> str:
@@ -626,12 +502,7 @@ class Runner:
             if deadline is not None and time.monotonic() > deadline:
                 raise RunnerError(f"{job.video.name}: no result within {self.timeout:g} s (prompt {job.prompt_id})")
             if self.ws is not None:
-                try:
-                    message = self.ws.recv(timeout=1.0)
-                except (OSError, ConnectionError) as err:
-                    bar.message(f"websocket lost ({err}); polling instead")
-                    self.ws = None
-                    message = None
+                message = self.receive(bar)
                 if message is not None:
                     self.handle(message, bars, graphs)
             else:
@@ -641,6 +512,26 @@ class Runner:
                 entry = self.history(job.prompt_id)
                 if entry is not None:
                     return entry
+
+    def receive(self, bar: ProgressBar) -> str | None:
+        """The next text message within ``RECV_WAIT_S``, else None. Binary messages (ComfyUI's
+        previews) are skipped; a closed or broken connection switches to polling."""
+        try:
+            opcode, data = self.ws.recv_data()
+        except websocket.WebSocketTimeoutException:
+            return None
+        except (OSError, websocket.WebSocketException) as err:
+            reason = str(err) or type(err).__name__
+        else:
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                return data.decode("utf-8") if isinstance(data, bytes) else data
+            if opcode != websocket.ABNF.OPCODE_CLOSE:
+                return None
+            reason = "the server closed it"
+        bar.message(f"websocket lost ({reason}); polling instead")
+        self.ws.shutdown()
+        self.ws = None
+        return None
 
     def history(self, prompt_id: str, wait: float = 0.0) -> dict | None:
         end = time.monotonic() + wait
@@ -667,7 +558,7 @@ class Runner:
                         job.files.append(self.client.download(item, folder / Path(item["filename"]).name))
 
     def run(self, jobs: list[Job]) -> int:
-        self.ws = self.client.websocket(self.stream)
+        self.ws = self.client.open_websocket(self.stream)
         bars = {}
         graphs = {}
         try:
@@ -706,7 +597,7 @@ class Runner:
             return 130
         finally:
             if self.ws is not None:
-                self.ws.close()
+                self.ws.close(timeout=RECV_WAIT_S)
         failed = [j for j in jobs if j.error]
         return 1 if failed else 0
 
@@ -756,6 +647,9 @@ def main(argv=None, stream=None) -> int:
     if args.comfyui and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
+        if websocket is None:
+            raise RunnerError("the websocket-client package is missing (it shows the progress): install it with "
+                              f"'{sys.executable} -m pip install websocket-client'", 2)
         graph = load_workflow(args.workflow)
         videos = find_videos(args.video)
         client = Client(args.server)

@@ -183,7 +183,7 @@ def test_json_file_in_the_output_folder(node, clips, tiny_clip_vision, tiny_clip
 def test_server_runs_the_node_as_the_graphs_output(comfy_server):
     """Queued through ``/prompt`` with no other output node: ComfyUI runs it as a sink, and the
     history carries its table (``text``), its plot preview and the JSON file it saved."""
-    from fatezero_core.video_io import write_video
+    from clip_writers import write_video
 
     write_video(comfy_server.input_dir / "fz_metrics.avi", moving_clip(frames=4), 8.0)
     graph = {

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fatezero_core.video_io import write_video
+from clip_writers import write_video
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "tools" / "fatezero_run.py"

@@ -8,7 +8,7 @@ import cv2
 import pytest
 import torch
 
-from fatezero_core.video_io import write_video
+from clip_writers import write_video
 from host_server import execution_error
 
 N_FRAMES, SIZE = 3, 64

@@ -641,7 +641,7 @@ def test_shape_edit_workflow_runs_headless(comfy_server):
     SD1.5 UNet shape (random weights, as the base MODEL plus its CLIP and VAE), a Tune-A-Video
     UNet tuned from that shape (a diffusers folder), a 4-frame clip at 64 px and 2 steps."""
     import av
-    from fatezero_core.video_io import write_video
+    from clip_writers import write_video
     from host_server import execution_error
 
     import tiny_models

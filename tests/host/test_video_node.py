@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from clip_writers import write_image_sequence, write_video
 
 N, H, W, FPS = 12, 64, 96, 8.0
 
@@ -29,18 +30,13 @@ def brightness_codes(frames):
 
 
 @pytest.fixture
-def video_io(comfy_nodes):
-    return comfy_nodes.fatezero_core.video_io
-
-
-@pytest.fixture
 def node(comfy_nodes):
     return comfy_nodes.nodes.video.FateZeroLoadVideoFrames
 
 
 @pytest.fixture
-def clip_file(comfy_input_dir, video_io):
-    video_io.write_video(comfy_input_dir / "clip.avi", frames_array(), FPS)
+def clip_file(comfy_input_dir):
+    write_video(comfy_input_dir / "clip.avi", frames_array(), FPS)
     return "clip.avi"
 
 
@@ -81,10 +77,10 @@ def test_schema(node):
     assert required["resize_mode"][1]["default"] == "crop"
 
 
-def test_lists_videos_images_and_sequence_folders(node, comfy_input_dir, clip_file, video_io):
+def test_lists_videos_images_and_sequence_folders(node, comfy_input_dir, clip_file):
     frames = frames_array(3)
-    video_io.write_image_sequence(comfy_input_dir / "seq", frames)
-    video_io.write_image_sequence(comfy_input_dir, frames[:1], prefix="still")
+    write_image_sequence(comfy_input_dir / "seq", frames)
+    write_image_sequence(comfy_input_dir, frames[:1], prefix="still")
     (comfy_input_dir / "empty_folder").mkdir()
     (comfy_input_dir / "notes.txt").write_text("not a video")
     (comfy_input_dir / ".hidden.mp4").write_bytes(b"x")
@@ -120,8 +116,8 @@ def test_resize_modes(node, clip_file):
     assert run(node, clip_file, size=32, resize_mode="none").args[0].shape[1:3] == (64, 96)
 
 
-def test_image_sequence_folder(node, comfy_input_dir, video_io):
-    video_io.write_image_sequence(comfy_input_dir / "seq", frames_array(5))
+def test_image_sequence_folder(node, comfy_input_dir):
+    write_image_sequence(comfy_input_dir / "seq", frames_array(5))
     frames, count, fps, audio = node.execute(video="seq/", frame_load_cap=0, skip_first_frames=0,
                                              select_every_nth=1, size=64, resize_mode="crop",
                                              sequence_fps=12.0).args
@@ -165,13 +161,13 @@ def fingerprint(node, video, **overrides):
     return node.fingerprint_inputs(video=video, **params)
 
 
-def test_fingerprint_follows_content_and_params(node, clip_file, comfy_input_dir, video_io):
+def test_fingerprint_follows_content_and_params(node, clip_file, comfy_input_dir):
     first = fingerprint(node, clip_file)
     assert first == fingerprint(node, clip_file)
     assert first != fingerprint(node, clip_file, size=32)
     assert first != fingerprint(node, clip_file, select_every_nth=2)
     assert first != fingerprint(node, clip_file, resize_mode="keep_aspect")
-    video_io.write_video(comfy_input_dir / "clip.avi", frames_array().flip(0), FPS)
+    write_video(comfy_input_dir / "clip.avi", frames_array().flip(0), FPS)
     assert fingerprint(node, clip_file) != first
 
 
@@ -180,9 +176,101 @@ def test_fingerprint_of_missing_file_never_matches(node, comfy_input_dir):
     assert isinstance(value, float) and math.isnan(value)
 
 
+@pytest.fixture
+def input_files(comfy_nodes):
+    return comfy_nodes.nodes.input_files
+
+
+def test_frames_fingerprint_of_a_file(input_files, tmp_path):
+    path = tmp_path / "clip.avi"
+    write_video(path, frames_array(), FPS)
+    digests = input_files.FileDigests()
+    params = dict(frame_load_cap=4, skip_first_frames=0, select_every_nth=1, size=512, resize_mode="crop")
+    fp = input_files.frames_fingerprint(path, digests, **params)
+    assert len(fp) == 64 and fp == input_files.frames_fingerprint(path, digests, **params)
+    assert fp == input_files.frames_fingerprint(path, input_files.FileDigests(), **params)
+    assert fp != input_files.frames_fingerprint(path, digests, **{**params, "frame_load_cap": 5})
+    assert fp != input_files.frames_fingerprint(path, digests, **{**params, "resize_mode": "keep_aspect"})
+
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same length, one byte different
+    path.write_bytes(bytes(data))
+    assert input_files.frames_fingerprint(path, digests, **params) != fp
+
+
+def test_frames_fingerprint_of_a_sequence(input_files, tmp_path):
+    seq = tmp_path / "seq"
+    write_image_sequence(seq, frames_array(3))
+    digests = input_files.FileDigests()
+    fp = input_files.frames_fingerprint(seq, digests, size=512)
+    assert fp == input_files.frames_fingerprint(seq, digests, size=512)
+    assert fp != input_files.frames_fingerprint(seq, digests, size=256)
+    (seq / "readme.txt").write_text("ignored")
+    assert fp == input_files.frames_fingerprint(seq, digests, size=512)
+
+    write_image_sequence(seq, torch.zeros(1, H, W, 3), start=1)
+    fp2 = input_files.frames_fingerprint(seq, digests, size=512)
+    assert fp2 != fp
+    write_image_sequence(seq, torch.zeros(1, H, W, 3), start=3)  # a new last frame
+    assert input_files.frames_fingerprint(seq, digests, size=512) not in (fp, fp2)
+
+
+def test_frames_fingerprint_of_a_missing_file(comfy_nodes, input_files, tmp_path):
+    with pytest.raises(comfy_nodes.fatezero_core.errors.VideoError, match="not found in"):
+        input_files.frames_fingerprint(tmp_path / "gone.mp4", input_files.FileDigests())
+
+
+def test_file_digests_read_a_file_once_until_it_changes_and_stay_bounded(input_files, tmp_path, monkeypatch):
+    reads = []
+    read = input_files.FileDigests._read
+    monkeypatch.setattr(input_files.FileDigests, "_read",
+                        staticmethod(lambda path, *key: reads.append(os.path.basename(path)) or read(path, *key)))
+    digests = input_files.FileDigests(max_files=2)
+    files = {}
+    for name in ("a", "b", "c"):
+        files[name] = tmp_path / name
+        files[name].write_bytes(name.encode() * 1000)
+    first = digests.sha256(files["a"])
+    assert digests.sha256(files["a"]) == first and reads == ["a"]
+    files["a"].write_bytes(b"rewritten")
+    assert digests.sha256(files["a"]) != first and reads == ["a", "a"]
+    digests.sha256(files["b"])
+    digests.sha256(files["c"])  # holds two: "a" is dropped
+    digests.sha256(files["c"])
+    digests.sha256(files["a"])
+    assert reads == ["a", "a", "b", "c", "a"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Validation and errors
 # ------------------------------------------------------------------------------------------------
+
+
+def test_safe_input_path(comfy_nodes, input_files, tmp_path):
+    base = tmp_path / "input"
+    (base / "videos").mkdir(parents=True)
+    (base / "videos" / "a.mp4").write_bytes(b"x")
+    outside = tmp_path / "secret.mp4"
+    outside.write_bytes(b"y")
+    real_base = os.path.realpath(base)
+    safe_input_path = input_files.safe_input_path
+
+    assert safe_input_path(base, "videos/a.mp4") == os.path.join(real_base, "videos", "a.mp4")
+    assert safe_input_path(base, "videos/../videos/a.mp4") == os.path.join(real_base, "videos", "a.mp4")
+    assert safe_input_path(base, "not_there_yet.mp4") == os.path.join(real_base, "not_there_yet.mp4")
+
+    for bad in ["../secret.mp4", "videos/../../secret.mp4", str(outside), "/etc/passwd", ""]:
+        with pytest.raises(node_error(comfy_nodes)) as exc:
+            safe_input_path(base, bad)
+        if bad:
+            assert "must be inside the input folder" in str(exc.value)
+
+    (base / "link.mp4").symlink_to(outside)
+    (base / "linkdir").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(node_error(comfy_nodes), match="must be inside the input folder"):
+        safe_input_path(base, "link.mp4")
+    with pytest.raises(node_error(comfy_nodes), match="must be inside the input folder"):
+        safe_input_path(base, "linkdir/secret.mp4")
 
 
 def test_validate_inputs(node, clip_file, comfy_input_dir):
@@ -196,9 +284,9 @@ def test_validate_inputs(node, clip_file, comfy_input_dir):
     assert isinstance(absolute, str) and "must be inside the input folder" in absolute
 
 
-def test_symlink_leaving_the_input_folder_is_refused(node, comfy_input_dir, tmp_path, video_io):
+def test_symlink_leaving_the_input_folder_is_refused(node, comfy_input_dir, tmp_path):
     outside = tmp_path / "outside"
-    video_io.write_video(outside / "secret.avi", frames_array(2), FPS)
+    write_video(outside / "secret.avi", frames_array(2), FPS)
     os.symlink(outside, comfy_input_dir / "link")
     assert "must be inside the input folder" in node.validate_inputs(video="link/secret.avi")
 

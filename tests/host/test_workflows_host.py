@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fatezero_core.video_io import write_video
+from clip_writers import write_video
 from host_server import execution_error
 from test_workflows import (
     FILE_INPUTS,

@@ -1,4 +1,4 @@
-"""Video frame I/O: load a clip as an IMAGE batch, fingerprint it, write frames back out.
+"""Load a clip's frames as an IMAGE batch: decoding, frame selection and resizing.
 
 Sources ``load_frames`` understands:
 
@@ -14,11 +14,8 @@ CPU, with H and W multiples of 8 (the VAE downsamples by 8).
 
 The "crop" resize mode is the official FateZero preprocessing (``ImageSequenceDataset.transform``):
 scale the short side to ``size`` with antialiased bilinear interpolation (``int(scale * long)`` for
-the long side), then centre-crop ``size x size``.
-
-Audio (:func:`read_audio`, :func:`crop_audio`, :func:`selection_audio_span`): the sound of exactly
-the loaded frames, as a float waveform ``[1, C, S]`` in -1..1 and its sample rate. Decoding uses
-PyAV (``av``, a ComfyUI requirement), imported only when audio is read.
+the long side), then centre-crop ``size x size``. The sound under the loaded frames is
+:mod:`.clip_audio`'s.
 
 Nothing here imports ComfyUI. Errors a user can fix raise :class:`~fatezero_core.errors.VideoError`
 with a message that says what to change.
@@ -26,11 +23,8 @@ with a message that says what to change.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -40,83 +34,33 @@ import torch
 import torch.nn.functional as F
 
 from .errors import VideoError
-from .media_types import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from .media_types import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    file_extension,
+    is_image_file,
+    is_video_file,
+    natural_sort_key,
+)
 
 __all__ = [
-    "VIDEO_EXTENSIONS",
-    "IMAGE_EXTENSIONS",
     "RESIZE_MODES",
-    "VideoInfo",
-    "is_video_file",
-    "is_image_file",
-    "natural_sort_key",
+    "ClipSource",
+    "clip_source",
     "list_image_sequence",
-    "probe_video",
     "output_size",
     "resize_frames",
     "load_frames",
     "select_frames",
-    "selection_audio_span",
-    "crop_audio",
-    "read_audio",
-    "frames_fingerprint",
-    "safe_input_path",
-    "write_video",
-    "write_image_sequence",
 ]
 
 RESIZE_MODES: tuple[str, ...] = ("crop", "keep_aspect", "none")
 """Accepted values of ``resize_mode``."""
 
-_HASH_CHUNK = 1 << 20
-_WRITER_FOURCC = {".avi": "MJPG", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v"}
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """What a source holds before any selection or resizing.
-
-    ``frame_count`` is exact for image sequences and single images. For video files it is the
-    count the container reports, which some containers (variable frame rate, streams without an
-    index, some WebM/MKV files) only estimate; when the container reports nothing, the frames
-    are counted by stepping through the file. ``fps`` is the container's frame rate, or the
-    ``sequence_fps`` given to :func:`probe_video` for image sequences, single images and videos
-    that report no rate. ``width`` and ``height`` are in pixels, before resizing.
-    """
-
-    frame_count: int
-    fps: float
-    width: int
-    height: int
-
 
 # --------------------------------------------------------------------------------------------
-# File kinds and sequence listing
+# Sources
 # --------------------------------------------------------------------------------------------
-
-
-def _ext(path: str | os.PathLike) -> str:
-    return os.path.splitext(os.fspath(path))[1].lower()
-
-
-def is_video_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` has a video extension (``VIDEO_EXTENSIONS``, GIF included)."""
-    return _ext(path) in VIDEO_EXTENSIONS
-
-
-def is_image_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` has a still-image extension (``IMAGE_EXTENSIONS``)."""
-    return _ext(path) in IMAGE_EXTENSIONS
-
-
-def natural_sort_key(name: str) -> tuple:
-    """Sort key that orders digit runs by value: ``frame2`` < ``frame10`` < ``Frame11``.
-
-    Text parts compare case-insensitively; the original name breaks ties so the order is total.
-    """
-    parts = re.split(r"(\d+)", name)
-    key = tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts))
-    return key, name
 
 
 def list_image_sequence(directory: str | os.PathLike) -> list[str]:
@@ -138,13 +82,16 @@ def _supported_list() -> str:
 
 
 @dataclass(frozen=True)
-class _Source:
-    kind: str  # "video", "image" or "sequence"
+class ClipSource:
+    """What :func:`load_frames` reads for a path: its ``kind`` ("video", "image" or "sequence")
+    and the ``files`` it decodes, in load order (the one file itself for a video or an image)."""
+
+    kind: str
     path: str
-    files: tuple[str, ...] = ()
+    files: tuple[str, ...]
 
 
-def _open_source(path: str | os.PathLike) -> _Source:
+def clip_source(path: str | os.PathLike) -> ClipSource:
     """Classify ``path`` and check that it exists, is non-empty and has a supported type."""
     path = os.fspath(path)
     if not path:
@@ -162,7 +109,7 @@ def _open_source(path: str | os.PathLike) -> _Source:
                 f"The folder '{path}' holds no images to use as a frame sequence. Put the "
                 f"frames in it as {', '.join(IMAGE_EXTENSIONS)} files, or pick a video file."
             )
-        return _Source("sequence", path, tuple(files))
+        return ClipSource("sequence", path, tuple(files))
     if not (is_video_file(path) or is_image_file(path)):
         raise VideoError(
             f"'{os.path.basename(path)}' is not a supported video or image type. "
@@ -173,7 +120,7 @@ def _open_source(path: str | os.PathLike) -> _Source:
             f"'{os.path.basename(path)}' is empty (0 bytes). The upload or copy probably failed: "
             "copy the file again."
         )
-    return _Source("video" if is_video_file(path) else "image", path)
+    return ClipSource("video" if is_video_file(path) else "image", path, (path,))
 
 
 def _unreadable(path: str, what: str = "video") -> VideoError:
@@ -285,7 +232,7 @@ def _iter_video(
     finally:
         if cap is not None:
             cap.release()
-    if stats.seen == 0 and _ext(path) == ".gif":
+    if stats.seen == 0 and file_extension(path) == ".gif":
         frames, fps = _gif_fallback(path)
         stats.fps = fps
         for index, frame in enumerate(frames):
@@ -318,61 +265,6 @@ def _to_float(frame: np.ndarray) -> torch.Tensor:
     if frame.dtype == np.uint16:
         return torch.from_numpy(frame.astype(np.float32)).div_(65535.0)
     return torch.from_numpy(frame.astype(np.float32)).clamp_(0.0, 1.0)
-
-
-# --------------------------------------------------------------------------------------------
-# Probing
-# --------------------------------------------------------------------------------------------
-
-
-def _check_fps(sequence_fps: float) -> float:
-    try:
-        fps = float(sequence_fps)
-    except (TypeError, ValueError):
-        fps = float("nan")
-    if not (math.isfinite(fps) and fps > 0):
-        raise VideoError(f"sequence_fps must be a positive number (got {sequence_fps!r}); try 8.")
-    return fps
-
-
-def probe_video(path: str | os.PathLike, *, sequence_fps: float = 8.0) -> VideoInfo:
-    """Frame count, frame rate and size of a video, GIF, image or image-sequence folder.
-
-    Reads one frame to make sure the source decodes, and raises :class:`VideoError` if it does
-    not. See :class:`VideoInfo` for when ``frame_count`` is only the container's estimate.
-    """
-    fallback_fps = _check_fps(sequence_fps)
-    src = _open_source(path)
-    if src.kind == "image":
-        h, w = _decode_image_file(src.path).shape[:2]
-        return VideoInfo(1, fallback_fps, w, h)
-    if src.kind == "sequence":
-        h, w = _decode_image_file(src.files[0]).shape[:2]
-        return VideoInfo(len(src.files), fallback_fps, w, h)
-
-    cap = _open_capture(src.path)
-    if cap is None:
-        if _ext(src.path) == ".gif":
-            frames, fps = _gif_fallback(src.path)
-            if frames:
-                h, w = frames[0].shape[:2]
-                return VideoInfo(len(frames), fps or fallback_fps, w, h)
-        raise _unreadable(src.path)
-    try:
-        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        fps = cap.get(cv2.CAP_PROP_FPS)
-        ok, frame = cap.read()
-        if not ok or frame is None:
-            raise _unreadable(src.path)
-        h, w = frame.shape[:2]
-        if count <= 0:
-            count = 1
-            while cap.grab():
-                count += 1
-    finally:
-        cap.release()
-    fps = fps if fps and math.isfinite(fps) and fps > 0 else fallback_fps
-    return VideoInfo(count, float(fps), int(w), int(h))
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,6 +356,16 @@ def resize_frames(frames: torch.Tensor, *, size: int = 512, resize_mode: str = "
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+
+
+def _check_fps(sequence_fps: float) -> float:
+    try:
+        fps = float(sequence_fps)
+    except (TypeError, ValueError):
+        fps = float("nan")
+    if not (math.isfinite(fps) and fps > 0):
+        raise VideoError(f"sequence_fps must be a positive number (got {sequence_fps!r}); try 8.")
+    return fps
 
 
 def _check_count(name: str, value: int, minimum: int, hint: str) -> int:
@@ -559,16 +461,15 @@ def load_frames(
     sel, size = _check_selection(frame_load_cap, skip_first_frames, select_every_nth, size, resize_mode)
     fallback_fps = _check_fps(sequence_fps)
 
-    src = _open_source(path)
+    src = clip_source(path)
     stats = _Stats()
     if src.kind == "video":
         cap = _open_capture(src.path)
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if cap is not None else 0
         raw = _iter_video(src.path, cap, sel, stats)
     else:
-        files = src.files if src.kind == "sequence" else (src.path,)
-        total = len(files)
-        raw = _iter_files(files, sel, stats)
+        total = len(src.files)
+        raw = _iter_files(src.files, sel, stats)
 
     expected = sel.expected(total) if total > 0 else sel.cap
     buffer = _FrameBuffer(expected)
@@ -610,270 +511,3 @@ def select_frames(
         raise _zero_selected_error("the connected video", frames.shape[0], sel)
     return resize_frames(kept, size=size, resize_mode=resize_mode), rate / sel.nth
 
-
-# --------------------------------------------------------------------------------------------
-# Audio
-# --------------------------------------------------------------------------------------------
-
-
-def selection_audio_span(
-    frame_count: int, fps: float, *, skip_first_frames: int = 0, select_every_nth: int = 1
-) -> tuple[float, float]:
-    """``(start, duration)`` in seconds of the sound of ``frame_count`` frames loaded at ``fps``.
-
-    ``fps`` is the rate :func:`load_frames` returned (source rate / ``select_every_nth``). The
-    loaded clip plays from source frame ``skip_first_frames`` for ``frame_count / fps`` seconds:
-    each kept frame stands for the ``select_every_nth`` source frames up to the next kept one.
-    """
-    source_fps = fps * select_every_nth
-    return skip_first_frames / source_fps, frame_count / fps
-
-
-def crop_audio(waveform: torch.Tensor, sample_rate: int, start: float, duration: float) -> torch.Tensor:
-    """The samples of ``[..., C, S]`` from ``start`` seconds for ``duration`` seconds.
-
-    Returns ``round(duration * sample_rate)`` samples; where the source has none (before its
-    start, after its end) they are silence, so the sound always lasts exactly ``duration``.
-    """
-    total = round(duration * sample_rate)
-    first = round(start * sample_rate)
-    out = waveform.new_zeros((*waveform.shape[:-1], total))
-    lo, hi = max(first, 0), min(first + total, waveform.shape[-1])
-    if hi > lo:
-        out[..., lo - first:hi - first] = waveform[..., lo:hi]
-    return out
-
-
-def _import_av():
-    try:
-        import av
-    except ImportError as exc:
-        raise VideoError(
-            "Reading a clip's sound needs PyAV (the 'av' package, installed with ComfyUI): "
-            "run 'pip install av' in ComfyUI's Python."
-        ) from exc
-    return av
-
-
-def _frame_samples(frame) -> np.ndarray:
-    """One decoded audio frame as float32 ``[C, n]`` in -1..1, whatever its sample format."""
-    data = frame.to_ndarray()
-    channels = len(frame.layout.channels)
-    if not frame.format.is_planar:
-        data = data.reshape(-1, channels).T
-    if data.dtype.kind == "u":  # unsigned PCM is centred on half its range
-        half = float(1 << (8 * data.dtype.itemsize - 1))
-        return ((data.astype(np.float32) - half) / half).astype(np.float32)
-    if data.dtype.kind == "i":
-        return data.astype(np.float32) / float(-np.iinfo(data.dtype).min)
-    return data.astype(np.float32, copy=False)
-
-
-def read_audio(path: str | os.PathLike, start: float, duration: float) -> tuple[torch.Tensor, int] | None:
-    """``(waveform [1, C, S], sample_rate)`` of the file's first audio stream, None without one.
-
-    ``start`` and ``duration`` are seconds on the clip's timeline: 0 is the first video frame
-    (the video stream's start time), so the sound lines up with the frames :func:`load_frames`
-    returns. The result has exactly ``round(duration * sample_rate)`` samples (silence where the
-    stream has none). Decoding stops at the end of the span.
-
-    Raises:
-        VideoError: PyAV is missing, or the file's audio cannot be decoded.
-    """
-    av = _import_av()
-    path = os.fspath(path)
-    errors = (OSError, ValueError, getattr(av, "FFmpegError", OSError))
-    try:
-        with av.open(path) as container:
-            if not container.streams.audio:
-                return None
-            stream = container.streams.audio[0]
-            sample_rate = int(stream.sample_rate or 0)
-            if sample_rate <= 0:
-                return None
-            video = container.streams.video[0] if container.streams.video else None
-            origin = float(video.start_time * video.time_base) if video is not None and video.start_time is not None else 0.0
-            total = round(duration * sample_rate)
-            parts: list[tuple[int, np.ndarray]] = []
-            cursor = None
-            for frame in container.decode(stream):
-                if cursor is None:  # place the stream by its first frame; then samples are contiguous
-                    when = frame.time if frame.time is not None else 0.0
-                    cursor = round((when - origin - start) * sample_rate)
-                samples = _frame_samples(frame)
-                parts.append((cursor, samples))
-                cursor += samples.shape[1]
-                if cursor >= total:
-                    break
-    except errors as exc:
-        raise VideoError(
-            f"The sound of '{os.path.basename(path)}' could not be decoded ({exc}). Re-encode the "
-            "clip (for example as H.264 + AAC .mp4), or remove its audio track."
-        ) from None
-    if not parts:
-        return None
-    channels = parts[0][1].shape[0]
-    out = torch.zeros(1, channels, total)
-    for offset, samples in parts:
-        lo, hi = max(offset, 0), min(offset + samples.shape[1], total)
-        if hi > lo:
-            out[0, :, lo:hi] = torch.from_numpy(samples[:channels, lo - offset:hi - offset])
-    return out, sample_rate
-
-
-# --------------------------------------------------------------------------------------------
-# Fingerprints and paths
-# --------------------------------------------------------------------------------------------
-
-_FILE_HASHES: dict[tuple, str] = {}
-_FILE_HASHES_MAX = 256
-
-
-def _file_sha256(path: str) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks.
-
-    Results are remembered per (path, size, mtime, ctime, inode), so re-checking an unchanged
-    file on every queued prompt does not re-read it; any rewrite of the file changes the key.
-    """
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    cached = _FILE_HASHES.get(key)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    result = digest.hexdigest()
-    if len(_FILE_HASHES) >= _FILE_HASHES_MAX:
-        _FILE_HASHES.pop(next(iter(_FILE_HASHES)))
-    _FILE_HASHES[key] = result
-    return result
-
-
-def frames_fingerprint(path: str | os.PathLike, **params) -> str:
-    """A hex sha256 identifying the frames ``load_frames(path, **params)`` would return.
-
-    Combines the file's bytes (for a sequence folder: each image's name and bytes, in load
-    order) with the parameters, so the host's cache reruns the loader exactly when the content
-    or a setting changed. Parameters are serialised as sorted JSON (``repr`` for other types);
-    ``progress`` is ignored.
-    """
-    src = _open_source(path)
-    digest = hashlib.sha256(b"fatezero-frames-v1\0")
-    files = src.files if src.kind == "sequence" else (src.path,)
-    digest.update(f"{src.kind}:{len(files)}\0".encode())
-    for file in files:
-        name = os.path.basename(file) if src.kind == "sequence" else ""
-        digest.update(f"{name}\0{_file_sha256(file)}\0".encode())
-    params = {k: v for k, v in params.items() if k != "progress"}
-    digest.update(json.dumps(params, sort_keys=True, default=repr).encode())
-    return digest.hexdigest()
-
-
-def _is_within(path: str, base: str) -> bool:
-    try:
-        return os.path.commonpath([path, base]) == base
-    except ValueError:  # different drives on Windows
-        return False
-
-
-def safe_input_path(base_dir: str | os.PathLike, relative: str | os.PathLike) -> str:
-    """Resolve a user-given ``relative`` path inside ``base_dir`` and return its real path.
-
-    Refuses absolute paths, drive letters, and paths that end up outside ``base_dir`` once
-    ``..`` parts and symlinks are resolved (``os.path.realpath``). The path need not exist yet.
-    """
-    relative = os.fspath(relative)
-    base = os.path.realpath(os.fspath(base_dir))
-    hint = (
-        f"'{relative}' must be inside the input folder '{base}': give a path relative to that "
-        "folder (no leading '/', drive letter or '..'), or copy the file into it."
-    )
-    if not relative or "\0" in relative:
-        raise VideoError(f"The path {relative!r} is empty or invalid. Pick a file in '{base}'.")
-    drive, _ = os.path.splitdrive(relative)
-    if os.path.isabs(relative) or drive or relative.startswith(("/", "\\")):
-        raise VideoError(hint)
-    resolved = os.path.realpath(os.path.join(base, relative))
-    if not _is_within(resolved, base):
-        raise VideoError(hint)
-    return resolved
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
-
-
-def _frames_to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
-    """``[F, H, W, 3]`` frames in 0..1 -> uint8 RGB numpy array."""
-    if isinstance(frames, np.ndarray):
-        frames = torch.from_numpy(frames)
-    if frames.dim() != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-        raise VideoError(
-            f"Frames to write must be shaped [F, H, W, 3] with at least one frame; got "
-            f"{tuple(frames.shape)}."
-        )
-    x = frames.detach().to("cpu", torch.float32).clamp(0.0, 1.0).mul(255.0).round_()
-    return x.to(torch.uint8).numpy()
-
-
-def write_video(path: str | os.PathLike, frames: torch.Tensor | np.ndarray, fps: float) -> str:
-    """Write ``[F, H, W, 3]`` frames (0..1 RGB) as a video; returns the path.
-
-    ``.avi`` is written as Motion-JPEG (near-lossless at OpenCV's default quality, handy for
-    tests), ``.mp4`` / ``.m4v`` / ``.mov`` as MPEG-4 Part 2 (``mp4v``). Parent folders are
-    created. For an H.264 file, re-encode the result or use the host's video nodes.
-    """
-    path = os.fspath(path)
-    fourcc = _WRITER_FOURCC.get(_ext(path))
-    if fourcc is None:
-        raise VideoError(
-            f"Cannot write '{os.path.basename(path)}': use a name ending in "
-            f"{', '.join(_WRITER_FOURCC)}."
-        )
-    fps = _check_fps(fps)
-    data = _frames_to_uint8(frames)
-    _, h, w, _ = data.shape
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), fps, (w, h))
-    if not writer.isOpened():
-        raise VideoError(
-            f"OpenCV could not open '{path}' for writing with the {fourcc} codec. Check that the "
-            "folder is writable, or write an image sequence instead."
-        )
-    try:
-        for frame in data:
-            writer.write(np.ascontiguousarray(frame[..., ::-1]))
-    finally:
-        writer.release()
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        raise VideoError(f"Writing '{path}' produced no data. Check free disk space and permissions.")
-    return path
-
-
-def write_image_sequence(
-    directory: str | os.PathLike,
-    frames: torch.Tensor | np.ndarray,
-    *,
-    prefix: str = "frame_",
-    start: int = 0,
-) -> list[str]:
-    """Write ``[F, H, W, 3]`` frames (0..1 RGB) as PNG files ``{prefix}{index:05d}.png``.
-
-    Creates ``directory`` if needed and returns the written paths in order; the names sort the
-    same way naturally and lexically, and :func:`load_frames` reads the folder back in order.
-    """
-    directory = os.fspath(directory)
-    data = _frames_to_uint8(frames)
-    os.makedirs(directory, exist_ok=True)
-    paths = []
-    for i, frame in enumerate(data):
-        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(frame[..., ::-1]))
-        if not ok:
-            raise VideoError(f"OpenCV could not encode frame {i} as PNG.")
-        out = os.path.join(directory, f"{prefix}{start + i:05d}.png")
-        encoded.tofile(out)
-        paths.append(out)
-    return paths

@@ -1,4 +1,4 @@
-"""Video frame I/O on clips written by the tests themselves.
+"""Loading clips (``clip_loading``) and cutting their sound (``clip_audio``), on clips the tests write.
 
 The synthetic clip: 12 frames of 96x64 (W x H). Frame k has a grey background of value 20*k+10
 (its "brightness code", readable after lossy compression) and a pure red 16x16 square whose
@@ -13,24 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fatezero_core import video_io
+from clip_writers import write_video
+from fatezero_core import clip_loading
+from fatezero_core.clip_audio import crop_audio, selection_audio_span
+from fatezero_core.clip_loading import load_frames, output_size, select_frames
 from fatezero_core.errors import VideoError
-from fatezero_core.video_io import (
-    VideoInfo,
-    crop_audio,
-    frames_fingerprint,
-    is_image_file,
-    is_video_file,
-    load_frames,
-    natural_sort_key,
-    output_size,
-    probe_video,
-    safe_input_path,
-    select_frames,
-    selection_audio_span,
-    write_image_sequence,
-    write_video,
-)
+from fatezero_core.media_types import is_image_file, is_video_file, natural_sort_key
 
 N_FRAMES, H, W, FPS = 12, 64, 96, 8.0
 SQ = 16
@@ -87,11 +75,7 @@ def test_natural_sort_key():
     ]
 
 
-# ------------------------------------------------------------------------------ probing / loading
-
-
-def test_probe_video(clip):
-    assert probe_video(clip) == VideoInfo(frame_count=12, fps=8.0, width=96, height=64)
+# ------------------------------------------------------------------------------ loading
 
 
 def test_load_all_frames_unresized(clip):
@@ -152,13 +136,13 @@ class CountingCapture:
 
 def test_decoding_stops_at_the_cap_and_skips_without_retrieving(clip, monkeypatch):
     opened = []
-    real_open = video_io._open_capture
+    real_open = clip_loading._open_capture
 
     def counting_open(path):
         opened.append(CountingCapture(real_open(path)))
         return opened[-1]
 
-    monkeypatch.setattr(video_io, "_open_capture", counting_open)
+    monkeypatch.setattr(clip_loading, "_open_capture", counting_open)
     frames, _ = load_frames(clip, frame_load_cap=2, skip_first_frames=4, select_every_nth=2, resize_mode="none")
     assert codes(frames) == [4, 6]
     assert len(opened) == 1
@@ -243,7 +227,6 @@ def test_image_sequence_directory_natural_order(tmp_path):
     assert codes(out) == list(range(12))
     torch.testing.assert_close(out, as_float(frames))
     assert fps == 12.0
-    assert probe_video(seq, sequence_fps=12.0) == VideoInfo(12, 12.0, 96, 64)
 
     out, fps = load_frames(seq, skip_first_frames=1, select_every_nth=5, resize_mode="none")
     assert codes(out) == [1, 6, 11] and fps == pytest.approx(8.0 / 5)
@@ -267,7 +250,6 @@ def test_single_png(tmp_path):
     out, fps = load_frames(path, resize_mode="none", sequence_fps=5.0)
     assert tuple(out.shape) == (1, 64, 96, 3) and fps == 5.0
     torch.testing.assert_close(out[0], as_float(img))
-    assert probe_video(path) == VideoInfo(1, 8.0, 96, 64)
 
 
 def test_sixteen_bit_png_is_scaled_to_0_1(tmp_path):
@@ -314,34 +296,22 @@ def test_animated_gif(tmp_path):
         cx, cy = red_centroid(out[k])
         assert cx == pytest.approx(24 + 2 * k + 7.5, abs=0.5) and cy == pytest.approx(31.5, abs=0.5)
     assert fps == pytest.approx(10.0)
-    assert probe_video(path).frame_count == 6
 
 
 def test_gif_fallback_when_the_capture_cannot_open(tmp_path, monkeypatch):
     path = tmp_path / "anim.gif"
     write_gif(path, gif_frames())
-    monkeypatch.setattr(video_io, "_open_capture", lambda p: None)
+    monkeypatch.setattr(clip_loading, "_open_capture", lambda p: None)
     out, fps = load_frames(path, resize_mode="none", skip_first_frames=1, select_every_nth=2)
     assert gif_codes(out) == [1, 3, 5]
     assert fps == pytest.approx(10.0 / 2)
-    assert probe_video(path) == VideoInfo(6, 10.0, 96, 64)
 
 
-def test_mp4_round_trip(tmp_path):
+def test_mp4(tmp_path):
     path = write_video(tmp_path / "out" / "clip.mp4", as_float(make_frames()), 24.0)
-    info = probe_video(path)
-    assert (info.width, info.height, info.fps) == (96, 64, 24.0)
-    assert info.frame_count == 12
     out, fps = load_frames(path, resize_mode="none")
+    assert tuple(out.shape) == (12, 64, 96, 3)
     assert codes(out) == list(range(12)) and fps == 24.0
-
-
-def test_write_image_sequence_round_trip(tmp_path):
-    src = as_float(make_frames(n=11))
-    paths = write_image_sequence(tmp_path / "pngs", src)
-    assert [os.path.basename(p) for p in paths] == [f"frame_{i:05d}.png" for i in range(11)]
-    out, _ = load_frames(tmp_path / "pngs", resize_mode="none")
-    torch.testing.assert_close(out, src)
 
 
 # ------------------------------------------------------------------------------ errors
@@ -351,8 +321,6 @@ def test_missing_file(tmp_path):
     with pytest.raises(VideoError, match="not found in") as exc:
         load_frames(tmp_path / "nope.mp4")
     assert "nope.mp4" in str(exc.value) and str(tmp_path) in str(exc.value)
-    with pytest.raises(VideoError, match="not found in"):
-        probe_video(tmp_path / "nope.mp4")
 
 
 def test_corrupt_file(tmp_path):
@@ -360,8 +328,6 @@ def test_corrupt_file(tmp_path):
     path.write_bytes(os.urandom(4096))
     with pytest.raises(VideoError, match="Could not read any frames from 'broken.mp4'"):
         load_frames(path)
-    with pytest.raises(VideoError, match="Could not read any frames"):
-        probe_video(path)
 
 
 def test_truncated_png(tmp_path):
@@ -433,79 +399,6 @@ def test_none_mode_too_small(tmp_path):
         load_frames(path, resize_mode="none")
     out, _ = load_frames(path, resize_mode="keep_aspect", size=8)
     assert tuple(out.shape) == (1, 8, 24, 3)
-
-
-# ------------------------------------------------------------------------------ paths
-
-
-def test_safe_input_path(tmp_path):
-    base = tmp_path / "input"
-    (base / "videos").mkdir(parents=True)
-    (base / "videos" / "a.mp4").write_bytes(b"x")
-    outside = tmp_path / "secret.mp4"
-    outside.write_bytes(b"y")
-    real_base = os.path.realpath(base)
-
-    assert safe_input_path(base, "videos/a.mp4") == os.path.join(real_base, "videos", "a.mp4")
-    assert safe_input_path(base, "videos/../videos/a.mp4") == os.path.join(real_base, "videos", "a.mp4")
-    assert safe_input_path(base, "not_there_yet.mp4") == os.path.join(real_base, "not_there_yet.mp4")
-
-    for bad in ["../secret.mp4", "videos/../../secret.mp4", str(outside), "/etc/passwd", ""]:
-        with pytest.raises(VideoError) as exc:
-            safe_input_path(base, bad)
-        if bad:
-            assert "must be inside the input folder" in str(exc.value)
-
-    link = base / "link.mp4"
-    try:
-        link.symlink_to(outside)
-        (base / "linkdir").symlink_to(tmp_path, target_is_directory=True)
-    except (OSError, NotImplementedError):
-        pytest.skip("symlinks are not available here")
-    with pytest.raises(VideoError, match="must be inside the input folder"):
-        safe_input_path(base, "link.mp4")
-    with pytest.raises(VideoError, match="must be inside the input folder"):
-        safe_input_path(base, "linkdir/secret.mp4")
-
-
-# ------------------------------------------------------------------------------ fingerprints
-
-
-def test_fingerprint_file(tmp_path):
-    path = tmp_path / "clip.avi"
-    write_video(path, as_float(make_frames()), FPS)
-    params = dict(frame_load_cap=4, skip_first_frames=0, select_every_nth=1, size=512, resize_mode="crop")
-    fp = frames_fingerprint(path, **params)
-    assert len(fp) == 64 and fp == frames_fingerprint(path, **params)
-    assert fp == frames_fingerprint(path, **params, progress=lambda d, t: None)
-    assert fp != frames_fingerprint(path, **{**params, "frame_load_cap": 5})
-    assert fp != frames_fingerprint(path, **{**params, "resize_mode": "keep_aspect"})
-
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # same length, one byte different
-    path.write_bytes(bytes(data))
-    assert frames_fingerprint(path, **params) != fp
-
-
-def test_fingerprint_sequence(tmp_path):
-    seq = tmp_path / "seq"
-    write_image_sequence(seq, as_float(make_frames(n=3)))
-    fp = frames_fingerprint(seq, size=512)
-    assert fp == frames_fingerprint(seq, size=512)
-    assert fp != frames_fingerprint(seq, size=256)
-    (seq / "readme.txt").write_text("ignored")
-    assert fp == frames_fingerprint(seq, size=512)
-
-    cv2.imwrite(str(seq / "frame_00001.png"), np.zeros((64, 96, 3), np.uint8))
-    fp2 = frames_fingerprint(seq, size=512)
-    assert fp2 != fp
-    cv2.imwrite(str(seq / "frame_00003.png"), np.zeros((64, 96, 3), np.uint8))
-    assert frames_fingerprint(seq, size=512) not in (fp, fp2)
-
-
-def test_fingerprint_missing_file(tmp_path):
-    with pytest.raises(VideoError, match="not found in"):
-        frames_fingerprint(tmp_path / "gone.mp4")
 
 
 # ---- frames already decoded, and the sound of a selection ---------------------------------
