@@ -1,40 +1,32 @@
-"""Shared set-up for the benchmarks that run this pack inside a real ComfyUI.
+"""The ComfyUI host of the benchmarks that run this pack inside a real ComfyUI.
 
 - :func:`setup` finds ComfyUI through ``COMFYUI_PATH``, checks that the running Python can import
   it (it must be that ComfyUI environment's Python), parses ComfyUI's arguments (``--cpu`` when no
   GPU is present) and imports this pack by path, as ComfyUI imports a custom node.
-- :func:`build_sd15` builds a UNet of SD1.5 shape (model_channels 320, 8 heads, context 768,
-  ~860 M parameters) with seeded random weights, every parameter initialised explicitly.
-- :func:`build_clip`: a 2-layer CLIP-L-wide text model with the real SD1 tokenizer, so prompts
-  become ``[1, 77, 768]`` conditioning as with SD1.5 (the text encoder is not benchmarked).
-- memory probes: peak RSS (``VmHWM``), resettable through ``/proc/self/clear_refs``, and the CUDA
-  peak when a GPU is present.
+- torch threads, the time metric, and the machine a run reports.
+
+The seeded models come from the repository's ``tiny_models/`` (shared with the tests); this module
+puts the repository root last on ``sys.path`` for it, so ComfyUI's folder, inserted first by
+:func:`setup`, keeps its ``nodes`` module ahead of this pack's ``nodes/`` folder.
 """
 
 from __future__ import annotations
 
 import atexit
-import gc
 import importlib
 import importlib.util
-import json
 import os
 import platform
 import re
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 PACK_MODULE = "comfyui_fatezero"
-SOURCE = "a cat sitting on a wooden table"
-TARGET = "a dog sitting on a wooden table"
-SEED = 20231001
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # tiny_models/
 
 _state: dict = {}
 
@@ -119,22 +111,6 @@ HOST_ATTENTION_FLAGS = {"default": [], "pytorch": ["--use-pytorch-cross-attentio
                         "sub-quad": ["--use-quad-cross-attention"], "split": ["--use-split-cross-attention"]}
 
 
-def add_host_arguments(parser, metric_for: str | None = None) -> None:
-    """``--threads`` and ``--host-attention`` (every script); ``--metric`` when a target is timed."""
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: auto)")
-    parser.add_argument("--host-attention", choices=sorted(HOST_ATTENTION_FLAGS), default="default",
-                        help="ComfyUI's attention kernel for unfused layers and the plain baselines")
-    if metric_for:
-        parser.add_argument("--metric", choices=("auto", "wall", "cpu"), default="auto",
-                            help=f"time for {metric_for}: wall clock, or process CPU seconds "
-                                 "(auto: cpu when other processes oversubscribe the CPU)")
-
-
-def host_child_args(args) -> list[str]:
-    """The ``add_host_arguments`` options of ``args``, for a child process of the same script."""
-    return ["--host-attention", args.host_attention] + (["--threads", str(args.threads)] if args.threads else [])
-
-
 def where_it_ran(m: dict, gpu: bool) -> str:
     """``on <GPU> (CUDA)`` or the CPU, its threads and the reduced-resolution notice."""
     if gpu:
@@ -190,8 +166,7 @@ def setup(force_cpu: bool | None = None, threads: int | None = None, host_attent
     temp = tempfile.mkdtemp(prefix="fatezero_bench_")
     folder_paths.set_temp_directory(temp)
     atexit.register(shutil.rmtree, temp, True)
-    sys.path.insert(0, str(ROOT / "tests" / "host"))  # tiny_models: seeded parameter init
-    _state.update(nodes=pack.nodes, cpu=cpu, torch=torch, host_attention=host_attention)
+    _state.update(nodes=pack.nodes, cpu=cpu, torch=torch)
     return pack.nodes
 
 
@@ -258,330 +233,3 @@ def describe_run(setting: str) -> str:
     m = machine()
     return (f"Ran on CPU ({m['cpu']}, {m['cpu_cores']} cores, {_state.get('threads')}), no GPU: "
             f"reduced resolution, {setting}. Host attention: {m['host_attention']}.")
-
-
-# ----------------------------------------------------------------------------------------- models
-def build_sd15(model_channels: int = 320, seed: int = SEED):
-    """``ModelPatcher`` over an SD1.5-shape UNet with seeded random weights (fp16 on GPU, fp32 on CPU)."""
-    import torch
-    import comfy.model_patcher
-    import comfy.supported_models
-    import tiny_models
-
-    config = tiny_models.sd15_unet_config(model_channels)
-    model_config = comfy.supported_models.SD15(config)
-    dtype = torch.float16 if on_gpu() else torch.float32
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({})
-    init_parameters_fast_(model.diffusion_model, seed)
-    model.eval()
-    offload = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device(), offload_device=offload)
-    gc.collect()
-    return patcher
-
-
-def init_parameters_fast_(module, seed: int = SEED, pool: int = 1 << 24) -> None:
-    """Fill every parameter with seeded random values, explicitly (ComfyUI's ops skip init).
-
-    Same distributions as ``tests/host/tiny_models.init_parameters_`` (weights N(0, 1/fan_in),
-    biases N(0, 0.02), norm weights 1 + N(0, 0.02)), but drawn from one pool of ``pool`` normal
-    values that each parameter reads at a seeded offset: ~860 M values are filled at memory
-    speed instead of being generated one by one.
-    """
-    import torch
-    import tiny_models
-
-    g = torch.Generator().manual_seed(seed)
-    values = torch.randn(pool, generator=g)
-    with torch.no_grad():
-        for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):
-            kind, std = tiny_models._init_kind(name, param.shape)
-            flat = param.view(-1)
-            if kind == "constant":
-                flat.fill_(std)
-                continue
-            done = 0
-            while done < flat.numel():
-                start = int(torch.randint(0, pool, (1,), generator=g))
-                n = min(flat.numel() - done, pool - start)
-                chunk = flat[done:done + n]
-                chunk.copy_(values[start:start + n]).mul_(std)
-                if kind == "around_one":
-                    chunk.add_(1.0)
-                done += n
-    bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise AssertionError(f"parameters left non-finite after init: {bad[:5]}")
-
-
-def build_clip():
-    import tiny_models
-
-    return tiny_models.build_tiny_clip()
-
-
-def parameter_count(patcher) -> int:
-    return sum(p.numel() for p in patcher.model.diffusion_model.parameters())
-
-
-def moving_latent(frames: int, size: int, seed: int = 0):
-    """Correlated frames: one random field shifted by a pixel per frame (latent units)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(1, 4, size, size + frames, generator=g)
-    return torch.cat([base[..., i:i + size] for i in range(frames)])
-
-
-def blend_settings(nodes, clip, blend_words: str = "cat", **kw):
-    """Source/target conditioning and edit spec from the Attention Blend Settings node."""
-    args = dict(source_prompt=SOURCE, target_prompt=TARGET, blend_words=blend_words,
-                target_blend_words="", cross_replace_steps=0.8, cross_replace_words="",
-                self_replace_steps=0.6, blend_threshold=0.3, reweight="", mode="auto",
-                local_latent_blend=False, soft_mask=False)
-    args.update(kw)
-    out = nodes.blend_settings.FateZeroAttentionBlendSettings.execute(clip=clip, **args)
-    return out.args
-
-
-def empty_conditioning(clip):
-    import nodes as core_nodes
-
-    return core_nodes.CLIPTextEncode().encode(clip, "")[0]
-
-
-# -------------------------------------------------------------------------------------- node calls
-def invert(nodes, model, source, latent, steps: int, placement: str, **kw):
-    args = dict(steps=steps, key_frames="auto", st_min_channels=-1, store_placement=placement,
-                store_dtype="fp16", layer_set="relative", schedule_end="comfy")
-    args.update(kw)
-    out = nodes.invert.FateZeroDDIMInvert.execute(model=model, source=source,
-                                                  latent={"samples": latent}, **args)
-    return out.args  # (inverted latent dict, store)
-
-
-def fatezero_sample(nodes, model, positive, negative, inverted, store, spec, cfg: float = 7.5,
-                    fusion: bool = True):
-    out = nodes.sample.FateZeroSample.execute(model=model, positive=positive, negative=negative,
-                                              latent=inverted, attention_store=store,
-                                              blend_settings=spec, cfg=cfg, fusion=fusion)
-    return out.args
-
-
-def core_ddim(model, positive, negative, latent: dict, steps: int, cfg: float):
-    """Core ``KSamplerAdvanced`` with ddim / ddim_uniform and no added noise (the same sigmas)."""
-    import nodes as core_nodes
-
-    return core_nodes.KSamplerAdvanced().sample(
-        model, "disable", 0, steps, cfg, "ddim", "ddim_uniform", positive, negative, latent, 0,
-        steps, "disable")[0]
-
-
-class StepTimer:
-    """Times sampler steps through ``latent_preview.prepare_callback``, which both core KSampler
-    and the FateZero nodes call once per run; the callback fires once per step, after the model
-    call. ``per_step`` is the mean wall-clock interval between consecutive callbacks (steps 1..N-1, so the
-    first step's one-off work is left out); ``wall`` is the whole node call."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-        self.cpu_stamps: list[float] = []
-
-    def __enter__(self):
-        import latent_preview
-
-        self._orig = latent_preview.prepare_callback
-        stamps, cpu_stamps = self.stamps, self.cpu_stamps
-
-        def prepare_callback(model, steps, x0_output_dict=None):
-            inner = self._orig(model, steps, x0_output_dict)
-
-            def callback(step, x0, x, total_steps):
-                sync()
-                stamps.append(time.perf_counter())
-                cpu_stamps.append(time.process_time())
-                return inner(step, x0, x, total_steps)
-
-            return callback
-
-        latent_preview.prepare_callback = prepare_callback
-        sync()
-        self.start = time.perf_counter()
-        self.cpu_start = time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        import latent_preview
-
-        sync()
-        self.wall = time.perf_counter() - self.start
-        self.cpu = time.process_time() - self.cpu_start
-        latent_preview.prepare_callback = self._orig
-        return False
-
-    @property
-    def per_step(self) -> float:
-        s = self.stamps
-        return (s[-1] - s[0]) / (len(s) - 1) if len(s) > 1 else self.wall
-
-    @property
-    def cpu_per_step(self) -> float:
-        """Process CPU time per step (all threads): the work done, whatever else runs."""
-        s = self.cpu_stamps
-        return (s[-1] - s[0]) / (len(s) - 1) if len(s) > 1 else self.cpu
-
-
-def sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-# ----------------------------------------------------------------------------------------- memory
-def _status_kb(key: str) -> int:
-    text = open("/proc/self/status").read()
-    return int(re.search(rf"{key}:\s+(\d+)", text).group(1))
-
-
-def rss_bytes() -> int:
-    return _status_kb("VmRSS") * 1024
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (``VmHWM``) since start or the last reset."""
-    try:
-        return _status_kb("VmHWM") * 1024
-    except (OSError, AttributeError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux ``clear_refs`` 5) and the CUDA peak."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def trim_heap() -> bool:
-    """Return freed heap memory to the OS (glibc ``malloc_trim``), so RSS counts live memory only.
-
-    glibc keeps freed blocks of the heap mapped: after a sampling run RSS stays 2-4x above the
-    memory still in use (measured: 96 MB of live store tensors held 400 MB of RSS, 100 MB after
-    the trim)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
-def cuda_peak_bytes() -> int | None:
-    import torch
-
-    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
-
-
-def dir_bytes(path) -> int:
-    if not path or not os.path.isdir(path):
-        return 0
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
-# ---------------------------------------------------------------------------------------- helpers
-def run_child(script: Path, args: list[str], timeout: float = 1800) -> dict:
-    """Run ``script --child ARGS`` in a fresh interpreter (same Python, same environment) and
-    return the JSON object it prints on its last stdout line."""
-    cmd = [sys.executable, str(script), "--child", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise RuntimeError(f"child {' '.join(args)} failed with exit code {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def add_per_run_arguments(parser, runs, default_run: str, steps: int | None, steps_help: str) -> None:
-    """``--size/--frames/--steps/--runs``, the host options and the hidden ``--child/--run`` of a
-    script that measures each of ``runs`` in a fresh process (:func:`run_each`)."""
-    import argparse
-
-    parser.add_argument("--size", type=int, default=None, help="frame side in px (CPU 128, GPU 512)")
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
-    parser.add_argument("--runs", default=",".join(runs), help=f"comma list of {runs}")
-    add_host_arguments(parser)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--run", default=default_run, help=argparse.SUPPRESS)
-
-
-def run_each(script: Path, args, size: int, steps: int, report) -> list[dict]:
-    """Every run of ``args.runs`` as ``script --child`` at ``size``/``args.frames``/``steps``;
-    ``report(result)`` after each. Returns the results in order."""
-    results = []
-    for run in (r.strip() for r in args.runs.split(",") if r.strip()):
-        child_args = ["--run", run, "--size", str(size), "--frames", str(args.frames),
-                      "--steps", str(steps)] + host_child_args(args)
-        results.append(run_child(script, child_args))
-        report(results[-1])
-    return results
-
-
-def median(values):
-    return statistics.median(values)
-
-
-def fit_exponent(xs, ys) -> float:
-    """Least-squares slope of log(y) against log(x)."""
-    import math
-
-    lx = [math.log(x) for x in xs]
-    ly = [math.log(y) for y in ys]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
-
-
-def table(header, rows) -> str:
-    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
-    out = []
-    for n, line in enumerate(cells):
-        out.append("  ".join(c.rjust(w) for c, w in zip(line, widths)))
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
-
-
-def target_line(name: str, measured: float, goal: float, fmt: str = "{:.3f}") -> tuple[str, bool]:
-    ok = measured <= goal
-    return f"target {name}: {fmt.format(measured)} (goal <= {goal}) {'ok' if ok else 'MISS'}", ok
-
-
-def write_json(name: str, payload: dict, host_attention: str | None = None) -> Path:
-    """Write ``benchmarks/results/<name>``; a run with a non-default host attention kernel gets its
-    own file (``speed.host-pytorch.json``), so it never replaces the default run's results."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    kernel = host_attention or _state.get("host_attention", "default")
-    if kernel != "default":
-        stem, _, suffix = name.rpartition(".")
-        name = f"{stem}.host-{kernel}.{suffix}"
-    path = RESULTS / name
-    path.write_text(json.dumps(payload, indent=2, default=str))
-    return path
-
-
-def mb(n) -> str:
-    return f"{n / 1e6:,.1f} MB"

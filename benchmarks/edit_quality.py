@@ -16,7 +16,7 @@ code (``nodes/metrics.py`` for the CLIP embeddings, ``fatezero_core.metrics`` fo
 
 Without weights (the default): a synthetic clip (a panning pattern of sinusoids with a disc
 crossing it, 8 frames), the tiny SD1.5-topology UNet, TAESD-layout VAE and CLIP text model of
-``tests/host/tiny_models.py`` and its tiny CLIP vision model, all random. That shows the pipeline
+``tiny_models/`` and its tiny CLIP vision model, all random. That shows the pipeline
 runs and the metrics tell coherent from shuffled frames; it says nothing about edit quality
 (a random VAE does not even reconstruct its input). ``--checkpoint`` (an SD1.5 checkpoint) with
 ``--clip-vision`` / ``--clip-text`` (e.g. openai/clip-vit-large-patch14 for both) and ``--video``
@@ -26,21 +26,23 @@ measure real edits, and add the target ``fused < plain``. Results go to
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _host  # noqa: E402
+import _calls
+import _host
+import _report
+import _script
+import tiny_models
 
 VARIANTS = ("source", "source shuffled", "fused", "plain DDIM")
 COLUMNS = (("warp error", "warp_error"), ("Tem-Con", "tem_con"), ("Frame-Acc", "frame_acc"),
            ("CLIP-T", "clip_t"), ("SSIM to source", "ssim"))
 
 
-def synthetic_clip(frames: int, size: int, seed: int = _host.SEED):
+def synthetic_clip(frames: int, size: int, seed: int = tiny_models.SEED):
     """``[F, size, size, 3]`` in 0..1: seeded sinusoids panning by (2, 1) px per frame and a
     bright disc crossing the frame by ``size / (2 F)`` px per frame."""
     import torch
@@ -64,7 +66,7 @@ def synthetic_clip(frames: int, size: int, seed: int = _host.SEED):
     return torch.stack(out)
 
 
-def shuffled_order(frames: int, seed: int = _host.SEED) -> list[int]:
+def shuffled_order(frames: int, seed: int = tiny_models.SEED) -> list[int]:
     """A seeded order of ``range(frames)`` in which no two original neighbours are adjacent."""
     import torch
 
@@ -78,17 +80,16 @@ def shuffled_order(frames: int, seed: int = _host.SEED) -> list[int]:
 
 def load_models(args):
     """``(model, clip, vae, clip_vision, metrics_clip, description)``: real files where given,
-    otherwise the tiny random models of ``tests/host/tiny_models.py``."""
+    otherwise the tiny random models of ``tiny_models/``."""
     import comfy.clip_vision
     import comfy.sd
-    import tiny_models
 
     if args.checkpoint:
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint)
         what = f"checkpoint {Path(args.checkpoint).name}"
     else:
         model, clip, vae = tiny_models.build_tiny_sd15(), tiny_models.build_tiny_clip(), tiny_models.build_tiny_vae()
-        what = "tiny random SD1.5-topology UNet, TAESD-layout VAE and CLIP (tests/host/tiny_models.py)"
+        what = "tiny random SD1.5-topology UNet, TAESD-layout VAE and CLIP (tiny_models/)"
     if args.clip_vision:
         clip_vision = comfy.clip_vision.load(args.clip_vision)
         what += f"; CLIP vision {Path(args.clip_vision).name}"
@@ -105,33 +106,25 @@ def load_models(args):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=None, help="frame side in px (CPU 128, GPU 512)")
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (CPU 10, GPU 50)")
+    parser = _script.Arguments(__doc__, steps=(10, 50))
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--flow", choices=("dis", "farneback"), default="dis")
     parser.add_argument("--checkpoint", help="an SD1.5 checkpoint file (real weights)")
     parser.add_argument("--clip-vision", help="a CLIP vision file for CLIP Vision Loader")
     parser.add_argument("--clip-text", help="a full CLIP text model file for CLIP Loader")
     parser.add_argument("--video", help="a video or image folder to edit instead of the synthetic clip")
-    parser.add_argument("--source-prompt", default=_host.SOURCE)
-    parser.add_argument("--target-prompt", default=_host.TARGET)
+    parser.add_argument("--source-prompt", default=_calls.SOURCE)
+    parser.add_argument("--target-prompt", default=_calls.TARGET)
     parser.add_argument("--blend-words", default="cat")
-    _host.add_host_arguments(parser)
+    _script.add_host_arguments(parser)
     args = parser.parse_args()
     t_script = time.perf_counter()
-    nodes = _host.setup(threads=args.threads, host_attention=args.host_attention)
+    nodes, (_, size, steps) = _script.start_in_process(parser, args, f"cfg {args.cfg}")
     import torch
 
     from comfyui_fatezero.fatezero_core.metrics import measure_video
     from comfyui_fatezero.fatezero_core.clip_loading import load_frames
 
-    gpu = _host.on_gpu()
-    size = args.size or (512 if gpu else 128)
-    steps = args.steps or (50 if gpu else 10)
-    print(_host.describe_run(f"{size}x{size} px, {args.frames} frames, {steps} steps, cfg {args.cfg}"),
-          flush=True)
     model, clip, vae, clip_vision, metrics_clip, models_used = load_models(args)
     print(f"models: {models_used}", flush=True)
     if args.video:
@@ -144,14 +137,14 @@ def main() -> int:
 
     frames: dict = {}
     with torch.inference_mode():
-        positive_source, target, spec = _host.blend_settings(
+        positive_source, target, spec = _calls.blend_settings(
             nodes, clip, blend_words=args.blend_words, source_prompt=args.source_prompt,
             target_prompt=args.target_prompt)
-        negative = _host.empty_conditioning(clip)
+        negative = _calls.empty_conditioning(clip)
         latent = vae.encode(source_frames)
-        inverted, store = _host.invert(nodes, model, positive_source, latent, steps, "cpu")
+        inverted, store = _calls.invert(nodes, model, positive_source, latent, steps, "cpu")
         for name, fusion in (("fused", True), ("plain DDIM", False)):
-            out, _ = _host.fatezero_sample(nodes, model, target, negative, inverted, store, spec,
+            out, _ = _calls.fatezero_sample(nodes, model, target, negative, inverted, store, spec,
                                            args.cfg, fusion=fusion)
             frames[name] = vae.decode(out["samples"]).float().clamp(0, 1)
         store.release()
@@ -172,7 +165,7 @@ def main() -> int:
         return "-" if value is None else f"{value:.4f}"
 
     print(f"\nEdit quality, {clip_name}; flow {args.flow} on the reference frames")
-    print(_host.table(("variant", *(c for c, _ in COLUMNS), "kept px"),
+    print(_report.table(("variant", *(c for c, _ in COLUMNS), "kept px"),
                       [(name, *(cell(results[name][k]) for _, k in COLUMNS),
                         f"{100 * results[name]['kept_pixels']:.1f}%") for name in VARIANTS]))
     print("warp error: mean |frame - warped previous frame| over kept pixels (0..1; lower = steadier); "
@@ -199,18 +192,14 @@ def main() -> int:
     fused, plain = results["fused"]["warp_error"], results["plain DDIM"]["warp_error"]
     report = f"fused vs plain DDIM warp error: {fused:.4f} vs {plain:.4f} (ratio {fused / plain:.3f})"
 
-    path = _host.write_json("edit_quality.json", dict(
+    _script.finish("edit_quality.json", dict(
         setting=dict(size=size, frames=int(source_frames.shape[0]), steps=steps, cfg=args.cfg,
                      flow=args.flow, clip=clip_name, shuffled_order=order, models=models_used,
                      real_weights=real, source_prompt=args.source_prompt,
                      target_prompt=args.target_prompt, blend_words=args.blend_words,
                      windows="cross 0.8, self 0.6", store="cpu"),
-        machine=_host.machine(), results=results, targets=targets, fused_vs_plain=report,
-        script_seconds=time.perf_counter() - t_script))
-    print(f"wrote {path.relative_to(_host.ROOT)}; total {time.perf_counter() - t_script:.0f} s")
-    print(report)
-    for line in lines:
-        print(line)
+        machine=_host.machine(), results=results, targets=targets, fused_vs_plain=report),
+        args, t_script, lines, notes=[report])
     return 0
 
 

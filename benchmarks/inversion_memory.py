@@ -26,14 +26,16 @@ frames per step, no hooks): the memory any sampling of these frames needs. Defau
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _host  # noqa: E402
+import _calls
+import _host
+import _probes
+import _report
+import _script
+import tiny_models
 
 RUNS = ("plain", "cpu", "disk", "recompute")
 # The cpu store's resident growth over a run without stored attention, per accounted store byte:
@@ -46,58 +48,49 @@ def child(args) -> dict:
     import torch
 
     start = time.perf_counter()
-    rss_host = _host.rss_bytes()
-    model = _host.build_sd15()
-    clip = _host.build_clip()
-    source, _, _ = _host.blend_settings(nodes, clip)
-    latent = _host.moving_latent(args.frames, args.size // 8)
+    rss_host = _probes.rss_bytes()
+    model = tiny_models.build_sd15()
+    clip = tiny_models.build_tiny_clip()
+    source, _, _ = _calls.blend_settings(nodes, clip)
+    latent = _calls.moving_latent(args.frames, args.size // 8)
     build_s = time.perf_counter() - start
-    _host.trim_heap()
-    base = _host.rss_bytes()
-    reset_ok = _host.reset_peak()
+    _probes.trim_heap()
+    base = _probes.rss_bytes()
+    reset_ok = _probes.reset_peak()
     start = time.perf_counter()
     store = None
     with torch.inference_mode():
         if args.run == "plain":
-            out = _host.core_ddim(model, source, source, {"samples": latent}, args.steps, 1.0)
+            out = _calls.core_ddim(model, source, source, {"samples": latent}, args.steps, 1.0)
         else:
-            out, store = _host.invert(nodes, model, source, latent, args.steps, args.run)
-    _host.sync()
+            out, store = _calls.invert(nodes, model, source, latent, args.steps, args.run)
+    _probes.sync()
     seconds = time.perf_counter() - start
-    peak = _host.peak_rss_bytes()
-    after_untrimmed = _host.rss_bytes()
-    _host.trim_heap()
-    after = _host.rss_bytes()
+    peak = _probes.peak_rss_bytes()
+    after_untrimmed = _probes.rss_bytes()
+    _probes.trim_heap()
+    after = _probes.rss_bytes()
     result = dict(run=args.run, frames=args.frames, size=args.size, steps=args.steps,
                   rss_host=rss_host, rss_base=base, peak_rss=peak, peak_over_base=peak - base,
                   held_after=after - base, held_after_untrimmed=after_untrimmed - base,
-                  peak_reset=reset_ok, cuda_peak=_host.cuda_peak_bytes(),
+                  peak_reset=reset_ok, cuda_peak=_probes.cuda_peak_bytes(),
                   seconds=seconds, build_seconds=build_s, finite=bool(torch.isfinite(out["samples"]).all()),
-                  parameters=_host.parameter_count(model), machine=_host.machine())
+                  parameters=tiny_models.unet_parameter_count(model), machine=_host.machine())
     if store is not None:
         result.update(store_nbytes=store.nbytes, store_latent_nbytes=store.latent_nbytes,
                       store_attention_nbytes=store.nbytes - store.latent_nbytes,
-                      store_disk_bytes=_host.dir_bytes(store.directory))
+                      store_disk_bytes=_probes.dir_bytes(store.directory))
         store.release()
     return result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    _host.add_per_run_arguments(parser, RUNS, "cpu", 10, "DDIM steps")
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args)))
+    measured = _script.measure_each_run(
+        _script.Arguments(__doc__, steps=10), RUNS, "cpu", child, Path(__file__).resolve(), lambda r: print(
+            f"  {r['run']}: {r['seconds']:.0f} s, peak RSS {_report.mb(r['peak_rss'])}", flush=True))
+    if measured is None:
         return 0
-
-    _host.check_environment()
-    import torch
-
-    gpu = torch.cuda.is_available()
-    size = args.size or (512 if gpu else 128)
-    t0 = time.perf_counter()
-    results = _host.run_each(Path(__file__).resolve(), args, size, args.steps, lambda r: print(
-        f"  {r['run']}: {r['seconds']:.0f} s, peak RSS {_host.mb(r['peak_rss'])}", flush=True))
+    args, (gpu, size, _), results, t0 = measured
     m = results[0]["machine"]
     where = _host.where_it_ran(m, gpu)
     print(f"\nFateZero DDIM Invert, peak memory per placement: SD1.5-shape UNet "
@@ -109,14 +102,14 @@ def main() -> int:
     for r in results:
         extra = r["peak_over_base"] - plain["peak_over_base"] if plain and r is not plain else None
         store = r.get("store_nbytes")
-        rows.append((r["run"], _host.mb(r["rss_base"]), _host.mb(r["peak_rss"]),
-                     _host.mb(r["peak_over_base"]), "-" if extra is None else _host.mb(extra),
-                     _host.mb(r["held_after"]), _host.mb(r["held_after_untrimmed"]),
-                     "-" if store is None else _host.mb(store),
-                     _host.mb(r["store_disk_bytes"]) if r.get("store_disk_bytes") else "-",
-                     "-" if r["cuda_peak"] is None else _host.mb(r["cuda_peak"]),
+        rows.append((r["run"], _report.mb(r["rss_base"]), _report.mb(r["peak_rss"]),
+                     _report.mb(r["peak_over_base"]), "-" if extra is None else _report.mb(extra),
+                     _report.mb(r["held_after"]), _report.mb(r["held_after_untrimmed"]),
+                     "-" if store is None else _report.mb(store),
+                     _report.mb(r["store_disk_bytes"]) if r.get("store_disk_bytes") else "-",
+                     "-" if r["cuda_peak"] is None else _report.mb(r["cuda_peak"]),
                      f"{r['seconds']:.1f}"))
-    print(_host.table(("run", "base RSS", "peak RSS", "peak - base", "vs plain", "held after",
+    print(_report.table(("run", "base RSS", "peak RSS", "peak - base", "vs plain", "held after",
                        "untrimmed", "store (acct.)", "store files", "CUDA peak", "seconds"), rows))
     print("base = resident after building the model; vs plain = (peak - base) minus plain "
           "sampling's; held after = resident after the node returned, minus base.")
@@ -130,21 +123,17 @@ def main() -> int:
         if r["run"] == "cpu" and r.get("store_nbytes") and floor is not None:
             grown = r["held_after"] - floor["held_after"]
             ratio = grown / r["store_nbytes"]
-            print(f"check cpu: held after minus {floor['run']}'s = {_host.mb(grown)} for "
-                  f"{_host.mb(r['store_nbytes'])} accounted store bytes (1 = no hidden copies)")
-            line, ok = _host.target_line("cpu_store_resident_vs_accounted", ratio, HELD_GOAL)
+            print(f"check cpu: held after minus {floor['run']}'s = {_report.mb(grown)} for "
+                  f"{_report.mb(r['store_nbytes'])} accounted store bytes (1 = no hidden copies)")
+            line, ok = _report.target_line("cpu_store_resident_vs_accounted", ratio, HELD_GOAL)
             lines.append(line)
             targets["cpu_store_resident_vs_accounted"] = dict(measured=ratio, goal=HELD_GOAL, ok=ok)
-    path = _host.write_json("inversion_memory.json", dict(
+    _script.finish("inversion_memory.json", dict(
         setting=dict(size=size, frames=args.frames, steps=args.steps, store_dtype="fp16",
                      layer_set="relative", model="SD1.5 shape, random weights",
                      dtype="fp16" if gpu else "fp32", reduced_resolution=not gpu),
-        machine=m, results=results, targets=targets, script_seconds=time.perf_counter() - t0),
-        host_attention=args.host_attention)
-    print(f"wrote {path.relative_to(_host.ROOT)} ({time.perf_counter() - t0:.0f} s)")
-    print("(the byte targets vs the official store are printed by store_memory.py)")
-    for line in lines:
-        print(line)
+        machine=m, results=results, targets=targets), args, t0, lines,
+        notes=["(the byte targets vs the official store are printed by store_memory.py)"])
     return 0 if all(r["finite"] for r in results) else 1
 
 

@@ -26,43 +26,46 @@ least, is a target too. Results go to ``benchmarks/results/scaling.json``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _host  # noqa: E402
+import _calls
+import _host
+import _probes
+import _report
+import _script
+import tiny_models
 
 FRAMES = (8, 16, 32, 64)
 GOAL = 1.15
 
 
 def child(args) -> dict:
+    args.frames = int(args.frames)
     nodes = _host.setup(threads=args.threads, host_attention=args.host_attention)
     import torch
 
-    model = _host.build_sd15()
-    clip = _host.build_clip()
-    source, target, spec = _host.blend_settings(nodes, clip, blend_words="cat",
+    model = tiny_models.build_sd15()
+    clip = tiny_models.build_tiny_clip()
+    source, target, spec = _calls.blend_settings(nodes, clip, blend_words="cat",
                                                 cross_replace_steps=1.0, self_replace_steps=1.0)
-    negative = _host.empty_conditioning(clip)
-    latent = _host.moving_latent(args.frames, args.size // 8)
+    negative = _calls.empty_conditioning(clip)
+    latent = _calls.moving_latent(args.frames, args.size // 8)
     if _host.on_gpu():  # load the weights first, so the CUDA peak below is above them
         import comfy.model_management
 
         comfy.model_management.load_models_gpu([model])
-    base = _host.rss_bytes()
-    _host.reset_peak()
+    base = _probes.rss_bytes()
+    _probes.reset_peak()
     cuda_base = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
     with torch.inference_mode():
-        with _host.StepTimer() as inv:
-            inverted, store = _host.invert(nodes, model, source, latent, args.steps, "cpu")
-        with _host.StepTimer() as edit:
-            out, _ = _host.fatezero_sample(nodes, model, target, negative, inverted, store, spec, 7.5)
-    peak = _host.peak_rss_bytes()
-    cuda_peak = _host.cuda_peak_bytes()
+        with _probes.StepTimer() as inv:
+            inverted, store = _calls.invert(nodes, model, source, latent, args.steps, "cpu")
+        with _probes.StepTimer() as edit:
+            out, _ = _calls.fatezero_sample(nodes, model, target, negative, inverted, store, spec, 7.5)
+    peak = _probes.peak_rss_bytes()
+    cuda_peak = _probes.cuda_peak_bytes()
     result = dict(frames=args.frames, size=args.size, steps=args.steps,
                   invert_per_step=inv.per_step, edit_per_step=edit.per_step,
                   invert_cpu_per_step=inv.cpu_per_step, edit_cpu_per_step=edit.cpu_per_step,
@@ -75,35 +78,24 @@ def child(args) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=None, help="frame side in px (CPU 64, GPU 256)")
-    parser.add_argument("--frames", default=",".join(map(str, FRAMES)))
-    parser.add_argument("--steps", type=int, default=3)
-    _host.add_host_arguments(parser, metric_for="the exponent targets")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        args.frames = int(args.frames)
-        print(json.dumps(child(args)))
+    parser = _script.Arguments(__doc__, sizes=(64, 256), steps=3, frames=",".join(map(str, FRAMES)))
+    _script.add_host_arguments(parser, metric_for="the exponent targets")
+    args = _script.parent_or_child(parser, child)
+    if args is None:
         return 0
-
-    _host.check_environment()
-    import torch
-
-    gpu = torch.cuda.is_available()
-    size = args.size or (256 if gpu else 64)
+    gpu, size, _ = parser.setting(args)
     frames = [int(f) for f in args.frames.split(",")]
     metric, metric_why = _host.choose_metric(args.metric)
     t0 = time.perf_counter()
     results = []
     for f in frames:
         child_args = ["--frames", str(f), "--size", str(size), "--steps", str(args.steps)]
-        child_args += _host.host_child_args(args)
-        r = _host.run_child(Path(__file__).resolve(), child_args, timeout=3600)
+        child_args += _script.host_child_args(args)
+        r = _script.run_child(Path(__file__).resolve(), child_args, timeout=3600)
         r["pair_per_step"] = r["invert_per_step"] + r["edit_per_step"]
         r["pair_cpu_per_step"] = r["invert_cpu_per_step"] + r["edit_cpu_per_step"]
         print(f"  {f} frames: step pair {r['pair_per_step']:.2f} s, peak - base "
-              f"{_host.mb(r['peak_over_base'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
+              f"{_report.mb(r['peak_over_base'])} ({time.perf_counter() - t0:.0f} s)", flush=True)
         results.append(r)
     m = results[0]["machine"]
     where = _host.where_it_ran(m, gpu)
@@ -112,22 +104,22 @@ def main() -> int:
           "each frame count in a fresh process.")
     rows = [(r["frames"], f"{r['invert_per_step']:.2f}", f"{r['edit_per_step']:.2f}",
              f"{r['pair_per_step']:.2f}", f"{r['pair_cpu_per_step']:.2f}",
-             f"{r['pair_per_step'] / r['frames']:.3f}", _host.mb(r["peak_over_base"]),
-             _host.mb(r["store_nbytes"]),
-             "-" if r["cuda_peak_over_base"] is None else _host.mb(r["cuda_peak_over_base"]))
+             f"{r['pair_per_step'] / r['frames']:.3f}", _report.mb(r["peak_over_base"]),
+             _report.mb(r["store_nbytes"]),
+             "-" if r["cuda_peak_over_base"] is None else _report.mb(r["cuda_peak_over_base"]))
             for r in results]
-    print(_host.table(("frames", "invert s/step", "edit s/step", "step pair s", "pair CPU s",
+    print(_report.table(("frames", "invert s/step", "edit s/step", "step pair s", "pair CPU s",
                        "s per frame", "peak - base", "store", "CUDA peak - base"), rows))
 
     xs = [r["frames"] for r in results]
     exponents = {
-        "time": _host.fit_exponent(xs, [r["pair_per_step"] for r in results]),
-        "time_cpu_seconds": _host.fit_exponent(xs, [r["pair_cpu_per_step"] for r in results]),
-        "memory": _host.fit_exponent(xs, [max(1, r["peak_over_base"]) for r in results]),
-        "store_bytes": _host.fit_exponent(xs, [r["store_nbytes"] for r in results]),
+        "time": _report.fit_exponent(xs, [r["pair_per_step"] for r in results]),
+        "time_cpu_seconds": _report.fit_exponent(xs, [r["pair_cpu_per_step"] for r in results]),
+        "memory": _report.fit_exponent(xs, [max(1, r["peak_over_base"]) for r in results]),
+        "store_bytes": _report.fit_exponent(xs, [r["store_nbytes"] for r in results]),
     }
     if gpu:
-        exponents["cuda_memory"] = _host.fit_exponent(xs, [max(1, r["cuda_peak_over_base"]) for r in results])
+        exponents["cuda_memory"] = _report.fit_exponent(xs, [max(1, r["cuda_peak_over_base"]) for r in results])
     print("\nfitted exponents (log value vs log frames): "
           + ", ".join(f"{k} {v:.3f}" for k, v in exponents.items()))
     # A fixed cost per step (reading the weights, unfused layers at this small size) pulls the
@@ -139,15 +131,15 @@ def main() -> int:
         df = b["frames"] - a["frames"]
         growth_rows.append((f"{a['frames']} -> {b['frames']}",
                             f"{(b['pair_per_step'] - a['pair_per_step']) / df:.3f}",
-                            f"{_host.fit_exponent([a['frames'], b['frames']], [a['pair_per_step'], b['pair_per_step']]):.3f}",
-                            _host.mb((b["peak_over_base"] - a["peak_over_base"]) / df),
-                            f"{_host.fit_exponent([a['frames'], b['frames']], [a['peak_over_base'], b['peak_over_base']]):.3f}"))
-    print(_host.table(("frames", "s/step pair per added frame", "time exponent", "peak per added frame",
+                            f"{_report.fit_exponent([a['frames'], b['frames']], [a['pair_per_step'], b['pair_per_step']]):.3f}",
+                            _report.mb((b["peak_over_base"] - a["peak_over_base"]) / df),
+                            f"{_report.fit_exponent([a['frames'], b['frames']], [a['peak_over_base'], b['peak_over_base']]):.3f}"))
+    print(_report.table(("frames", "s/step pair per added frame", "time exponent", "peak per added frame",
                        "memory exponent"), growth_rows))
     if len(results) > 1:
         prev, last = results[-2:]
         key_t = "pair_per_step" if metric == "wall" else "pair_cpu_per_step"
-        exponents["time_last_doubling"] = _host.fit_exponent(
+        exponents["time_last_doubling"] = _report.fit_exponent(
             [prev["frames"], last["frames"]], [prev[key_t], last[key_t]])
     time_key = "time" if metric == "wall" else "time_cpu_seconds"
     print(f"the time target uses {metric_why}.")
@@ -158,18 +150,14 @@ def main() -> int:
         targets["cuda_memory"] = exponents["cuda_memory"]
     lines, status = [], {}
     for name, value in targets.items():
-        line, ok = _host.target_line(f"{name}_exponent", value, GOAL)
+        line, ok = _report.target_line(f"{name}_exponent", value, GOAL)
         lines.append(line)
         status[name] = dict(measured=value, goal=GOAL, ok=ok)
-    path = _host.write_json("scaling.json", dict(
+    _script.finish("scaling.json", dict(
         setting=dict(size=size, steps=args.steps, frames=frames, placement="cpu", cfg=7.5,
                      reduced_resolution=not gpu),
-        machine=m, metric=metric_why, results=results, exponents=exponents, targets=status,
-        script_seconds=time.perf_counter() - t0),
-        host_attention=args.host_attention)
-    print(f"wrote {path.relative_to(_host.ROOT)}; total {time.perf_counter() - t0:.0f} s")
-    for line in lines:
-        print(line)
+        machine=m, metric=metric_why, results=results, exponents=exponents, targets=status),
+        args, t0, lines)
     return 0 if all(r["finite"] for r in results) else 1
 
 

@@ -33,13 +33,15 @@ whose extra source pass is a second UNet call per step (``benchmarks/NOTES.md``)
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _host  # noqa: E402
+import _calls
+import _host
+import _probes
+import _report
+import _script
+import tiny_models
 
 PLACEMENTS = ("gpu", "cpu", "disk", "recompute")
 TARGETS = (  # (name, variant, baseline, goal)
@@ -52,38 +54,30 @@ TARGETS = (  # (name, variant, baseline, goal)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=None, help="frame side in px (CPU 128, GPU 512)")
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (CPU 3, GPU 10)")
+    parser = _script.Arguments(__doc__, steps=(3, 10))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--placements", default=",".join(PLACEMENTS))
-    _host.add_host_arguments(parser, metric_for="the target ratios")
+    _script.add_host_arguments(parser, metric_for="the target ratios")
     parser.add_argument("--profile", default=None, metavar="VARIANT",
                         help="after the repetitions, profile one run of VARIANT (e.g. 'sample cpu') "
                              "with torch.profiler and print the top ops")
     args = parser.parse_args()
     t_script = time.perf_counter()
-    nodes = _host.setup(threads=args.threads, host_attention=args.host_attention)
+    nodes, (gpu, size, steps) = _script.start_in_process(parser, args, f"cfg {args.cfg}")
     import torch
 
-    gpu = _host.on_gpu()
-    size = args.size or (512 if gpu else 128)
-    steps = args.steps or (10 if gpu else 3)
     placements = [p.strip() for p in args.placements.split(",") if p.strip()]
     metric, metric_why = _host.choose_metric(args.metric)
     key = "per_step" if metric == "wall" else "cpu_per_step"
-    print(_host.describe_run(f"{size}x{size} px, {args.frames} frames, {steps} steps, cfg {args.cfg}"),
-          flush=True)
 
-    model = _host.build_sd15()
-    clip = _host.build_clip()
-    source, target, spec = _host.blend_settings(nodes, clip, blend_words="cat",
+    model = tiny_models.build_sd15()
+    clip = tiny_models.build_tiny_clip()
+    source, target, spec = _calls.blend_settings(nodes, clip, blend_words="cat",
                                                 cross_replace_steps=1.0, self_replace_steps=1.0)
-    negative = _host.empty_conditioning(clip)
-    latent = _host.moving_latent(args.frames, size // 8)
-    print(f"model ready ({_host.parameter_count(model) / 1e6:.0f} M parameters) after "
+    negative = _calls.empty_conditioning(clip)
+    latent = _calls.moving_latent(args.frames, size // 8)
+    print(f"model ready ({tiny_models.unet_parameter_count(model) / 1e6:.0f} M parameters) after "
           f"{time.perf_counter() - t_script:.0f} s", flush=True)
 
     stores: dict = {}
@@ -92,19 +86,19 @@ def main() -> int:
     def timed(fn, before=None):
         if before is not None:
             before()
-        _host.reset_peak()
-        with _host.StepTimer() as timer:
+        _probes.reset_peak()
+        with _probes.StepTimer() as timer:
             with torch.inference_mode():
                 fn()
         return dict(per_step=timer.per_step, cpu_per_step=timer.cpu_per_step,
-                    wall_per_step=timer.wall / steps, wall=timer.wall, cuda_peak=_host.cuda_peak_bytes())
+                    wall_per_step=timer.wall / steps, wall=timer.wall, cuda_peak=_probes.cuda_peak_bytes())
 
     def plain_forward():
-        _host.core_ddim(model, source, source, {"samples": latent}, steps, 1.0)
+        _calls.core_ddim(model, source, source, {"samples": latent}, steps, 1.0)
 
     def invert(p):
         def run():
-            inverted[p], stores[p] = _host.invert(nodes, model, source, latent, steps, p)
+            inverted[p], stores[p] = _calls.invert(nodes, model, source, latent, steps, p)
         return run
 
     def release_before(name):
@@ -116,15 +110,15 @@ def main() -> int:
         return release if name.startswith("invert") else None
 
     def plain_ksampler():
-        _host.core_ddim(model, target, negative, inverted[placements[0]], steps, args.cfg)
+        _calls.core_ddim(model, target, negative, inverted[placements[0]], steps, args.cfg)
 
     clip_norm_model = nodes.clip_runtime.with_group_norm(model, "clip")
 
     def plain_ksampler_clip_norm():
-        _host.core_ddim(clip_norm_model, target, negative, inverted[placements[0]], steps, args.cfg)
+        _calls.core_ddim(clip_norm_model, target, negative, inverted[placements[0]], steps, args.cfg)
 
     def sample(p):
-        return lambda: _host.fatezero_sample(nodes, model, target, negative, inverted[p], stores[p],
+        return lambda: _calls.fatezero_sample(nodes, model, target, negative, inverted[p], stores[p],
                                              spec, args.cfg)
 
     variants = ([("plain forward", plain_forward)] + [(f"invert {p}", invert(p)) for p in placements]
@@ -155,21 +149,21 @@ def main() -> int:
                    for name, _ in variants if name not in ("plain forward", "plain KSampler")}
     rows = []
     for name, _ in variants:
-        per = _host.median([x["per_step"] for x in runs[name]])
-        wall = _host.median([x["wall_per_step"] for x in runs[name]])
+        per = _report.median([x["per_step"] for x in runs[name]])
+        wall = _report.median([x["wall_per_step"] for x in runs[name]])
         base = baseline_of.get(name)
-        ratio = _host.median(ratios(name, base)) if base else None
-        wall_ratio = _host.median(ratios(name, base, "wall_per_step")) if base else None
-        cpu_ratio = _host.median(ratios(name, base, "cpu_per_step")) if base else None
+        ratio = _report.median(ratios(name, base)) if base else None
+        wall_ratio = _report.median(ratios(name, base, "wall_per_step")) if base else None
+        cpu_ratio = _report.median(ratios(name, base, "cpu_per_step")) if base else None
         peak = runs[name][-1]["cuda_peak"]
         rows.append((name, f"{per:.3f}", f"{wall:.3f}", base or "-",
                      "-" if ratio is None else f"{ratio:.3f}",
                      "-" if wall_ratio is None else f"{wall_ratio:.3f}",
                      "-" if cpu_ratio is None else f"{cpu_ratio:.3f}",
                      " ".join(f"{x['per_step']:.2f}" for x in runs[name]),
-                     "-" if peak is None else _host.mb(peak)))
+                     "-" if peak is None else _report.mb(peak)))
     print(f"\nSpeed per step, medians over {args.repeats} alternating repetitions")
-    print(_host.table(("variant", "s/step", "wall s/step", "vs", "ratio", "wall ratio",
+    print(_report.table(("variant", "s/step", "wall s/step", "vs", "ratio", "wall ratio",
                        "CPU-time ratio", "s/step per repetition", "CUDA peak"), rows))
     print("ratio: per-step wall time (callback intervals), the targets; wall ratio: whole node "
           "call / steps; CPU-time ratio: process CPU seconds per step (robust when other "
@@ -191,20 +185,16 @@ def main() -> int:
     for name, variant, base, goal in TARGETS:
         if variant not in runs:
             continue
-        value = _host.median(ratios(variant, base, key))
-        line, ok = _host.target_line(name, value, goal)
+        value = _report.median(ratios(variant, base, key))
+        line, ok = _report.target_line(name, value, goal)
         lines.append(line)
         results[name] = dict(measured=value, goal=goal, ok=ok, metric=metric,
-                             wall=_host.median(ratios(variant, base)),
-                             cpu=_host.median(ratios(variant, base, "cpu_per_step")))
-    path = _host.write_json("speed.json", dict(
+                             wall=_report.median(ratios(variant, base)),
+                             cpu=_report.median(ratios(variant, base, "cpu_per_step")))
+    _script.finish("speed.json", dict(
         setting=dict(size=size, frames=args.frames, steps=steps, cfg=args.cfg, repeats=args.repeats,
                      reduced_resolution=not gpu, windows="cross 1.0, self 1.0, blend word 'cat'"),
-        machine=_host.machine(), metric=metric_why, runs=runs, targets=results,
-        script_seconds=time.perf_counter() - t_script))
-    print(f"wrote {path.relative_to(_host.ROOT)}; total {time.perf_counter() - t_script:.0f} s")
-    for line in lines:
-        print(line)
+        machine=_host.machine(), metric=metric_why, runs=runs, targets=results), args, t_script, lines)
     return 0
 
 

@@ -26,37 +26,31 @@ The last lines compare against the design targets (8 frames, 512 px, K=1, per st
 
 from __future__ import annotations
 
-import gc
-import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+import _report
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fatezero_core.controller import CaptureController  # noqa: E402
 from fatezero_core.keyframes import key_frame_table, key_frames_used, parse_key_rule  # noqa: E402
-from fatezero_core.layers import AttnCall  # noqa: E402
 from fatezero_core.memory import (  # noqa: E402
     SD1_HEADS,
     compact_store_bytes_per_step,
     official_map_store_bytes_per_step,
     recompute_store_bytes_per_step,
-    sd1_layer_infos,
     sd1_stored_layers,
 )
-from fatezero_core.store import AttentionStore, CaptureConfig  # noqa: E402
+from tiny_models.store_probe import LATENT, measure_one_step  # noqa: E402
 
-LATENT = 64  # 512 px
 FRAMES = (8, 16, 32, 64)
 RULES = (("mid", 1), ("prev, first", 2))
 STEPS = (10, 50)
 TARGETS = {"compact_vs_official": 0.2, "recompute_vs_official": 0.01}
-RESULTS = ROOT / "benchmarks" / "results" / "store_memory.json"
 
 
 def kept_key_frames(rule: str, frames: int) -> int:
@@ -82,46 +76,8 @@ def row(frames: int, rule: str, k: int, steps: int) -> dict:
                 recompute_ratio_total=recompute_total / (steps * official))
 
 
-def measure_one_step(rule: str, frames: int = 8) -> dict:
-    """Capture one synthetic step of real SD1.x shapes at 512 px and read the store's accounting.
-
-    Full-resolution layers (4096 tokens) are not stored under ``relative``; they are skipped
-    because their self-attention is the slow part of a CPU pass and adds nothing to the store.
-    """
-    config = CaptureConfig(num_frames=frames, latent_size=(LATENT, LATENT), sigmas=(0.0, 1.0),
-                           key_rule=parse_key_rule(rule), min_st_channels=640, layer_set="relative")
-    store = AttentionStore(config, placement="cpu", dtype="fp16")
-    controller = CaptureController(store)
-    g = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    with torch.no_grad():
-        for layer in sd1_layer_infos(LATENT):
-            if layer.level == 0:
-                continue
-            call = AttnCall(layer, 0, ("cond",))
-            shape = (frames, layer.tokens, layer.channels)
-            controller.attn1(*(torch.randn(shape, generator=g) for _ in range(3)), call)
-            ctx = torch.randn(1, 77, layer.channels, generator=g)
-            controller.attn2(torch.randn(shape, generator=g), ctx, ctx, call)
-    store.end_step(0)
-    store.set_latents([torch.randn(frames, 4, LATENT, LATENT, generator=g) for _ in range(2)])
-    store.finish()
-    result = dict(rule=rule, frames=frames, steps_captured=1,
-                  attention_bytes=store.nbytes_by_step()[0],
-                  latent_bytes_per_step=store.latent_nbytes // 2,
-                  layers=len(store.nbytes_by_layer()), seconds=time.perf_counter() - start)
-    store.release()
-    del store, controller
-    gc.collect()
-    return result
-
-
-def mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
 def gb(n: int) -> str:
-    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else mb(n)
+    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else _report.mb(n)
 
 
 def main() -> int:
@@ -129,21 +85,17 @@ def main() -> int:
     header = ("frames", "rule (K)", "kept", "steps", "official/step", "official total",
               "compact/step", "compact total", "x official", "recompute/step", "recompute total",
               "x official")
-    table = [header] + [
+    cells = [
         (str(r["frames"]), f"{r['rule']} ({r['K']})", str(r["kept"]), str(r["steps"]),
-         mb(r["official_per_step"]), gb(r["official_total"]),
-         mb(r["compact_per_step"]), gb(r["compact_total"]), f"{r['compact_ratio_total']:.3f}",
-         mb(r["recompute_per_step"]), gb(r["recompute_total"]), f"{r['recompute_ratio_total']:.5f}")
+         _report.mb(r["official_per_step"]), gb(r["official_total"]),
+         _report.mb(r["compact_per_step"]), gb(r["compact_total"]), f"{r['compact_ratio_total']:.3f}",
+         _report.mb(r["recompute_per_step"]), gb(r["recompute_total"]), f"{r['recompute_ratio_total']:.5f}")
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     print("Attention store bytes, SD1.x 512x512 (64x64 latent, 11 stored layers, 8 heads, fp16; "
           "latents float32)")
     print("compact = gpu / cpu / disk placements (same bytes: GPU memory, host RAM, or files)")
-    for n, line in enumerate(table):
-        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    print(_report.table(header, cells))
 
     print("\nMeasured: one captured step through CaptureController -> AttentionStore.nbytes_by_step()")
     measured = []
@@ -166,8 +118,7 @@ def main() -> int:
     }
     status = {name: targets[name] <= goal for name, goal in TARGETS.items()}
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(dict(
+    path = _report.write_json("store_memory.json", dict(
         setting="SD1.x 512x512, relative layer set, fp16 store, float32 latents",
         machine=dict(platform=platform.platform(), python=platform.python_version(),
                      torch=torch.__version__, cuda=torch.cuda.is_available()),
@@ -175,10 +126,10 @@ def main() -> int:
         targets={name: dict(measured=targets[name], goal=TARGETS[name], ok=status[name],
                             setting="8 frames, 512 px, K=1 (mid), per step")
                  for name in TARGETS},
-    ), indent=2))
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    ))
+    print(f"\nwrote {path.relative_to(ROOT)}")
     for name, goal in TARGETS.items():
-        print(f"target {name}: {targets[name]:.4f} (goal <= {goal}) {'ok' if status[name] else 'MISS'}")
+        print(_report.target_line(name, targets[name], goal, "{:.4f}")[0])
     return 0 if all(m["equal"] for m in measured) else 1
 
 

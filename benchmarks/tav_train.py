@@ -24,14 +24,15 @@ at ~20 GB with xformers). Results go to ``benchmarks/results/tav_train.json``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _host  # noqa: E402
+import _calls
+import _host
+import _probes
+import _report
+import _script
+import tiny_models
 
 RUNS = ("checkpointing", "no-checkpointing")
 VRAM_GOAL_GB = 12.0  # 8 frames at 512 px on a consumer card
@@ -49,12 +50,12 @@ def child(args) -> dict:
     train = importlib.import_module(f"{_host.PACK_MODULE}.nodes.tav_train")
     start = time.perf_counter()
     with torch.inference_mode():  # as Load Checkpoint builds it in the executor
-        model = _host.build_sd15()
-        clip = _host.build_clip()
-        source, _, _ = _host.blend_settings(nodes, clip)
-        latent = _host.moving_latent(args.frames, args.size // 8)
+        model = tiny_models.build_sd15()
+        clip = tiny_models.build_tiny_clip()
+        source, _, _ = _calls.blend_settings(nodes, clip)
+        latent = _calls.moving_latent(args.frames, args.size // 8)
     build_s = time.perf_counter() - start
-    parameters = _host.parameter_count(model)  # before: the loaded tuned model also counts its temporal layers
+    parameters = tiny_models.unet_parameter_count(model)  # before: the loaded tuned model also counts its temporal layers
     stamps: list[float] = []
     losses: list[float] = []
     original = train.progress_reporter
@@ -63,72 +64,63 @@ def child(args) -> dict:
         report = original(steps, node_id)
 
         def wrapped(step, values):
-            _host.sync()
+            _probes.sync()
             stamps.append(time.perf_counter())
             losses.append(values[-1])
             report(step, values)
         return wrapped
 
     train.progress_reporter = timed
-    _host.trim_heap()
-    base = _host.rss_bytes()
-    reset_ok = _host.reset_peak()
+    _probes.trim_heap()
+    base = _probes.rss_bytes()
+    reset_ok = _probes.reset_peak()
     start = time.perf_counter()
     with torch.inference_mode():
         out = train.FateZeroTuneAVideoTrain.execute(
             model=model, latent={"samples": latent}, source=source, steps=args.steps, learning_rate=1e-5,
             seed=74831, gradient_checkpointing=args.run == "checkpointing", precision="auto",
             trainable="official", lora_rank=160, save_name="")
-    _host.sync()
+    _probes.sync()
     seconds = time.perf_counter() - start
-    peak = _host.peak_rss_bytes()
+    peak = _probes.peak_rss_bytes()
     per_step = [b - a for a, b in zip(stamps, stamps[1:])]
     trained = out.args[0]
     runtime = trained.get_wrappers("diffusion_model", "fatezero_clip")[0]
     temporal = sum(p.numel() for m in runtime.modules for p in m.parameters())
     return dict(run=args.run, frames=args.frames, size=args.size, steps=args.steps,
                 rss_base=base, peak_rss=peak, peak_over_base=peak - base, peak_reset=reset_ok,
-                cuda_peak=_host.cuda_peak_bytes(), seconds=seconds, build_seconds=build_s,
+                cuda_peak=_probes.cuda_peak_bytes(), seconds=seconds, build_seconds=build_s,
                 first_step_seconds=stamps[0] - start if stamps else None,
-                seconds_per_step=_host.median(per_step) if per_step else None,
+                seconds_per_step=_report.median(per_step) if per_step else None,
                 losses=losses, finite=all(map(lambda v: v == v, losses)),
                 parameters=parameters, temporal_parameters=temporal,
                 precision=str(train.training_dtype("auto", model.load_device)), machine=_host.machine())
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    _host.add_per_run_arguments(parser, RUNS, "checkpointing", None, "training steps (CPU 3, GPU 6)")
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args)))
+    measured = _script.measure_each_run(
+        _script.Arguments(__doc__, steps=(3, 6), steps_help="training steps"), RUNS, "checkpointing",
+        child, Path(__file__).resolve(), lambda r: print(
+            f"  {r['run']}: {r['seconds']:.0f} s, {r['seconds_per_step']:.2f} s/step, peak RSS "
+            f"{_report.mb(r['peak_rss'])}", flush=True))
+    if measured is None:
         return 0
-
-    _host.check_environment()
-    import torch
-
-    gpu = torch.cuda.is_available()
-    size = args.size or (512 if gpu else 128)
-    steps = args.steps or (6 if gpu else 3)
-    t0 = time.perf_counter()
-    results = _host.run_each(Path(__file__).resolve(), args, size, steps, lambda r: print(
-        f"  {r['run']}: {r['seconds']:.0f} s, {r['seconds_per_step']:.2f} s/step, peak RSS "
-        f"{_host.mb(r['peak_rss'])}", flush=True))
+    args, (gpu, size, steps), results, t0 = measured
     m = results[0]["machine"]
     print(f"\nFateZero Tune-A-Video Train: SD1.5-shape UNet ({results[0]['parameters'] / 1e6:.0f} M "
           f"parameters + {results[0]['temporal_parameters'] / 1e6:.0f} M temporal, random weights, "
           f"compute {results[0]['precision']}), {size}x{size} px, {args.frames} frames, {steps} steps, "
           f"official trainable set. Ran {_host.where_it_ran(m, gpu)}; each run in a fresh process.")
-    rows = [(r["run"], f"{r['seconds_per_step']:.2f}", f"{r['first_step_seconds']:.1f}", _host.mb(r["rss_base"]),
-             _host.mb(r["peak_rss"]), _host.mb(r["peak_over_base"]),
-             "-" if r["cuda_peak"] is None else _host.mb(r["cuda_peak"])) for r in results]
-    print(_host.table(("gradient checkpointing", "s/step", "first step s", "base RSS", "peak RSS",
+    rows = [(r["run"], f"{r['seconds_per_step']:.2f}", f"{r['first_step_seconds']:.1f}", _report.mb(r["rss_base"]),
+             _report.mb(r["peak_rss"]), _report.mb(r["peak_over_base"]),
+             "-" if r["cuda_peak"] is None else _report.mb(r["cuda_peak"])) for r in results]
+    print(_report.table(("gradient checkpointing", "s/step", "first step s", "base RSS", "peak RSS",
                        "peak - base", "CUDA peak"), rows))
     lines, targets = [], {}
     by_run = {r["run"]: r for r in results}
     if gpu and "checkpointing" in by_run and size == 512 and args.frames == 8:
         gb = by_run["checkpointing"]["cuda_peak"] / 2**30
-        line, ok = _host.target_line("train_cuda_peak_gb_8_frames_512px", gb, VRAM_GOAL_GB, "{:.2f}")
+        line, ok = _report.target_line("train_cuda_peak_gb_8_frames_512px", gb, VRAM_GOAL_GB, "{:.2f}")
         lines.append(line)
         targets["train_cuda_peak_gb_8_frames_512px"] = dict(measured=gb, goal=VRAM_GOAL_GB, ok=ok)
     elif not gpu:
@@ -136,19 +128,15 @@ def main() -> int:
     if {"checkpointing", "no-checkpointing"} <= by_run.keys():
         key = "cuda_peak" if gpu else "peak_over_base"
         ratio = by_run["checkpointing"][key] / by_run["no-checkpointing"][key]
-        line, ok = _host.target_line("checkpointing_memory_vs_off", ratio, CHECKPOINTING_GOAL)
+        line, ok = _report.target_line("checkpointing_memory_vs_off", ratio, CHECKPOINTING_GOAL)
         lines.append(line)
         targets["checkpointing_memory_vs_off"] = dict(measured=ratio, goal=CHECKPOINTING_GOAL, ok=ok, memory=key)
         slow = by_run["checkpointing"]["seconds_per_step"] / by_run["no-checkpointing"]["seconds_per_step"]
         print(f"gradient checkpointing: {ratio:.2f}x the training memory, {slow:.2f}x the time per step")
-    path = _host.write_json("tav_train.json", dict(
+    _script.finish("tav_train.json", dict(
         setting=dict(size=size, frames=args.frames, steps=steps, model="SD1.5 shape, random weights",
                      trainable="official", lora_rank=160, reduced_resolution=not gpu),
-        machine=m, results=results, targets=targets, script_seconds=time.perf_counter() - t0),
-        host_attention=args.host_attention)
-    print(f"wrote {path.relative_to(_host.ROOT)} ({time.perf_counter() - t0:.0f} s)")
-    for line in lines:
-        print(line)
+        machine=m, results=results, targets=targets), args, t0, lines)
     return 0 if all(r["finite"] for r in results) else 1
 
 

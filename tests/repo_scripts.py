@@ -1,4 +1,4 @@
-"""Import the repo's stand-alone scripts (``tools/``, ``benchmarks/``: not packages) in tests."""
+"""Import the repo's stand-alone scripts (``tools/``: not a package) in tests."""
 
 from __future__ import annotations
 

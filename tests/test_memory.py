@@ -11,7 +11,7 @@ from fatezero_core.memory import (
     recompute_store_bytes_per_step,
     sd1_stored_layers,
 )
-from repo_scripts import load_script
+from tiny_models.store_probe import measure_one_step
 
 SD1_512_QUERIES = [1024] * 2 + [256] * 2 + [64] + [256] * 3 + [1024] * 3
 
@@ -70,8 +70,8 @@ def test_compact_formula_equals_measured_store(rule):
     frames = 8
     kept = len(key_frames_used(key_frame_table(parse_key_rule(rule), frames)))
     assert kept == {"mid": 1, "prev, first": 7}[rule]  # frame 7 is nobody's previous frame
-    # the benchmark's own measurement: one synthetic SD1.x step at 512 px captured into a real store
-    measured = load_script("benchmarks/store_memory.py").measure_one_step(rule, frames)
+    # the measurement store_memory.py prints: one synthetic SD1.x step at 512 px captured into a real store
+    measured = measure_one_step(rule, frames)
     formula = compact_store_bytes_per_step(frames, sd1_stored_layers(64), kept)
     assert measured["attention_bytes"] == formula
     assert measured["latent_bytes_per_step"] == recompute_store_bytes_per_step(frames, 64, 64)

@@ -615,7 +615,7 @@ def shared_tav_diffusers_file(folder: Path, seed: int = 5) -> str:
     storage once)."""
     import tiny_models
 
-    storage = tiny_models._SharedStorage(seed)
+    storage = tiny_models.SharedStorage(seed)
     shapes = dict(core_tav.sd1_unet_key_shapes(320))
     for block in core_tav.sd1_transformer_blocks():
         c = shapes[f"{block}.norm1.weight"][0]

@@ -163,7 +163,7 @@ def write_tiny_controlnet(path: Path) -> None:
         config.pop(key, None)
     with torch.device("meta"):
         net = comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=torch.float32, device="meta", **config)
-    storage = tiny_models._SharedStorage(seed=11)
+    storage = tiny_models.SharedStorage(seed=11)
     state = {f"control_model.{k}": storage.tensor(k, v.shape) for k, v in sorted(net.state_dict().items())}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, str(path))
