@@ -99,6 +99,22 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     return ve_to_vp(x, sigmas[-1])
 
 
+def step_of_sigma(sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
+    """Index of the schedule sigma nearest ``sigma``: the step a model evaluation reads.
+
+    The DDIM loops evaluate exactly at schedule sigmas (the inversion runs step ``j`` at
+    ``sigmas[j + 1]``; its capture shifts by one). A sampler override's intermediate evaluation
+    (``dpm_2``'s midpoint ``sqrt(s_i s_{i+1})``, ``dpmpp_2s_ancestral``'s, which lands on
+    ``s_{i+1}``) reads the step of the nearest noise level. No edit step starts at the last sigma
+    of a descending schedule: an evaluation nearest it (the last step's midpoint when the end is
+    not 0, as with ``schedule_end`` official) belongs to the last step."""
+    s = sigmas.detach().to(device="cpu", dtype=torch.float64)
+    x = float(sigma.reshape(-1)[0])
+    nearest = int((s - x).abs().argmin())
+    descending = len(s) > 1 and float(s[0]) > float(s[-1])
+    return min(nearest, len(s) - 2) if descending else nearest
+
+
 def latent_blend_step(masks, store):
     """``after_step`` for :func:`sample_ddim`: the local latent blend ``z_src + M (z - z_src)``
     (reference doc 3.5) in VP space, with ``masks`` the edit's ``edit_maps.EditMaps`` (its
@@ -114,4 +130,4 @@ def latent_blend_step(masks, store):
     return after_step
 
 
-__all__ = ["latent_blend_step", "official_sigmas", "sample_ddim", "sample_ddim_inversion"]
+__all__ = ["latent_blend_step", "official_sigmas", "sample_ddim", "sample_ddim_inversion", "step_of_sigma"]

@@ -16,6 +16,7 @@ import torch
 from ..fatezero_core.attention import clip_self_attention
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.layers import AttnCall, LayerInfo
+from ..fatezero_core.sampling import step_of_sigma
 
 PASS_KEY = "fatezero_pass"  # transformer_options flag of the recompute source pass
 KEY_RULE_KEY = "fatezero_key_rule"  # model default key-frame rule (Tune-A-Video models)
@@ -38,9 +39,8 @@ def attention_block_keys(diffusion_model) -> list[tuple[str, int, int]]:
 
 
 def sampler_step(extra: dict) -> int:
-    """Index of the current sigma in the running sampler's schedule (host contract section 2)."""
-    sample_sigmas, sigma = extra["sample_sigmas"], extra["sigmas"]
-    return int((sample_sigmas.to(sigma.device) - sigma[0]).abs().argmin())
+    """The running sampler's step for this call (host contract section 2): ``step_of_sigma``."""
+    return step_of_sigma(extra["sample_sigmas"], extra["sigmas"])
 
 
 def chunk_kinds(extra: dict) -> tuple[str, ...]:

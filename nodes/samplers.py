@@ -47,8 +47,8 @@ class FateZeroGuider(comfy.samplers.CFGGuider):
         step = sampler_step({"sample_sigmas": sample_sigmas, "sigmas": timestep})
         j = inversion_step_for_edit_step(step, self.store.config.num_steps)
         self.store.begin_regeneration(j)
-        # The source pass replays inversion step j, which ran at this step's own sigma: a midpoint
-        # sampler's intermediate sigma (dpm_2, dpmpp_2s) maps to the same step, not another pass.
+        # The source pass replays inversion step j at the sigma it ran at (the step's own): a
+        # midpoint sampler's intermediate sigma (dpm_2, dpmpp_2s) only picks the step.
         sigma = sample_sigmas[step].to(timestep)
         z = self.store.latent(j).to(device=x.device, dtype=x.dtype)
         transformer_options[PASS_KEY] = "source"

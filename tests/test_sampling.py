@@ -13,7 +13,7 @@ import torch
 
 from ddim_reference import SIGMA_TABLE as TABLE, eps_denoiser
 from fatezero_core.errors import FateZeroError
-from fatezero_core.sampling import latent_blend_step, official_sigmas, sample_ddim, sample_ddim_inversion
+from fatezero_core.sampling import latent_blend_step, official_sigmas, sample_ddim, sample_ddim_inversion, step_of_sigma
 
 
 def alpha(sigma) -> float:
@@ -124,3 +124,28 @@ def test_loops_compute_the_schedule_on_the_cpu():
     inverted = sample_ddim_inversion(model, x, sigmas)
     edited = sample_ddim(model, inverted, sigmas.flip(0))
     assert torch.isfinite(torch.as_tensor(edited)).all()
+
+
+# ------------------------------------------------------------ which step an evaluation belongs to
+EDIT_SIGMAS = torch.tensor([14.6, 4.0, 1.0, 0.25, 0.0413])  # descending, official (non-zero) end
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_a_schedule_sigma_is_its_own_step(i):
+    assert step_of_sigma(EDIT_SIGMAS, EDIT_SIGMAS[i : i + 1]) == i
+    ascending = EDIT_SIGMAS.flip(0)
+    assert step_of_sigma(ascending, ascending[i + 1 : i + 2]) == i + 1  # the inversion's evaluation
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_a_midpoint_reads_the_nearest_noise_level(i):
+    """dpm_2 evaluates at sqrt(s_i s_{i+1}), nearer s_{i+1}: it reads step i + 1, except on the last
+    step, whose midpoint (a non-zero end) lies nearest the end sigma, where no step starts."""
+    mid = (EDIT_SIGMAS[i] * EDIT_SIGMAS[i + 1]).sqrt().reshape(1)
+    assert step_of_sigma(EDIT_SIGMAS, mid) == min(i + 1, 3)
+
+
+def test_sigmas_at_or_past_the_ends_clamp():
+    assert step_of_sigma(EDIT_SIGMAS, torch.tensor([20.0])) == 0
+    assert step_of_sigma(EDIT_SIGMAS, torch.tensor([0.01])) == 3
+    assert step_of_sigma(EDIT_SIGMAS, EDIT_SIGMAS[-1:]) == 3  # the end: the last step's own

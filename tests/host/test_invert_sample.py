@@ -167,17 +167,19 @@ def test_placements_match_cpu(nodes, tiny_sd15, tiny_clip, placement):
     assert torch.equal(prev_a, prev_b)
 
 
+@pytest.mark.parametrize("end", ["comfy", "official"])
 @pytest.mark.parametrize("name", ["dpm_2", "dpmpp_2s_ancestral"])
-def test_recompute_equals_cpu_under_a_midpoint_sampler(nodes, tiny_sd15, tiny_clip, name):
+def test_recompute_equals_cpu_under_a_midpoint_sampler(nodes, tiny_sd15, tiny_clip, name, end):
     """A midpoint sampler evaluates the model between two step sigmas; the recompute source pass
-    must replay the step's own inversion attention there, as the cpu store hands it out."""
+    must replay the step's own inversion attention there, as the cpu store hands it out. With the
+    official (non-zero) end, dpm_2 takes a midpoint on the last step too."""
     import comfy.samplers
 
     latent = moving_latent()
     src, tgt, spec = settings(nodes, tiny_clip, blend_words="cat")
     neg = empty(tiny_clip)
-    inv_a, store_a = invert(nodes, tiny_sd15, src, latent)
-    inv_b, store_b = invert(nodes, tiny_sd15, src, latent, store_placement="recompute")
+    inv_a, store_a = invert(nodes, tiny_sd15, src, latent, schedule_end=end)
+    inv_b, store_b = invert(nodes, tiny_sd15, src, latent, store_placement="recompute", schedule_end=end)
     outs = [sample(nodes, tiny_sd15, tgt, neg, inv, store, spec, cfg=7.5,
                    sampler=comfy.samplers.sampler_object(name))[0]["samples"]
             for inv, store in ((inv_a, store_a), (inv_b, store_b))]
