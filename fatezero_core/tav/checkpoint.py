@@ -151,16 +151,27 @@ def _attention_shapes(prefix: str, channels: int, context_dim: int) -> Dict[str,
     return shapes
 
 
+def _level_shapes(prefix: str, resnet_inputs: List[int], c: int, attention: bool, sampler: Optional[str],
+                  context_dim: int, c_time: int) -> Dict[str, Tuple[int, ...]]:
+    """One down/up level: a resnet per input width (each followed by a transformer when the level
+    has attention), then its down/up sampler conv."""
+    shapes = {}
+    for j, c_in in enumerate(resnet_inputs):
+        shapes.update(_resnet_shapes(f"{prefix}.resnets.{j}", c_in, c, c_time))
+        if attention:
+            shapes.update(_attention_shapes(f"{prefix}.attentions.{j}", c, context_dim))
+    if sampler:
+        shapes.update(_conv_shapes(f"{prefix}.{sampler}.0.conv", c, c, 3))
+    return shapes
+
+
 def _down_shapes(model_channels: int, context_dim: int, c_time: int) -> Dict[str, Tuple[int, ...]]:
-    shapes, c_prev = {}, model_channels
+    shapes, c_prev, last = {}, model_channels, len(CHANNEL_MULT) - 1
     for i, mult in enumerate(CHANNEL_MULT):
         c = model_channels * mult
-        for j in range(LAYERS_PER_BLOCK):
-            shapes.update(_resnet_shapes(f"down_blocks.{i}.resnets.{j}", c_prev if j == 0 else c, c, c_time))
-            if i in DOWN_LEVELS_WITH_ATTENTION:
-                shapes.update(_attention_shapes(f"down_blocks.{i}.attentions.{j}", c, context_dim))
-        if i < len(CHANNEL_MULT) - 1:
-            shapes.update(_conv_shapes(f"down_blocks.{i}.downsamplers.0.conv", c, c, 3))
+        inputs = [c_prev] + [c] * (LAYERS_PER_BLOCK - 1)
+        shapes.update(_level_shapes(f"down_blocks.{i}", inputs, c, i in DOWN_LEVELS_WITH_ATTENTION,
+                                    "downsamplers" if i < last else None, context_dim, c_time))
         c_prev = c
     return shapes
 
@@ -168,17 +179,13 @@ def _down_shapes(model_channels: int, context_dim: int, c_time: int) -> Dict[str
 def _up_shapes(model_channels: int, context_dim: int, c_time: int) -> Dict[str, Tuple[int, ...]]:
     """Resnet inputs are the previous output concatenated with the matching skip connection."""
     reversed_c = [model_channels * m for m in reversed(CHANNEL_MULT)]
-    shapes, c_prev = {}, reversed_c[0]
+    shapes, c_prev, last = {}, reversed_c[0], len(reversed_c) - 1
     for i, c in enumerate(reversed_c):
-        c_skip_last = reversed_c[min(i + 1, len(reversed_c) - 1)]
-        for j in range(LAYERS_PER_BLOCK + 1):
-            c_skip = c_skip_last if j == LAYERS_PER_BLOCK else c
-            c_in = (c_prev if j == 0 else c) + c_skip
-            shapes.update(_resnet_shapes(f"up_blocks.{i}.resnets.{j}", c_in, c, c_time))
-            if i in UP_LEVELS_WITH_ATTENTION:
-                shapes.update(_attention_shapes(f"up_blocks.{i}.attentions.{j}", c, context_dim))
-        if i < len(reversed_c) - 1:
-            shapes.update(_conv_shapes(f"up_blocks.{i}.upsamplers.0.conv", c, c, 3))
+        c_skip_last = reversed_c[min(i + 1, last)]
+        inputs = [(c_prev if j == 0 else c) + (c_skip_last if j == LAYERS_PER_BLOCK else c)
+                  for j in range(LAYERS_PER_BLOCK + 1)]
+        shapes.update(_level_shapes(f"up_blocks.{i}", inputs, c, i in UP_LEVELS_WITH_ATTENTION,
+                                    "upsamplers" if i < last else None, context_dim, c_time))
         c_prev = c
     return shapes
 

@@ -44,6 +44,12 @@ def _is_last(container: nn.Module, child: str) -> bool:
     return child == str(len(container) - 1)
 
 
+def _require_last(container: nn.Module, kind: type, child: str, message: str) -> None:
+    """Appending after ``child`` must move no other weight: it has to be ``container``'s last."""
+    if not isinstance(container, kind) or not _is_last(container, child):
+        raise CheckpointError(message)
+
+
 def block_list_patch(unet: nn.Module, block_path: str, extra: nn.Module) -> Tuple[str, nn.ModuleList]:
     """``(path, replacement)`` that runs ``extra`` after the transformer block at ``block_path``
     (e.g. ``input_blocks.1.1.transformer_blocks.0``): the block list with ``extra`` appended.
@@ -51,11 +57,9 @@ def block_list_patch(unet: nn.Module, block_path: str, extra: nn.Module) -> Tupl
     The block must be the last of its list, so no other block moves."""
     owner, child = _split(block_path)
     blocks = _submodule(unet, owner, "transformer block list")
-    if not isinstance(blocks, nn.ModuleList) or not _is_last(blocks, child):
-        raise CheckpointError(
-            f"Cannot insert temporal attention after '{block_path}': it is not the last block of "
-            f"'{owner}'. Tune-A-Video models are SD1.x UNets with one block per transformer."
-        )
+    _require_last(blocks, nn.ModuleList, child,
+                  f"Cannot insert temporal attention after '{block_path}': it is not the last block of "
+                  f"'{owner}'. Tune-A-Video models are SD1.x UNets with one block per transformer.")
     return owner, nn.ModuleList([*blocks, extra])
 
 
@@ -70,11 +74,9 @@ def conv_patch(unet: nn.Module, conv_path: str, extra: nn.Module) -> Tuple[str, 
     parent_path, child = _split(conv_path)
     parent = _submodule(unet, parent_path, "conv owner")
     if isinstance(parent, nn.Sequential):
-        if not _is_last(parent, child):
-            raise CheckpointError(
-                f"Cannot insert a temporal conv after '{conv_path}': it is not the last layer of "
-                f"'{parent_path}', so appending would move other weights."
-            )
+        _require_last(parent, nn.Sequential, child,
+                      f"Cannot insert a temporal conv after '{conv_path}': it is not the last layer of "
+                      f"'{parent_path}', so appending would move other weights.")
         return parent_path, type(parent)(*parent, extra)
     if child not in ("op", "conv"):
         raise CheckpointError(
@@ -83,11 +85,9 @@ def conv_patch(unet: nn.Module, conv_path: str, extra: nn.Module) -> Tuple[str, 
         )
     outer_path, owner = _split(parent_path)
     outer = _submodule(unet, outer_path, "block")
-    if not isinstance(outer, nn.Sequential) or not _is_last(outer, owner):
-        raise CheckpointError(
-            f"Cannot insert a temporal conv after '{conv_path}': '{parent_path}' is not the last "
-            f"layer of a Sequential."
-        )
+    _require_last(outer, nn.Sequential, owner,
+                  f"Cannot insert a temporal conv after '{conv_path}': '{parent_path}' is not the last "
+                  f"layer of a Sequential.")
     return outer_path, type(outer)(*outer, extra)
 
 
