@@ -196,10 +196,6 @@ def tokenize_prompt(
         PromptError: the prompt has more than 75 content tokens, names a missing embedding, or the
             tokenizer misbehaves.
     """
-    if not isinstance(prompt, str):
-        raise PromptError(f"a prompt must be text, got {type(prompt).__name__}")
-    if not callable(tokenize):
-        raise PromptError("tokenize must be a callable text -> list of CLIP token ids")
     reading = read_prompt(prompt, embedding_length)
     content: list[int] = []
     spans: list[range] = []
@@ -512,12 +508,6 @@ def _parse_window(value: object, what: str) -> tuple[float, float]:
     return bounds
 
 
-def _check_num_steps(num_steps: object) -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise PromptError(f"the number of steps must be a positive integer, got {num_steps!r}")
-    return num_steps
-
-
 def cross_replace_alphas(
     tgt_tokens: PromptTokens, num_steps: int, cross_replace_steps: StepsSpec
 ) -> torch.Tensor:
@@ -533,13 +523,12 @@ def cross_replace_alphas(
         PromptError: a window out of ``0 <= start <= end <= 1``, or a per-word entry whose word is
             not in the target prompt (the official code ignores it silently).
     """
-    steps = _check_num_steps(num_steps)
     if isinstance(cross_replace_steps, Mapping):
         spec = dict(cross_replace_steps)
     else:
         spec = {"default_": cross_replace_steps}
     spec.setdefault("default_", (0.0, 1.0))
-    rows = steps + 1
+    rows = num_steps + 1
     alpha = torch.zeros(rows, MAX_TOKENS)
 
     def fill(window: object, what: str, columns: Union[slice, list[int]]) -> None:
@@ -565,9 +554,8 @@ def self_replace_window(num_steps: int, self_replace_steps: Window) -> tuple[int
     Raises:
         PromptError: a window out of ``0 <= start <= end <= 1``.
     """
-    steps = _check_num_steps(num_steps)
     s0, s1 = _parse_window(self_replace_steps, "self_replace_steps")
-    return int(steps * s0), int(steps * s1)
+    return int(num_steps * s0), int(num_steps * s1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ..fatezero_core.prompt_align import BOS, EOS, MODES, PromptTokens, is_embed
 from ..fatezero_core.prompt_syntax import EMBEDDING_PREFIX
 from .patching import conditioning_fingerprint
 from .sockets import BlendSettings
-from .user_errors import FateZeroNodeError, user_errors
+from .user_errors import FateZeroNodeError, reports_user_errors
 
 MODE_OPTIONS = ["auto"] + [m for m in MODES if m != "auto"]
 
@@ -236,36 +236,34 @@ class FateZeroAttentionBlendSettings(io.ComfyNode):
         )
 
     @classmethod
+    @reports_user_errors
     def execute(cls, clip, source_prompt, target_prompt, blend_words, cross_replace_steps,
                 self_replace_steps, blend_threshold, mode, local_latent_blend, soft_mask,
                 target_blend_words="", cross_replace_words="", reweight="") -> io.NodeOutput:
         tokenize = clip_tokenizer(clip)
         embedding_length = embedding_lookup(clip)
         for which, text in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
-            if not isinstance(text, str) or not text.strip():
+            if not text.strip():
                 raise FateZeroNodeError(f"{which} is empty: describe the video in a few words.")
-        if mode not in MODE_OPTIONS:
-            raise FateZeroNodeError(f"mode must be one of {', '.join(MODE_OPTIONS)} (got {mode!r}).")
 
-        with user_errors():
-            spec = EditSpec(
-                source_prompt=source_prompt,
-                target_prompt=target_prompt,
-                tokenize=tokenize,
-                mode=mode,
-                cross_replace_steps=cross_replace_setting(cross_replace_steps, cross_replace_words),
-                self_replace_steps=float(self_replace_steps),
-                blend_words=parse_words(blend_words, "blend_words"),
-                target_blend_words=parse_words(target_blend_words, "target_blend_words"),
-                blend_threshold=float(blend_threshold),
-                soft_mask=bool(soft_mask),
-                reweight=parse_reweight(reweight),
-                latent_blend=bool(local_latent_blend),
-                embedding_length=embedding_length,
-            )
-            spec.check()
-            source_layout = tokenize_prompt(source_prompt, tokenize, embedding_length)
-            target_layout = tokenize_prompt(target_prompt, tokenize, embedding_length)
+        spec = EditSpec(
+            source_prompt=source_prompt,
+            target_prompt=target_prompt,
+            tokenize=tokenize,
+            mode=mode,
+            cross_replace_steps=cross_replace_setting(cross_replace_steps, cross_replace_words),
+            self_replace_steps=float(self_replace_steps),
+            blend_words=parse_words(blend_words, "blend_words"),
+            target_blend_words=parse_words(target_blend_words, "target_blend_words"),
+            blend_threshold=float(blend_threshold),
+            soft_mask=bool(soft_mask),
+            reweight=parse_reweight(reweight),
+            latent_blend=bool(local_latent_blend),
+            embedding_length=embedding_length,
+        )
+        spec.check()
+        source_layout = tokenize_prompt(source_prompt, tokenize, embedding_length)
+        target_layout = tokenize_prompt(target_prompt, tokenize, embedding_length)
 
         source = encode(clip, source_prompt, "source", source_layout)
         target = encode(clip, target_prompt, "target", target_layout)

@@ -19,7 +19,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..fatezero_core.metrics import FLOW_METHODS, check_frames, clip_input, measure_video, plot_metrics
-from .user_errors import FateZeroNodeError, user_errors
+from .user_errors import FateZeroNodeError, reports_user_errors
 
 CONNECT_TEXT_MODEL = (
     "Connect a full CLIP text model with CLIP Loader (type stable_diffusion), the text half of the "
@@ -144,15 +144,15 @@ class FateZeroVideoMetrics(io.ComfyNode):
         )
 
     @classmethod
+    @reports_user_errors
     def execute(cls, edited_frames, source_frames=None, clip_vision=None, clip=None,
                 source_prompt="", target_prompt="", flow="dis", save_json=False,
                 filename_prefix="fatezero/metrics") -> io.NodeOutput:
-        with user_errors():
-            check_frames(edited_frames, source_frames)  # before any CLIP work
-            embeds, notes = clip_embeddings(edited_frames, source_frames, clip_vision, clip,
-                                            source_prompt, target_prompt)
-            metrics = measure_video(edited_frames, source_frames, flow_method=flow, notes=tuple(notes),
-                                    **embeds)
+        check_frames(edited_frames, source_frames)  # before any CLIP work
+        embeds, notes = clip_embeddings(edited_frames, source_frames, clip_vision, clip,
+                                        source_prompt, target_prompt)
+        metrics = measure_video(edited_frames, source_frames, flow_method=flow, notes=tuple(notes),
+                                **embeds)
         if save_json:
             path = write_json(metrics.as_dict(), filename_prefix)
             metrics.notes.append(f"saved {os.path.relpath(path, folder_paths.get_output_directory())} "

@@ -59,7 +59,7 @@ from ..fatezero_core.tav.inflate import block_list_patch, conv_patch
 from ..fatezero_core.tav.modules import FramewiseTemporalConv, TemporalAttention, temporal_module_from_state_dict
 from .clip_runtime import clip_runtime, use_clip_group_norm
 from .patching import KEY_RULE_KEY
-from .user_errors import FateZeroNodeError, user_errors
+from .user_errors import FateZeroNodeError, reports_user_errors
 
 FOLDER = "tuneavideo"
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
@@ -341,12 +341,12 @@ class FateZeroTuneAVideoLoader(io.ComfyNode):
             return math.nan  # never equal: the node runs and reports the problem
 
     @classmethod
+    @reports_user_errors
     def execute(cls, checkpoint, base_model=None) -> io.NodeOutput:
         path = resolve_checkpoint(checkpoint)
-        with user_errors():
-            ckpt = load_tav_checkpoint(path)
-            model = build_unet_model(ckpt, base_model)
-            inserted = insert_temporal_layers(model, ckpt)
+        ckpt = load_tav_checkpoint(path)
+        model = build_unet_model(ckpt, base_model)
+        inserted = insert_temporal_layers(model, ckpt)
         if ckpt.layout == LAYOUT_PLAIN:
             log.warning("Tune-A-Video Loader: %s has no temporal layers; loaded as a plain SD1.x UNet.", checkpoint)
         else:

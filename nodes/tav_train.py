@@ -57,7 +57,7 @@ from .tav_loader import (
     module_path,
     sd1_unet_problem,
 )
-from .user_errors import FateZeroNodeError, user_errors
+from .user_errors import FateZeroNodeError, reports_user_errors
 
 log = logging.getLogger("comfyui-fatezero")
 
@@ -398,28 +398,28 @@ class FateZeroTuneAVideoTrain(io.ComfyNode):
         )
 
     @classmethod
+    @reports_user_errors
     def execute(cls, model, latent, source, steps, learning_rate, seed, gradient_checkpointing, precision,
                 trainable, lora_rank, save_name) -> io.NodeOutput:
-        with user_errors():
-            samples = latent["samples"]
-            frames = core.check_clip_latent(samples)
-            check_base_model(model)
-            path = save_path(save_name)
-            rank = lora_rank if trainable == "official" else None
-            progress = progress_reporter(steps, cls.hidden.unique_id if cls.hidden else None)
-            with torch.inference_mode(False), torch.enable_grad():
-                try:
-                    run, trained = tune(model, samples.clone(), [[c.clone(), dict(o)] for c, o in source],
-                                        steps, learning_rate, seed, gradient_checkpointing, precision, rank, progress)
-                except torch.OutOfMemoryError:
-                    comfy.model_management.soft_empty_cache()
-                    raise FateZeroError(core.oom_advice(frames, samples.shape[2], samples.shape[3],
-                                                        gradient_checkpointing, precision)) from None
-            if path:
-                write_checkpoint(path, run.layout_state_dict(), {
-                    "fatezero_layout": "fatezero", "tuned_steps": steps, "learning_rate": learning_rate,
-                    "seed": seed, "frames": frames, "lora_rank": rank or 0})
-                log.info("Tune-A-Video Train: saved %s", path)
+        samples = latent["samples"]
+        frames = core.check_clip_latent(samples)
+        check_base_model(model)
+        path = save_path(save_name)
+        rank = lora_rank if trainable == "official" else None
+        progress = progress_reporter(steps, cls.hidden.unique_id if cls.hidden else None)
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                run, trained = tune(model, samples.clone(), [[c.clone(), dict(o)] for c, o in source],
+                                    steps, learning_rate, seed, gradient_checkpointing, precision, rank, progress)
+            except torch.OutOfMemoryError:
+                comfy.model_management.soft_empty_cache()
+                raise FateZeroError(core.oom_advice(frames, samples.shape[2], samples.shape[3],
+                                                    gradient_checkpointing, precision)) from None
+        if path:
+            write_checkpoint(path, run.layout_state_dict(), {
+                "fatezero_layout": "fatezero", "tuned_steps": steps, "learning_rate": learning_rate,
+                "seed": seed, "frames": frames, "lora_rank": rank or 0})
+            log.info("Tune-A-Video Train: saved %s", path)
         return io.NodeOutput(trained, core.loss_curve_image(run.losses))
 
 

@@ -27,7 +27,7 @@ def user_errors():
 
 
 def reports_user_errors(execute):
-    """Decorator for a node's whole ``execute``: :func:`user_errors` around it."""
+    """Decorator every node puts on its whole ``execute``: :func:`user_errors` around it."""
 
     @functools.wraps(execute)
     def wrapper(*args, **kwargs):

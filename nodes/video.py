@@ -21,7 +21,7 @@ from ..fatezero_core.clip_loading import RESIZE_MODES, load_frames, select_frame
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.media_types import is_image_file, is_video_file, natural_sort_key
 from .input_files import FileDigests, frames_fingerprint, safe_input_path
-from .user_errors import FateZeroNodeError, user_errors
+from .user_errors import FateZeroNodeError, reports_user_errors
 
 MAX_FRAMES = 100_000
 MAX_SIZE = 8192
@@ -231,20 +231,20 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
             return math.nan  # never equal to itself: the node runs and reports the problem
 
     @classmethod
+    @reports_user_errors
     def execute(cls, video, frame_load_cap, skip_first_frames, select_every_nth, size,
                 resize_mode, sequence_fps=8.0, source_video=None) -> io.NodeOutput:
         selection = dict(frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
                          select_every_nth=select_every_nth, size=size, resize_mode=resize_mode)
         path = _video_file(source_video) if source_video is not None else cls._input_file(video)
-        with user_errors():
-            if path is None:  # a VIDEO held in memory (e.g. from Create Video)
-                frames, fps, audio = cls._from_components(source_video.get_components(), selection)
-            else:
-                frames, fps = load_frames(path, sequence_fps=sequence_fps, progress=cls._progress(),
-                                          **selection)
-                start, duration = selection_audio_span(frames.shape[0], fps, skip_first_frames=skip_first_frames,
-                                                       select_every_nth=select_every_nth)
-                audio = _audio(read_audio(path, start, duration) if is_video_file(path) else None)
+        if path is None:  # a VIDEO held in memory (e.g. from Create Video)
+            frames, fps, audio = cls._from_components(source_video.get_components(), selection)
+        else:
+            frames, fps = load_frames(path, sequence_fps=sequence_fps, progress=cls._progress(),
+                                      **selection)
+            start, duration = selection_audio_span(frames.shape[0], fps, skip_first_frames=skip_first_frames,
+                                                   select_every_nth=select_every_nth)
+            audio = _audio(read_audio(path, start, duration) if is_video_file(path) else None)
         return io.NodeOutput(frames, int(frames.shape[0]), float(fps), audio)
 
     @staticmethod

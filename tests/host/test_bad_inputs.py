@@ -230,3 +230,21 @@ def test_context_windows_are_refused(nodes, case, user_error_types):
                       case["latent"], steps=STEPS)
     expect_user_error(user_error_types, pattern, edit, nodes, case, model=windowed)
     assert "context_handler" not in case["model"].model_options
+
+
+
+def test_every_node_reports_user_errors_the_same_way(nodes, comfy_nodes):
+    """One convention: every node's ``execute`` is wrapped by ``reports_user_errors``, which turns a
+    core ``FateZeroError`` raised anywhere inside into a short node error (chain dropped)."""
+    report = nodes.user_errors.reports_user_errors
+
+    def fails():
+        raise comfy_nodes.fatezero_core.errors.FateZeroError("change this setting")
+
+    wrapped = report(fails)
+    with pytest.raises(nodes.user_errors.FateZeroNodeError, match="change this setting") as info:
+        wrapped()
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    unwrapped = [node.__name__ for node in nodes.node_classes()
+                 if node.execute.__func__.__code__ is not wrapped.__code__]
+    assert not unwrapped, f"execute without reports_user_errors: {unwrapped}"
