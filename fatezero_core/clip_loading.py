@@ -50,6 +50,7 @@ __all__ = [
     "list_image_sequence",
     "output_size",
     "resize_frames",
+    "scaled_size",
     "load_frames",
     "select_frames",
 ]
@@ -291,7 +292,7 @@ def _check_mode(resize_mode: str) -> str:
     return resize_mode
 
 
-def _scaled_size(height: int, width: int, size: int) -> tuple[int, int]:
+def scaled_size(height: int, width: int, size: int) -> tuple[int, int]:
     """Short side to ``size``, long side ``int(scale * long)`` (the official rounding)."""
     short, long = (height, width) if height < width else (width, height)
     scale = size / short
@@ -313,7 +314,7 @@ def output_size(height: int, width: int, *, size: int = 512, resize_mode: str = 
     if resize_mode == "crop":
         return size, size
     if resize_mode == "keep_aspect":
-        sh, sw = _scaled_size(height, width, size)
+        sh, sw = scaled_size(height, width, size)
         return sh // 8 * 8, sw // 8 * 8
     if height < 8 or width < 8:
         raise VideoError(
@@ -345,7 +346,7 @@ def resize_frames(frames: torch.Tensor, *, size: int = 512, resize_mode: str = "
     out_h, out_w = output_size(h, w, size=size, resize_mode=resize_mode)
     x = x.to(torch.float32).permute(0, 3, 1, 2)
     if resize_mode != "none":
-        sh, sw = _scaled_size(h, w, size)
+        sh, sw = scaled_size(h, w, size)
         if (sh, sw) != (h, w):
             x = F.interpolate(x, size=(sh, sw), mode="bilinear", align_corners=False, antialias=True)
             x = x.clamp_(0.0, 1.0)

@@ -36,7 +36,7 @@ from kornia.metrics import ssim as kornia_ssim
 from kornia.geometry import create_meshgrid
 
 from .errors import MetricsError
-from .clip_loading import _scaled_size
+from .clip_loading import scaled_size
 
 __all__ = [
     "FLOW_METHODS",
@@ -108,7 +108,7 @@ def clip_input(frames: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
         x = x[:, h - w:]
         h = w
     x = x.permute(0, 3, 1, 2)
-    sh, sw = _scaled_size(h, w, size)
+    sh, sw = scaled_size(h, w, size)
     if (sh, sw) != (h, w):
         x = F.interpolate(x, size=(sh, sw), mode="bicubic", align_corners=False, antialias=True)
     top, left = int(round((sh - size) / 2.0)), int(round((sw - size) / 2.0))
