@@ -23,7 +23,8 @@ from .attention import (apply_probs, attention, attention_probs, blended_self_at
                         spatio_temporal_attention)
 from .cross_fusion import fuse_cross_probs
 from .edit_maps import EditMaps
-from .errors import FateZeroError, StoreMismatchError
+from .ddim import inversion_step_for_edit_step
+from .errors import FateZeroError
 from .keyframes import (gather_key_frames, key_frame_table, key_frames_used, remap_table,
                         rule_for_channels)
 from .layers import AttnCall, LayerInfo, LayerSet
@@ -148,8 +149,6 @@ class EditSettings:
             raise FateZeroError(f"Unknown edit mode '{self.mode}'; use replace or refine.")
         if self.mode == "refine" and self.refine_alphas is None:
             raise FateZeroError("Refine mode needs the refine alphas of the token alignment.")
-        if self.latent_blend and not self.blend_tokens:
-            raise FateZeroError("The local latent blend needs blend words; add them or turn it off.")
         slots = self.mapper.shape[0]
         if len(self.source_token_ids) != slots or len(self.target_token_ids) != slots:
             raise FateZeroError(f"Edit settings need the {slots} token ids of both prompts.")
@@ -180,7 +179,6 @@ class EditController(_Controller):
         store.check_readable()
         self.settings = settings
         self.num_steps = self.config.num_steps
-        self._check_settings()
         # Blend masks, preview map and latent-blend target map: fed from attn2, read by the
         # sampling loop and the preview.
         self.maps = maps if maps is not None else EditMaps(store, settings)
@@ -189,16 +187,8 @@ class EditController(_Controller):
         self.stop_source_pass_early = False
         self._last_stored = store.last_stored_layer()
 
-    def _check_settings(self):
-        rows = self.settings.cross_alphas.shape[0]
-        if rows != self.num_steps + 1:
-            raise StoreMismatchError(
-                f"The blend settings were made for {rows - 1} steps but the store has "
-                f"{self.num_steps}: use the same number of steps."
-            )
-
     def inversion_step(self, edit_step: int) -> int:
-        return self.num_steps - 1 - edit_step
+        return inversion_step_for_edit_step(edit_step, self.num_steps)
 
     def _self_fusion_on(self, i: int, layer: LayerInfo) -> bool:
         start, end = self.settings.self_window

@@ -133,7 +133,8 @@ class EditMaps:
         Parity (default): ``z_{N-i}``, one step noisier than the edit latent, as the official code
         does; aligned: ``z_{N-1-i}``, the same noise level.
         """
-        return self.num_steps - 1 - i if self.settings.latent_blend_aligned else self.num_steps - i
+        j = inversion_step_for_edit_step(i, self.num_steps)
+        return j if self.settings.latent_blend_aligned else j + 1
 
     def latent_blend_mask(self, i: int, latent_size) -> torch.Tensor | None:
         """``[F, 1, h, w]`` union of the source- and target-word masks, or None when inactive."""

@@ -269,6 +269,3 @@ class FateZeroAttentionBlendSettings(io.ComfyNode):
         target = encode(clip, target_prompt, "target", target_layout)
         spec = dataclasses.replace(spec, source_fingerprint=conditioning_fingerprint(source))
         return io.NodeOutput(source, target, spec)
-
-
-NODES = [FateZeroAttentionBlendSettings]

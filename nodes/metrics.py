@@ -160,6 +160,3 @@ class FateZeroVideoMetrics(io.ComfyNode):
         table, plot = metrics.table(), plot_metrics(metrics)
         shown = {**ui.PreviewImage(plot, cls=cls).as_dict(), "text": (table,)}
         return io.NodeOutput(table, plot, ui=shown)
-
-
-NODES = [FateZeroVideoMetrics]

@@ -352,6 +352,3 @@ class FateZeroTuneAVideoLoader(io.ComfyNode):
         else:
             log.info("Tune-A-Video Loader: %s (%s layout), %d temporal layers.", checkpoint, ckpt.layout, inserted)
         return io.NodeOutput(model)
-
-
-NODES = [FateZeroTuneAVideoLoader]

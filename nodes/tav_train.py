@@ -235,30 +235,17 @@ class TuneRun:
 
     # ---- loop (run by TrainSampler inside ComfyUI's sampling setup) --------------------------------
     def loop(self, model_wrap, extra_args, x0, steps: int, lr: float, progress) -> None:
-        settings = core.OptimizerSettings(lr=lr)
-        params = self.params()
-        optimizer = core.make_optimizer(params, settings)
         scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device.type == "cuda" else None
         sampling = model_wrap.inner_model.model_sampling
-        generator = torch.Generator().manual_seed(self.seed)
-        x0 = x0.to(torch.float32)
         blocks = checkpoint_units(model_wrap.inner_model.diffusion_model) if self.checkpointing else []
         for block in blocks:
             checkpointed(block)
         try:
-            for step in range(steps):
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                timestep, noise = core.draw_step(generator, x0)
-                noise = noise.to(x0.device)
-                sigma = sampling.sigma(torch.tensor([float(timestep)])).to(x0.device, torch.float32)
-
-                def loss_fn():
-                    x = x0 + sigma * noise  # eps parameterisation: x = x0 + sigma * eps
-                    denoised = model_wrap(x, sigma.expand(x.shape[0]), **extra_args)
-                    return core.noise_prediction_loss(core.eps_from_denoised(x, denoised.float(), sigma), noise)
-
-                self.losses.append(core.train_step(loss_fn, optimizer, params, settings.max_grad_norm, scaler))
-                progress(step + 1, self.losses)
+            self.losses = core.tune_clip(
+                lambda x, sigma: model_wrap(x, sigma, **extra_args),
+                lambda timestep: sampling.sigma(torch.tensor([float(timestep)])),
+                x0, self.params(), steps, core.OptimizerSettings(lr=lr), self.seed, scaler,
+                on_step=progress, before_step=comfy.model_management.throw_exception_if_processing_interrupted)
         finally:
             restore(blocks)
 
@@ -421,6 +408,3 @@ class FateZeroTuneAVideoTrain(io.ComfyNode):
                 "seed": seed, "frames": frames, "lora_rank": rank or 0})
             log.info("Tune-A-Video Train: saved %s", path)
         return io.NodeOutput(trained, core.loss_curve_image(run.losses))
-
-
-NODES = [FateZeroTuneAVideoTrain]

@@ -276,6 +276,3 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
                                                select_every_nth=selection["select_every_nth"])
         rate = int(sound["sample_rate"])
         return frames, fps, _audio((crop_audio(sound["waveform"], rate, start, duration), rate))
-
-
-NODES = [FateZeroLoadVideoFrames]

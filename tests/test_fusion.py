@@ -7,7 +7,6 @@ and for ``recompute`` a source pass before every edit step, as the host drives i
 
 from __future__ import annotations
 
-import itertools
 import zlib
 
 import pytest

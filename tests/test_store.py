@@ -366,12 +366,6 @@ def settings(steps=STEPS):
                         self_window=(0, steps), source_token_ids=ids, target_token_ids=ids)
 
 
-def test_edit_controller_refuses_other_step_count():
-    store = capture(AttentionStore(make_config(), "cpu"))
-    with pytest.raises(StoreMismatchError, match="made for 6 steps but the store has 4"):
-        EditController(store, settings(steps=6))
-
-
 # ------------------------------------------------------------------ recompute
 def test_recompute_holds_latents_and_one_step_of_scratch():
     store = capture(AttentionStore(make_config(), "recompute", dtype="fp16"))

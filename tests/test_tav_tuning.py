@@ -155,3 +155,33 @@ def test_clip_self_attention_is_per_clip_with_previous_and_first_frame_keys():
             assert torch.allclose(out[i], ref[0], atol=1e-6), (c, f)
     with pytest.raises(FateZeroError, match="whole clips"):
         clip_self_attention(q, k, v, heads, (-1, "first"), chunks=4)
+
+
+def test_tune_clip_runs_the_official_sample_and_learns():
+    """The loop draws (t, eps) exactly as draw_step with the seed, noises x = x0 + sigma(t) eps, and
+    lowers the noise-prediction MSE of a model that can represent the noise."""
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 4, 8, 8)
+    weight = torch.nn.Parameter(torch.zeros(()))
+    seen = []
+
+    def denoise(x, sigma):  # an eps model eps_theta = weight * (x - x0), run as a denoiser
+        seen.append((x.detach().clone(), float(sigma[0])))
+        eps_theta = weight * (x - x0)
+        return x - sigma.reshape(-1, 1, 1, 1) * eps_theta
+
+    def sigma_of(t):
+        return torch.tensor([0.1 + t / 1000.0])
+
+    steps_seen = []
+    losses = core.tune_clip(denoise, sigma_of, x0, [weight], 60, core.OptimizerSettings(lr=0.05), seed=7,
+                            on_step=lambda done, so_far: steps_seen.append((done, len(so_far))))
+    generator = torch.Generator().manual_seed(7)
+    t0, eps0 = core.draw_step(generator, x0)
+    sigma0 = 0.1 + t0 / 1000.0
+    assert seen[0][1] == pytest.approx(sigma0)
+    assert torch.allclose(seen[0][0], x0 + sigma0 * eps0, atol=1e-6)
+    # eps_theta = weight * sigma * eps: the loss is (w sigma - 1)^2 mean(eps^2), exactly at step 0 (w = 0)
+    assert losses[0] == pytest.approx(float((eps0 ** 2).mean()), rel=1e-5)
+    assert steps_seen == [(k, k) for k in range(1, 61)]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10

@@ -2,7 +2,7 @@
 // runner can import this file directly (tests/js/fatezero_logic.test.mjs).
 //
 // Word rules follow the pack's Python side (fatezero_core/prompt_align.py and
-// nodes/blend_settings.py), so what the node shows matches what the node will accept:
+// fatezero_core/edit_text.py), so what the node shows matches what the node will accept:
 // - a prompt's words are its whitespace-separated parts;
 // - a word is compared lowercased, without the punctuation around it ("Jeep," == "jeep");
 // - word lists (blend_words, target_blend_words) are separated by commas, semicolons or newlines;

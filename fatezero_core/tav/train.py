@@ -173,6 +173,41 @@ def train_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optim
     return float(loss.detach())
 
 
+def tune_clip(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              sigma_of: Callable[[int], torch.Tensor], x0: torch.Tensor, params: Sequence[torch.Tensor],
+              steps: int, settings: OptimizerSettings, seed: int,
+              scaler: Optional["torch.amp.GradScaler"] = None,
+              on_step: Optional[Callable[[int, List[float]], None]] = None,
+              before_step: Optional[Callable[[], None]] = None) -> List[float]:
+    """The official one-shot tuning loop (``train_tuneavideo.py``) on one clip; returns every loss.
+
+    Each step draws a timestep and noise (:func:`draw_step`, seeded on the CPU), noises the clip as
+    ``x = x0 + sigma(t) * eps`` (the eps parameterisation in the host's VE form), runs ``denoise``
+    on the whole clip, and takes the MSE to the noise (:func:`noise_prediction_loss`) through one
+    AdamW step with gradient clipping (:func:`train_step`). ``before_step`` may raise to stop (the
+    host's interrupt); ``on_step(done, losses)`` reports progress."""
+    optimizer = make_optimizer(params, settings)
+    generator = torch.Generator().manual_seed(seed)
+    x0 = x0.to(torch.float32)
+    losses: List[float] = []
+    for step in range(steps):
+        if before_step is not None:
+            before_step()
+        timestep, noise = draw_step(generator, x0)
+        noise = noise.to(x0.device)
+        sigma = sigma_of(timestep).to(x0.device, torch.float32)
+
+        def loss_fn():
+            x = x0 + sigma * noise
+            denoised = denoise(x, sigma.expand(x.shape[0]))
+            return noise_prediction_loss(eps_from_denoised(x, denoised.float(), sigma), noise)
+
+        losses.append(train_step(loss_fn, optimizer, params, settings.max_grad_norm, scaler))
+        if on_step is not None:
+            on_step(step + 1, losses)
+    return losses
+
+
 def running_mean(values: Sequence[float], window: int) -> List[float]:
     """Trailing mean over the last ``window`` values at every position."""
     out, total = [], 0.0
@@ -233,5 +268,5 @@ __all__ = [
     "MIN_FRAMES", "NUM_TRAIN_TIMESTEPS", "OFFICIAL_LEARNING_RATE", "OFFICIAL_LORA_RANK", "OFFICIAL_SEED",
     "OFFICIAL_STEPS", "OptimizerSettings", "check_clip_latent", "draw_step", "eps_from_denoised",
     "fatezero_layout", "fresh_temporal_checkpoint", "is_trainable", "loss_curve_image",
-    "make_optimizer", "noise_prediction_loss", "oom_advice", "running_mean", "train_step",
+    "make_optimizer", "noise_prediction_loss", "oom_advice", "running_mean", "train_step", "tune_clip",
 ]

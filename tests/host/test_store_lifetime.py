@@ -2,8 +2,9 @@
 
 Runs on the headless server with ComfyUI's own (classic) execution cache: a ``disk`` store's folder
 in ComfyUI's temp directory is the visible trace of a live store. It must survive a rerun that
-reuses the cached inversion, go away when a changed inversion replaces the cached output, and go
-away when the user frees the node cache ("Free model and node cache", ``POST /free``).
+reuses the cached inversion, go away when a changed inversion replaces the cached output, when the
+user frees the node cache ("Free model and node cache", ``POST /free``) and when a graph without
+that DDIM Invert node runs.
 """
 
 import time
@@ -32,6 +33,15 @@ def graph(checkpoint: str, steps: int) -> dict:
             "attention_store": ["4", 1], "blend_settings": ["2", 2], "cfg": 2.0, "fusion": True}},
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+
+
+def graph_without_inversion(checkpoint: str) -> dict:
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
     }
 
 
@@ -73,3 +83,8 @@ def test_store_files_follow_comfyui_cache(comfy_server):
     status, _ = comfy_server.post_json("/free", {"unload_models": True, "free_memory": True})
     assert status == 200
     assert wait_for(lambda: not store_folders(comfy_server)), store_folders(comfy_server)
+
+    run_ok(comfy_server, graph(comfy_server.checkpoint, steps=2))
+    assert len(store_folders(comfy_server)) == 1
+    run_ok(comfy_server, graph_without_inversion(comfy_server.checkpoint))
+    assert not store_folders(comfy_server), "a graph without the DDIM Invert node drops its store"
