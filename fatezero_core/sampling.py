@@ -108,11 +108,12 @@ def step_of_sigma(sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
     ``s_{i+1}``) reads the step of the nearest noise level. No edit step starts at the last sigma
     of a descending schedule: an evaluation nearest it (the last step's midpoint when the end is
     not 0, as with ``schedule_end`` official) belongs to the last step."""
-    s = sigmas.detach().to(device="cpu", dtype=torch.float64)
-    x = float(sigma.reshape(-1)[0])
-    nearest = int((s - x).abs().argmin())
-    descending = len(s) > 1 and float(s[0]) > float(s[-1])
-    return min(nearest, len(s) - 2) if descending else nearest
+    # Runs at every attention call: one device sync (the argmin), as a plain lookup would.
+    s = sigmas.detach().to(sigma.device)
+    nearest = int((s - sigma.reshape(-1)[0]).abs().argmin())
+    if nearest == len(s) - 1 and nearest > 0 and bool(s[-1] < s[0]):
+        return nearest - 1
+    return nearest
 
 
 def latent_blend_step(masks, store):
