@@ -1,8 +1,10 @@
 """Files the loader node reads from ComfyUI's input folder: where a picked name may point, and
 the fingerprint that tells ComfyUI's cache when the picked clip changed.
 
-ComfyUI calls ``fingerprint_inputs`` for every queued prompt, so file digests are remembered in a
-:class:`FileDigests` the node owns; a rewritten file has a new stat key and is read again.
+ComfyUI calls ``fingerprint_inputs`` for every queued prompt. A video or image file is identified
+by its bytes, remembered in a :class:`FileDigests` the node owns (a rewritten file has a new stat
+key and is read again); the frames of an image-sequence folder by their stat keys alone, so a
+folder of thousands of frames is never read to be fingerprinted.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ def safe_input_path(base_dir: str | os.PathLike, relative: str | os.PathLike) ->
     return resolved
 
 
+def _stat_key(path: str | os.PathLike) -> str:
+    """Size, mtime, ctime and inode of the file at ``path``: a rewrite changes the mtime and, on
+    POSIX, the ctime (which ``os.utime`` cannot set back); a replacement file the inode."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
 class FileDigests:
     """sha256 of files' bytes, remembered for the ``max_files`` most recently asked files.
 
@@ -60,8 +69,7 @@ class FileDigests:
 
     def sha256(self, path: str | os.PathLike) -> str:
         """Hex sha256 of the file at ``path`` (read in 1 MiB chunks unless remembered)."""
-        st = os.stat(path)
-        return self._digest(os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        return self._digest(os.path.realpath(path), _stat_key(path))
 
     @staticmethod
     def _read(path: str, *stat_key) -> str:  # stat_key: only part of the cache key
@@ -75,17 +83,20 @@ class FileDigests:
 def frames_fingerprint(path: str | os.PathLike, digests: FileDigests, **params) -> str:
     """A hex sha256 identifying the frames ``load_frames(path, **params)`` would return.
 
-    Combines the bytes of the files the loader reads (for a sequence folder: each image's name and
-    bytes, in load order) with the parameters, so the host's cache reruns the loader exactly when
-    the content or a setting changed. Parameters are serialised as sorted JSON (``repr`` for other
-    types). Raises :class:`~fatezero_core.errors.VideoError` for a path the loader would refuse.
+    Combines what identifies the files the loader reads (a video's or image's bytes; for a
+    sequence folder each image's name and stat key, in load order) with the parameters, so
+    the host's cache reruns the loader when the content or a setting changed. Parameters are
+    serialised as sorted JSON (``repr`` for other types). Raises
+    :class:`~fatezero_core.errors.VideoError` for a path the loader would refuse.
     """
     src = clip_source(path)
-    digest = hashlib.sha256(b"fatezero-frames-v1\0")
+    digest = hashlib.sha256(b"fatezero-frames-v2\0")
     digest.update(f"{src.kind}:{len(src.files)}\0".encode())
     for file in src.files:
-        name = os.path.basename(file) if src.kind == "sequence" else ""
-        digest.update(f"{name}\0{digests.sha256(file)}\0".encode())
+        if src.kind == "sequence":
+            digest.update(f"{os.path.basename(file)}\0{_stat_key(file)}\0".encode())
+        else:
+            digest.update(f"{digests.sha256(file)}\0".encode())
     digest.update(json.dumps(params, sort_keys=True, default=repr).encode())
     return digest.hexdigest()
 

@@ -4,6 +4,7 @@ The clip: 12 frames of 96x64 (W x H) at 8 fps; frame k has a grey background of 
 which survives MJPEG compression well enough to tell frames apart.
 """
 
+import builtins
 import math
 import os
 
@@ -207,6 +208,34 @@ def test_frames_fingerprint_of_a_sequence(input_files, tmp_path):
     assert fp2 != fp
     write_image_sequence(seq, torch.zeros(1, H, W, 3), start=3)  # a new last frame
     assert input_files.frames_fingerprint(seq, digests, size=512) not in (fp, fp2)
+
+
+def test_a_long_sequence_is_fingerprinted_again_without_reading_its_frames(input_files, tmp_path, monkeypatch):
+    seq = tmp_path / "seq"
+    seq.mkdir()
+    for k in range(1000):  # never decoded by the fingerprint, so any bytes do
+        (seq / f"frame_{k:04d}.png").write_bytes(b"frame %04d" % k)
+    opened = []
+    real_open = builtins.open
+
+    def spy(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.dirname(os.path.abspath(file)) == str(seq):
+            opened.append(os.path.basename(file))
+        return real_open(file, *args, **kwargs)
+
+    digests = input_files.FileDigests()
+    params = dict(frame_load_cap=8, skip_first_frames=0, select_every_nth=1, size=512)
+    first = input_files.frames_fingerprint(seq, digests, **params)
+    monkeypatch.setattr(builtins, "open", spy)
+    assert input_files.frames_fingerprint(seq, digests, **{**params, "size": 256}) != first
+    assert input_files.frames_fingerprint(seq, digests, **params) == first
+    assert opened == []
+
+    frame = seq / "frame_0003.png"  # the 4th of the 8 loaded frames
+    before = os.stat(frame)
+    frame.write_bytes(b"FRAME 0003")  # same size, and the mtime set back: only the content differs
+    os.utime(frame, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert input_files.frames_fingerprint(seq, digests, **params) != first
 
 
 def test_frames_fingerprint_of_a_missing_file(comfy_nodes, input_files, tmp_path):
