@@ -30,24 +30,27 @@ def _is_within(path: str, base: str) -> bool:
 def safe_input_path(base_dir: str | os.PathLike, relative: str | os.PathLike) -> str:
     """Resolve a user-given ``relative`` path inside ``base_dir`` and return its real path.
 
-    Refuses absolute paths, drive letters, and paths that end up outside ``base_dir`` once
-    ``..`` parts and symlinks are resolved (``os.path.realpath``). The path need not exist yet.
+    Refuses absolute paths, drive letters, and names whose ``..`` parts leave ``base_dir``. Like
+    ComfyUI's own loaders and its ``/view`` route (``folder_paths.get_annotated_filepath``,
+    ``server.py``, ComfyUI 0.3.64), the name is checked, not where it leads: a symlink someone put
+    in the folder is followed wherever it points, so a link to footage kept elsewhere loads as it
+    does in Load Image. The path need not exist yet.
     """
     relative = os.fspath(relative)
-    base = os.path.realpath(os.fspath(base_dir))
+    base = os.path.abspath(os.fspath(base_dir))
     hint = (
         f"'{relative}' must be inside the input folder '{base}': give a path relative to that "
-        "folder (no leading '/', drive letter or '..'), or copy the file into it."
+        "folder (no leading '/', drive letter or '..'), or put the file, or a link to it, in that folder."
     )
     if not relative or "\0" in relative:
         raise FateZeroNodeError(f"The path {relative!r} is empty or invalid. Pick a file in '{base}'.")
     drive, _ = os.path.splitdrive(relative)
     if os.path.isabs(relative) or drive or relative.startswith(("/", "\\")):
         raise FateZeroNodeError(hint)
-    resolved = os.path.realpath(os.path.join(base, relative))
-    if not _is_within(resolved, base):
+    named = os.path.normpath(os.path.join(base, relative))  # '..' taken by name, as ComfyUI does
+    if not _is_within(named, base):
         raise FateZeroNodeError(hint)
-    return resolved
+    return os.path.realpath(named)
 
 
 def _stat_key(path: str | os.PathLike) -> str:

@@ -288,12 +288,15 @@ def test_safe_input_path(comfy_nodes, input_files, tmp_path):
         if bad:
             assert "must be inside the input folder" in str(exc.value)
 
+    # Links in the folder are followed wherever they point; names are checked, as ComfyUI does.
     (base / "link.mp4").symlink_to(outside)
     (base / "linkdir").symlink_to(tmp_path, target_is_directory=True)
-    with pytest.raises(node_error(comfy_nodes), match="must be inside the input folder"):
-        safe_input_path(base, "link.mp4")
-    with pytest.raises(node_error(comfy_nodes), match="must be inside the input folder"):
-        safe_input_path(base, "linkdir/secret.mp4")
+    assert safe_input_path(base, "link.mp4") == os.path.realpath(outside)
+    assert safe_input_path(base, "linkdir/secret.mp4") == os.path.realpath(outside)
+    assert safe_input_path(base, "linkdir/../videos/a.mp4") == os.path.join(real_base, "videos", "a.mp4")
+    for bad in ["linkdir/../../secret.mp4", "../input/../secret.mp4"]:
+        with pytest.raises(node_error(comfy_nodes), match="must be inside the input folder"):
+            safe_input_path(base, bad)
 
 
 def test_validate_inputs(node, clip_file, comfy_input_dir):
@@ -307,11 +310,23 @@ def test_validate_inputs(node, clip_file, comfy_input_dir):
     assert isinstance(absolute, str) and "must be inside the input folder" in absolute
 
 
-def test_symlink_leaving_the_input_folder_is_refused(node, comfy_input_dir, tmp_path):
-    outside = tmp_path / "outside"
-    write_video(outside / "secret.avi", frames_array(2), FPS)
-    os.symlink(outside, comfy_input_dir / "link")
-    assert "must be inside the input folder" in node.validate_inputs(video="link/secret.avi")
+def test_links_in_the_input_folder_are_listed_and_load_like_files(comfy_nodes, node, comfy_input_dir, tmp_path):
+    """Footage kept elsewhere and linked into input/ loads, as it does in ComfyUI's Load Image."""
+    footage = tmp_path / "footage"
+    write_video(footage / "long take.avi", frames_array(), FPS)
+    write_image_sequence(footage / "frames", frames_array(4))
+    (comfy_input_dir / "take.avi").symlink_to(footage / "long take.avi")
+    (comfy_input_dir / "shot").symlink_to(footage / "frames", target_is_directory=True)
+    (comfy_input_dir / "footage").symlink_to(footage, target_is_directory=True)
+    (comfy_input_dir / "dangling.mp4").symlink_to(tmp_path / "deleted.mp4")
+
+    assert comfy_nodes.nodes.video.list_input_sources() == ["take.avi", "shot/"]  # footage/ holds no frames
+    for video in ("take.avi", "shot/", "footage/long take.avi", "footage/frames/"):
+        assert node.validate_inputs(video=video) is True, video
+    assert brightness_codes(run(node, "take.avi", frame_load_cap=3).args[0]) == [0, 1, 2]
+    assert brightness_codes(run(node, "shot/", frame_load_cap=0).args[0]) == [0, 1, 2, 3]
+    assert brightness_codes(run(node, "footage/long take.avi", skip_first_frames=5, frame_load_cap=2).args[0]) == [5, 6]
+    assert "must be inside the input folder" in node.validate_inputs(video="footage/../../footage/frames/")
 
 
 def expect_node_error(comfy_nodes, node, video, match, **overrides):
