@@ -338,7 +338,7 @@ class FateZeroTuneAVideoLoader(io.ComfyNode):
         try:
             return weights_fingerprint(resolve_checkpoint(checkpoint))
         except (FateZeroNodeError, CheckpointError, OSError):
-            return math.nan  # never equal: the node runs and reports the problem
+            return float("nan")  # a new NaN each time (math.nan is one object, equal to itself in keys)
 
     @classmethod
     @reports_user_errors

@@ -9,7 +9,6 @@ int}``, or None for no sound, which core Create Video takes as "no audio track".
 
 from __future__ import annotations
 
-import math
 import os
 
 import comfy.utils
@@ -228,7 +227,9 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
                 sequence_fps=sequence_fps,
             )
         except (FateZeroError, FateZeroNodeError, OSError):
-            return math.nan  # never equal to itself: the node runs and reports the problem
+            # A new NaN each time, as ComfyUI's execution.py does: one shared object (math.nan) would
+            # make two cache keys equal through Python's identity check, serving a stale result.
+            return float("nan")
 
     @classmethod
     @reports_user_errors

@@ -18,7 +18,9 @@ import hashlib
 import io
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -84,6 +86,8 @@ class FakeComfy:
         self.refusal: dict | None = None
         self.failure: dict | None = None
         self.fail_only: set[int] = set()  # 1-based prompt numbers that fail (empty: all, when set)
+        self.argv: list[str] | None = ["main.py"]  # the command line /system_stats reports (None: none)
+        self.extra_outputs: list[str] = []  # names of more output files each run reports
         self.queue_calls: list = []
         self.client_frames: list[tuple[int, bytes, bool]] = []
         self.ws_clients: dict[str, tuple] = {}
@@ -114,7 +118,10 @@ class FakeComfy:
                         return self.reply(404, {"error": "no websocket here"})
                     return self.websocket(query.get("clientId", ""))
                 if url.path == "/system_stats":
-                    return self.reply(200, {"system": {"comfyui_version": "0.3.64"}, "devices": []})
+                    system = {"comfyui_version": "0.3.64"}
+                    if fake.argv is not None:
+                        system["argv"] = fake.argv
+                    return self.reply(200, {"system": system, "devices": []})
                 if url.path.startswith("/history/"):
                     prompt_id = url.path.rsplit("/", 1)[1]
                     entry = fake.history.get(prompt_id)
@@ -255,6 +262,10 @@ class FakeComfy:
             },
             "status": {"status_str": "success", "completed": True, "messages": []},
         }
+        for name in self.extra_outputs:
+            self.files[(name, "", "output")] = b"EXTRA:" + name.encode()
+            self.history[prompt_id]["outputs"].setdefault("12", {"images": []})["images"].append(
+                {"filename": name, "subfolder": "", "type": "output"})
         if ws:
             self.send_json(client, "executed", {"node": "10", "prompt_id": prompt_id, "output": {}})
             self.send_json(client, "execution_success", {"prompt_id": prompt_id})
@@ -542,7 +553,7 @@ def test_set_still_overrides_the_prefix(fake, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 STAND_IN_MAIN = """
-import json, os, sys, time
+import json, os, signal, sys, time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 args = sys.argv[1:]
@@ -553,6 +564,19 @@ with open("started.json", "w") as f:
     json.dump({"argv": args, "python": sys.executable, "pid": os.getpid()}, f)
 
 
+def on_signal(signum, frame):
+    with open("signals.txt", "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+    if signum == signal.SIGTERM:  # as in ComfyUI, which has no SIGTERM handler: gone, no clean-up
+        os._exit(1)
+    if not os.environ.get("STAND_IN_IGNORE_INT"):
+        raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
+
+
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         body = b"{}" if self.path == "/system_stats" else b""
@@ -561,12 +585,19 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self):  # an upload that takes its time, so the runner can be signalled meanwhile
+        open("uploading", "w").close()
+        time.sleep(120)
+
     def log_message(self, *a):
         pass
 
 
 time.sleep(float(os.environ.get("STAND_IN_DELAY", "0")))
-HTTPServer((args[args.index("--listen") + 1], int(args[args.index("--port") + 1])), Handler).serve_forever()
+try:
+    HTTPServer((args[args.index("--listen") + 1], int(args[args.index("--port") + 1])), Handler).serve_forever()
+except KeyboardInterrupt:  # ComfyUI's main.py: "Stopped server", then it empties its temp folder
+    open("cleaned_up", "w").close()
 """
 
 
@@ -576,22 +607,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def stand_in(tmp_path):
-    """A folder whose main.py answers /system_stats, with a venv/bin/python (this Python)."""
-    folder = tmp_path / "ComfyUI"
+def make_stand_in(folder: Path) -> Path:
+    """``folder`` with a main.py that answers /system_stats, and a venv/bin/python (this Python)."""
     (folder / "venv" / "bin").mkdir(parents=True)
     (folder / "main.py").write_text(STAND_IN_MAIN)
     (folder / "venv" / "bin" / "python").symlink_to(sys.executable)
     return folder
 
 
+@pytest.fixture
+def stand_in(tmp_path):
+    return make_stand_in(tmp_path / "ComfyUI")
+
+
 def alive(pid: int) -> bool:
+    """True while process ``pid`` runs (an exited one whose parent has not reaped it is gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def signals_received(folder: Path) -> list[str]:
+    path = folder / "signals.txt"
+    return path.read_text().split() if path.exists() else []
 
 
 def test_comfyui_python_prefers_the_folders_own_environment(tmp_path):
@@ -620,6 +664,7 @@ def test_started_server_gets_the_address_cpu_and_extra_args_and_is_stopped_on_ct
     assert started["argv"] == ["--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch", "--cpu",
                                "--lowvram", "--preview-method", "none"]
     assert not alive(started["pid"])
+    assert signals_received(stand_in) == ["SIGINT"] and (stand_in / "cleaned_up").exists()
     assert "starting ComfyUI" in err and "stopped the ComfyUI it started" in err
     assert "the server's log is in" in err
 
@@ -646,13 +691,95 @@ def test_a_server_that_does_not_start_is_reported_with_its_log(stand_in, tmp_pat
 
 
 def test_a_running_server_is_used_and_left_running(fake, stand_in, tmp_path):
+    fake.argv = ["main.py", "--listen", "127.0.0.1", "--cpu", "--preview-method=auto", "--lowvram"]
     clip = write_clip(tmp_path, "jeep.mp4")
-    code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o",
-                     "--comfyui", stand_in, "--cpu"])
-    assert code == 0, err
-    assert "using the ComfyUI already running" in err and "--cpu and --comfyui-args apply only" in err
+    for asked in ([], ["--cpu"], ["--cpu", "--comfyui-args", "--lowvram --preview-method auto"]):
+        code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o",
+                         "--comfyui", stand_in, *asked])
+        assert code == 0, err
+        assert "using the ComfyUI already running" in err and "left running" in err
     assert not (stand_in / "started.json").exists()
-    assert fake.prompts
+    assert len(fake.prompts) == 3
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["main.py", "--listen", "127.0.0.1", "--lowvram"], "without --cpu --preview-method none"),
+    (["main.py", "--cpu", "--preview-method", "auto"], "without --preview-method none"),
+    (None, "does not report its options"),
+])
+def test_a_running_server_without_the_asked_options_is_refused(fake, stand_in, tmp_path, argv, said):
+    """One left by a killed run, or started by hand: --cpu/--comfyui-args cannot apply to it."""
+    fake.argv = argv
+    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server", fake.address,
+                     "--out", tmp_path / "o", "--comfyui", stand_in, "--cpu", "--comfyui-args", "--preview-method none"])
+    assert code == 2
+    assert err.startswith("fatezero_run: a ComfyUI this run did not start is running at ")
+    assert said in err and err.count("\n") == 1  # one line
+    assert not fake.uploads and not fake.prompts and not (stand_in / "started.json").exists()
+
+
+def test_a_server_that_ignores_ctrl_c_is_killed_after_a_while(stand_in, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "STOP_WAIT_S", 1.0)
+    monkeypatch.setenv("STAND_IN_IGNORE_INT", "1")
+    monkeypatch.setattr(runner.Client, "upload", lambda self, path: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server",
+                     f"127.0.0.1:{free_port()}", "--comfyui", stand_in])
+    assert code == 130, err
+    started = json.loads((stand_in / "started.json").read_text())
+    assert not alive(started["pid"])
+    assert signals_received(stand_in) == ["SIGINT"]  # then SIGKILL, which no process sees
+    assert "killed the ComfyUI it started (it was still running 1 s after Ctrl-C)" in err
+
+
+def start_runner_uploading_to(folder: Path, tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    """The runner as a process with ``--comfyui folder``, stopped in its upload; with the
+    started server's pid."""
+    cmd = [sys.executable, str(REPO / "tools" / "fatezero_run.py"), str(STYLE_API),
+           "--video", str(write_clip(tmp_path, "jeep.mp4")), "--server", f"127.0.0.1:{free_port()}",
+           "--comfyui", str(folder), "--out", str(tmp_path / "o")]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (folder / "uploading").exists():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "the runner never started uploading"
+        time.sleep(0.1)
+    return process, json.loads((folder / "started.json").read_text())["pid"]
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(pid)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
+def test_a_closed_terminal_stops_the_started_server_with_sigint(stand_in, tmp_path):
+    process, pid = start_runner_uploading_to(stand_in, tmp_path)
+    try:
+        process.send_signal(signal.SIGHUP)
+        err = process.communicate(timeout=60)[1]
+        assert process.returncode == 130, err
+        assert wait_gone(pid)
+        assert signals_received(stand_in) == ["SIGINT"] and (stand_in / "cleaned_up").exists()
+        assert "stopped the ComfyUI it started" in err
+    finally:
+        process.kill()
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_killed_runner_still_stops_the_started_server_with_sigint(stand_in, tmp_path):
+    process, pid = start_runner_uploading_to(stand_in, tmp_path)
+    try:
+        process.kill()  # SIGKILL: the runner runs no clean-up at all
+        process.communicate(timeout=60)
+        assert wait_gone(pid)
+        assert signals_received(stand_in) == ["SIGINT"] and (stand_in / "cleaned_up").exists()
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_comfyui_options_are_checked(tmp_path, stand_in):
@@ -660,6 +787,70 @@ def test_comfyui_options_are_checked(tmp_path, stand_in):
     with pytest.raises(SystemExit):
         runner.parse_args([str(STYLE_API), "--video", str(clip), "--cpu"])
     code, err = run([STYLE_API, "--video", clip, "--comfyui", tmp_path, "--server", f"127.0.0.1:{free_port()}"])
-    assert code == 2 and "is not a ComfyUI folder" in err
+    assert code == 2
+    assert err == (f"fatezero_run: --comfyui: {tmp_path} is not a ComfyUI folder (it has no main.py); "
+                   f"did you mean {stand_in}?\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run([STYLE_API, "--video", clip, "--comfyui", empty, "--server", f"127.0.0.1:{free_port()}"])
+    assert code == 2 and err == (f"fatezero_run: --comfyui: {empty} is not a ComfyUI folder (it has no main.py); "
+                                 "give the folder that holds ComfyUI's main.py\n")
+    code, err = run([STYLE_API, "--video", clip, "--comfyui", tmp_path / "nope", "--server", f"127.0.0.1:{free_port()}"])
+    assert code == 2 and err == (f"fatezero_run: --comfyui: there is no folder {tmp_path / 'nope'}; "
+                                 "give the folder that holds ComfyUI's main.py\n")
     code, err = run([STYLE_API, "--video", clip, "--comfyui", stand_in, "--server", "192.0.2.1:8188"])
     assert code == 2 and "starts ComfyUI on this machine" in err
+
+
+@pytest.mark.parametrize("typed", ["Comfy UI", "./apps/../Comfy UI", "~/Comfy UI"])
+def test_comfyui_folder_as_a_user_types_it(tmp_path, monkeypatch, typed):
+    """From the folder that holds ComfyUI: relative, with '..', with '~', with a space."""
+    folder = make_stand_in(tmp_path / "Comfy UI")
+    (tmp_path / "apps").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(runner.Client, "upload", lambda self, path: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server",
+                     f"127.0.0.1:{free_port()}", "--comfyui", typed])
+    assert code == 130, err
+    started = json.loads((folder / "started.json").read_text())
+    assert started["python"] == str(folder / "venv" / "bin" / "python")
+    assert f"(in {folder}; log" in err and not alive(started["pid"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Downloads
+# ------------------------------------------------------------------------------------------------
+
+
+def test_downloads_never_overwrite_a_file_in_out(fake, tmp_path, capsys):
+    clip = write_clip(tmp_path, "jeep.mp4")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "jeep_00001_.mp4").write_bytes(b"my own edit")
+    (out / "jeep_00001__1.mp4").mkdir()  # a folder takes a name too
+    code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", out])
+    assert code == 0, err
+    assert (out / "jeep_00001_.mp4").read_bytes() == b"my own edit"
+    assert (out / "jeep_00001__2.mp4").read_bytes() == b"VIDEO:jeep.mp4"
+    assert f"{out / 'jeep_00001_.mp4'} already exists: saved as jeep_00001__2.mp4" in err
+    assert str(out / "jeep_00001__2.mp4") in capsys.readouterr().out.split("\n")
+
+    code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", out])  # the same again
+    assert code == 0, err
+    assert (out / "jeep_00001__3.mp4").read_bytes() == b"VIDEO:jeep.mp4"
+    assert (out / "previews" / "jeep_mask_00001_.png").read_bytes() == b"PNG:jeep.mp4"
+    assert (out / "previews" / "jeep_mask_00001__1.png").read_bytes() == b"PNG:jeep.mp4"
+
+
+def test_output_names_that_are_not_plain_file_names_are_refused(fake, tmp_path):
+    fake.extra_outputs = ["..", ".", "sub/x.mp4", "..\\x.mp4", "ok.png"]
+    out = tmp_path / "nested" / "out"
+    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server", fake.address,
+                     "--out", out])
+    assert code == 1
+    for name in ("..", ".", "sub/x.mp4", "..\\x.mp4"):
+        assert f"the server named an output file {name!r}, which is not a plain file name; it was not saved" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["jeep_00001_.mp4", "ok.png", "previews"]
+    assert sorted(p.name for p in (tmp_path / "nested").iterdir()) == ["out"]

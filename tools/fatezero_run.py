@@ -9,20 +9,23 @@
 With ``--comfyui DIR`` and no server answering at ``--server`` (default 127.0.0.1:8188), starts
 ComfyUI from DIR headless (``main.py`` with DIR's own ``venv``/``.venv`` Python if it has one,
 else this Python; ``--cpu`` if asked), waits for it, and stops it when the run ends, also on an
-error or Ctrl-C. Uploads the clip (``--video`` may also be a folder: every video in it is queued),
-points the workflow's FateZero Load Video Frames node at it, puts the prompts on FateZero Attention
-Blend Settings, names the saved files after the clip (every ``filename_prefix`` becomes
-``<folder>/<clip>_<workflow>``), queues the graph, shows a progress bar from the server's
-websocket, and downloads every file the run wrote (videos, previews) into ``--out``.
-Exits 0 when every clip succeeded, 1 with the server's error text when ComfyUI refused or failed
-a run, 2 for problems found before anything was sent (a ComfyUI that would not start included),
-130 when interrupted (queued runs are cancelled). Needs the ``websocket-client`` package (the
-client ComfyUI's own ``script_examples`` use); the rest is the standard library.
+error, Ctrl-C, kill or a closed terminal. A server already answering is used only when its command
+line has what ``--cpu``/``--comfyui-args`` ask for. Uploads the clip (``--video`` may also be a
+folder: every video in it is queued), points the workflow's FateZero Load Video Frames node at it,
+puts the prompts on FateZero Attention Blend Settings, names the saved files after the clip
+(every ``filename_prefix`` becomes ``<folder>/<clip>_<workflow>``), queues the graph, shows a
+progress bar from the server's websocket, and downloads every file the run wrote (videos,
+previews) into ``--out``, never over a file already there (the new one is numbered:
+``name_1.mp4``). Exits 0 when every clip succeeded, 1 with the server's error text when ComfyUI
+refused or failed a run, 2 for problems found before anything was sent (a ComfyUI that would not
+start included), 130 when interrupted (queued runs are cancelled). Needs the ``websocket-client``
+package (the client ComfyUI's own ``script_examples`` use); the rest is the standard library.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -101,6 +104,14 @@ class Client:
             return False
         return status == 200
 
+    def server_argv(self) -> list[str] | None:
+        """The command line of the server at this address (``argv`` in ComfyUI's /system_stats),
+        or None when it does not say."""
+        status, body = self.json("/system_stats")
+        system = body.get("system") if status == 200 and isinstance(body, dict) else None
+        argv = system.get("argv") if isinstance(system, dict) else None
+        return [str(a) for a in argv] if isinstance(argv, list) else None
+
     def json(self, path: str, body=None, method: str | None = None):
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -128,15 +139,16 @@ class Client:
         info = json.loads(raw)
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
-    def download(self, item: dict, dest: Path) -> Path:
-        query = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
+    def download(self, item: dict, folder: Path) -> Path:
+        """Save the output file ``item`` (an entry of /history outputs) in ``folder`` under its
+        own name, numbered when that name is taken there (see :func:`write_new_file`)."""
+        name = plain_file_name(item["filename"])
+        query = urllib.parse.urlencode({"filename": name, "subfolder": item.get("subfolder", ""),
                                         "type": item.get("type", "output")})
         status, raw = self.request(f"/view?{query}")
         if status != 200:
-            raise RunnerError(f"downloading {item['filename']} failed ({status})")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(raw)
-        return dest
+            raise RunnerError(f"downloading {name} failed ({status})")
+        return write_new_file(folder, name, raw)
 
     def open_websocket(self, stream=None):
         """A ``websocket.WebSocket`` on ``/ws`` for this client id (ComfyUI sends this client's
@@ -149,6 +161,41 @@ class Client:
             return None
         ws.settimeout(RECV_WAIT_S)
         return ws
+
+
+def plain_file_name(name) -> str:
+    """``name`` when it is a plain file name, else a :class:`RunnerError`: a name the server
+    gives for a saved file must not point anywhere else in ``--out`` (``..``, ``a/b``)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise RunnerError(f"the server named an output file {name!r}, which is not a plain file name; "
+                          "it was not saved")
+    return name
+
+
+def write_new_file(folder: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` as ``folder/name``; when that exists, as ``<stem>_1<suffix>``, ``_2``, ...
+    Never overwrites: each name is claimed with an exclusive create, so two runs sharing ``--out``
+    cannot write over each other either."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunnerError(f"cannot create the output folder {folder}: {err.strerror or err}") from None
+    stem, suffix = Path(name).stem, Path(name).suffix
+    for number in itertools.count():
+        path = folder / (name if number == 0 else f"{stem}_{number}{suffix}")
+        try:
+            fh = open(path, "xb")
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise RunnerError(f"cannot save {path}: {err.strerror or err}") from None
+        try:
+            with fh:
+                fh.write(data)
+        except OSError as err:
+            path.unlink(missing_ok=True)  # no half-written file left behind
+            raise RunnerError(f"cannot save {path}: {err.strerror or err}") from None
+        return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,6 +301,21 @@ def find_videos(path: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------------
 
 
+def comfyui_folder(path: Path) -> Path:
+    """The ComfyUI folder ``--comfyui`` names, as an absolute path (relative to the current
+    folder, ``~`` expanded), so the server's Python and ``main.py`` are found from any folder.
+    A folder without ComfyUI's ``main.py`` is a one-line :class:`RunnerError` saying so."""
+    folder = path.expanduser().resolve()
+    if not folder.is_dir():
+        raise RunnerError(f"--comfyui: there is no folder {folder}; give the folder that holds ComfyUI's main.py", 2)
+    if not (folder / "main.py").is_file():
+        inside = folder / "ComfyUI"
+        hint = (f"did you mean {inside}?" if (inside / "main.py").is_file()
+                else "give the folder that holds ComfyUI's main.py")
+        raise RunnerError(f"--comfyui: {folder} is not a ComfyUI folder (it has no main.py); {hint}", 2)
+    return folder
+
+
 def comfyui_python(folder: Path) -> str:
     """The Python of the ComfyUI in ``folder``: its ``venv`` or ``.venv`` if it has one (the
     portable build's ``python_embeded`` too), else the Python running this script."""
@@ -267,19 +329,67 @@ def comfyui_python(folder: Path) -> str:
     return sys.executable
 
 
+def say(stream, text: str) -> None:
+    """Print ``text`` on ``stream``; a terminal that is gone (SIGHUP) must not stop a clean-up."""
+    try:
+        print(text, file=stream, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _interrupt_when_runner_dies():
+    """A ``preexec_fn`` for the started ComfyUI on Linux: the kernel sends it SIGINT when this
+    runner dies in a way it cannot handle itself (SIGKILL, a crash): ``prctl(PR_SET_PDEATHSIG)``,
+    man 2 prctl. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigint = 1, int(signal.SIGINT)
+    return lambda: prctl(pr_set_pdeathsig, sigint)
+
+
+def option_groups(args: list[str]) -> list[list[str]]:
+    """Command-line ``args`` as groups of one option and its values (``--x=1`` read as ``--x 1``)."""
+    groups: list[list[str]] = []
+    for arg in args:
+        if arg.startswith("-") or not groups:
+            name, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+            groups.append([name, value] if eq else [name])
+        else:
+            groups[-1].append(arg)
+    return groups
+
+
+def missing_options(wanted: list[str], running: list[str]) -> list[str]:
+    """The options (with their values) of ``wanted`` that the command line ``running`` lacks."""
+    have = [arg for group in option_groups(running) for arg in group]
+    missing = []
+    for group in option_groups(wanted):
+        n = len(group)
+        if not any(have[i:i + n] == group for i in range(len(have) - n + 1)):
+            missing += group
+    return missing
+
+
 class LocalServer:
     """``main.py`` of the ComfyUI in ``folder``, listening where ``--server`` points.
 
     Its output goes to a log file in the temp folder (named when it starts, removed after a
     clean run). It runs in its own process group, so Ctrl-C reaches only this script, which
-    cancels the queued runs and then stops the server.
+    cancels the queued runs and then stops the server as Ctrl-C stops ComfyUI: SIGINT, on which
+    its ``main.py`` shuts down and empties its temp folder (it has no SIGTERM handler). On Linux
+    the kernel sends the same SIGINT if this script is killed outright.
     """
 
     def __init__(self, folder: Path, client: Client, cpu: bool = False, extra: tuple[str, ...] = (),
                  stream=None):
         parts = urllib.parse.urlsplit(client.base)
-        if not (folder / "main.py").is_file():
-            raise RunnerError(f"--comfyui: {folder} is not a ComfyUI folder (it has no main.py)", 2)
+        folder = comfyui_folder(folder)
         if parts.hostname not in LOCAL_HOSTS:
             raise RunnerError(f"--comfyui starts ComfyUI on this machine, but --server points at "
                               f"{parts.hostname}; use 127.0.0.1:PORT", 2)
@@ -295,8 +405,10 @@ class LocalServer:
         self.log_path = Path(log.name)
         print(f"fatezero_run: starting ComfyUI: {shlex.join(self.command)} (in {self.folder}; log "
               f"{self.log_path})", file=self.stream)
-        group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
-                 else {"start_new_session": True})
+        if os.name == "nt":
+            group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        else:
+            group = {"start_new_session": True, "preexec_fn": _interrupt_when_runner_dies()}
         with log:
             self.process = subprocess.Popen(self.command, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, **group)
@@ -318,30 +430,52 @@ class LocalServer:
             return "(no log)"
 
     def stop(self, keep_log: bool = False) -> None:
-        """Stop the server (terminate, kill after 20 s); the log is kept when ``keep_log``."""
+        """Stop the server: SIGINT (Ctrl-C) to its process group, killed after ``STOP_WAIT_S``
+        or on a second interrupt. The log is kept when ``keep_log``."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            self._signal_group(signal.SIGINT if os.name != "nt" else None)
+            why = ""
             try:
                 self.process.wait(timeout=STOP_WAIT_S)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                why = f"it was still running {STOP_WAIT_S:g} s after Ctrl-C"
+            except KeyboardInterrupt:
+                why = "interrupted again while it stopped"
+            if self.process.poll() is None:
+                self._signal_group(signal.SIGKILL if os.name != "nt" else None, kill=True)
                 self.process.wait(timeout=STOP_WAIT_S)
-            print("fatezero_run: stopped the ComfyUI it started", file=self.stream)
+                say(self.stream, f"fatezero_run: killed the ComfyUI it started ({why})")
+            else:
+                say(self.stream, "fatezero_run: stopped the ComfyUI it started")
         if self.log_path is not None and not keep_log:
             self.log_path.unlink(missing_ok=True)
+
+    def _signal_group(self, signum, kill: bool = False) -> None:
+        """``signum`` to the server's process group (POSIX); on Windows, where no Ctrl-C reaches
+        another process group, terminate or kill the process."""
+        if signum is None:
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
+            return
+        try:
+            os.killpg(self.process.pid, signum)  # its own session: the group id is its pid
+        except ProcessLookupError:
+            pass
 
 
 def ensure_server(client: Client, args, stream) -> LocalServer | None:
     """Start ComfyUI from ``--comfyui`` unless one already answers at ``--server``."""
     if not args.comfyui:
         return None
+    extra = shlex.split(args.comfyui_args or "")
     if client.answers():
-        print(f"fatezero_run: using the ComfyUI already running at {client.base}"
-              + (" (--cpu and --comfyui-args apply only to a ComfyUI this script starts)"
-                 if args.cpu or args.comfyui_args else ""), file=stream)
+        check_running_options(client, ["--cpu"] * args.cpu + extra)
+        print(f"fatezero_run: using the ComfyUI already running at {client.base} (this run did not "
+              "start it, so it is left running)", file=stream)
         return None
-    server = LocalServer(args.comfyui.expanduser(), client, cpu=args.cpu,
-                         extra=tuple(shlex.split(args.comfyui_args or "")), stream=stream)
+    server = LocalServer(args.comfyui, client, cpu=args.cpu, extra=tuple(extra), stream=stream)
     try:
         server.start(args.start_timeout)
     except BaseException:
@@ -350,7 +484,27 @@ def ensure_server(client: Client, args, stream) -> LocalServer | None:
     return server
 
 
-def _interrupt_on_sigterm(signum, frame):
+def check_running_options(client: Client, wanted: list[str]) -> None:
+    """Refuse a server this run did not start when ``--cpu``/``--comfyui-args`` ask for options
+    its command line lacks: they cannot apply to it, and a run on it would silently differ."""
+    if not wanted:
+        return
+    running = client.server_argv()
+    if running is None:
+        raise RunnerError(f"a ComfyUI this run did not start is running at {client.base} and does not "
+                          "report its options, so --cpu/--comfyui-args cannot apply: stop it, run without "
+                          "them, or pick a free port with --server", 2)
+    missing = missing_options(wanted, running)
+    if missing:
+        raise RunnerError(f"a ComfyUI this run did not start is running at {client.base} without "
+                          f"{shlex.join(missing)}: stop it, run without --cpu/--comfyui-args to use it as it "
+                          "is, or pick a free port with --server", 2)
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _interrupt_on_signal(signum, frame):
     raise KeyboardInterrupt  # so the started server is stopped by the same path as Ctrl-C
 
 
@@ -546,8 +700,11 @@ class Runner:
                 return None
             time.sleep(0.25)
 
-    def collect(self, job: Job, entry: dict, subfolder: str) -> None:
+    def collect(self, job: Job, entry: dict, subfolder: str, bar: ProgressBar) -> None:
+        """Download every file of ``entry`` into ``--out``; a file that cannot be saved is
+        reported in ``job.error`` and the others are still saved."""
         target = self.out / subfolder if subfolder else self.out
+        problems = []
         for outputs in entry.get("outputs", {}).values():
             for items in outputs.values():
                 if not isinstance(items, list):
@@ -555,7 +712,16 @@ class Runner:
                 for item in items:
                     if isinstance(item, dict) and item.get("filename"):
                         folder = target / "previews" if item.get("type") == "temp" else target
-                        job.files.append(self.client.download(item, folder / Path(item["filename"]).name))
+                        try:
+                            path = self.client.download(item, folder)
+                        except RunnerError as err:
+                            problems.append(str(err))
+                            continue
+                        job.files.append(path)
+                        if path.name != item["filename"]:
+                            bar.message(f"{folder / item['filename']} already exists: saved as {path.name}")
+        if problems:
+            job.error = "\n".join(problems)
 
     def run(self, jobs: list[Job]) -> int:
         self.ws = self.client.open_websocket(self.stream)
@@ -584,16 +750,18 @@ class Runner:
                     job.error = "ComfyUI could not run the workflow: " + failure_text(entry, failure, self.verbose)
                     bar.message(job.error)
                     continue
-                self.collect(job, entry, job.video.stem if len(jobs) > 1 else "")
+                self.collect(job, entry, job.video.stem if len(jobs) > 1 else "", bar)
                 for path in job.files:
                     print(path, file=sys.stdout)
+                if job.error:
+                    bar.message(job.error)
                 bar.message(f"done: {len(job.files)} file(s) in {self.out}")
         except KeyboardInterrupt:
             pending = [j.prompt_id for j in jobs if j.prompt_id and not j.done]
             if pending:
                 self.client.json("/queue", {"delete": pending})
                 self.client.json("/interrupt", {})
-            print("fatezero_run: interrupted; queued runs cancelled", file=self.stream)
+            say(self.stream, "fatezero_run: interrupted; queued runs cancelled")
             return 130
         finally:
             if self.ws is not None:
@@ -615,9 +783,11 @@ def parse_args(argv=None):
     parser.add_argument("--comfyui", type=Path, metavar="DIR",
                         help="ComfyUI folder: when no server answers at --server, start it from here "
                              "headless for this run (its venv/.venv Python if present) and stop it after")
-    parser.add_argument("--cpu", action="store_true", help="start that ComfyUI with --cpu (with --comfyui)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="start that ComfyUI with --cpu (with --comfyui; one already running must have it)")
     parser.add_argument("--comfyui-args", metavar="ARGS",
-                        help="more arguments for the started ComfyUI, e.g. \"--lowvram\" (with --comfyui)")
+                        help="more arguments for the started ComfyUI, e.g. \"--lowvram\" (with --comfyui; "
+                             "one already running must have them)")
     parser.add_argument("--start-timeout", type=float, default=300.0,
                         help="seconds to wait for the started ComfyUI to answer (default 300)")
     parser.add_argument("--out", type=Path, default=Path("fatezero_output"),
@@ -643,9 +813,10 @@ def main(argv=None, stream=None) -> int:
     args = parse_args(argv)
     stream = stream or sys.stderr
     server, code = None, 1
-    previous = None
+    previous = {}
     if args.comfyui and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+        # kill and a closed terminal (SIGHUP) stop the started server too, as Ctrl-C does
+        previous = {signum: signal.signal(signum, _interrupt_on_signal) for signum in STOP_SIGNALS}
     try:
         if websocket is None:
             raise RunnerError("the websocket-client package is missing (it shows the progress): install it with "
@@ -653,6 +824,8 @@ def main(argv=None, stream=None) -> int:
         graph = load_workflow(args.workflow)
         videos = find_videos(args.video)
         client = Client(args.server)
+        if args.comfyui:
+            args.comfyui = comfyui_folder(args.comfyui)
         prepare(graph, "check.mp4", args)  # report workflow problems before starting or uploading
         server = ensure_server(client, args, stream)
         jobs = []
@@ -664,15 +837,15 @@ def main(argv=None, stream=None) -> int:
         print(f"fatezero_run: {err}", file=stream)
         code = err.code
     except KeyboardInterrupt:
-        print("fatezero_run: interrupted", file=stream)
+        say(stream, "fatezero_run: interrupted")
         code = 130
     finally:
         if server is not None:
             server.stop(keep_log=code != 0)
             if code != 0 and server.log_path is not None:
-                print(f"fatezero_run: the server's log is in {server.log_path}", file=stream)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+                say(stream, f"fatezero_run: the server's log is in {server.log_path}")
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
     return code
 
 

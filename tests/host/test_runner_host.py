@@ -7,7 +7,9 @@ ones with ``--set``), follows the websocket, and downloads what the run wrote.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -108,9 +110,10 @@ def test_runner_reports_a_refused_workflow_and_exits_1(comfy_server, tmp_path):
 
 
 def test_runner_with_comfyui_starts_runs_and_stops_a_server(comfyui_path, tiny_checkpoint, tmp_path):
-    """No server at --server: the runner starts ComfyUI from COMFYUI_PATH (--cpu, a test base
-    directory through --comfyui-args), runs a folder of clips, names each result after its clip,
-    and stops the server."""
+    """No server at --server: the runner starts ComfyUI from COMFYUI_PATH (run from the folder
+    holding it, given by its relative name, --cpu, a test base directory through --comfyui-args), runs a folder of clips,
+    names each result after its clip, and stops the server as Ctrl-C does (it empties its temp
+    folder)."""
     import host_server
 
     base = host_server.prepare_base_directory(tmp_path / "base", REPO)
@@ -122,12 +125,12 @@ def test_runner_with_comfyui_starts_runs_and_stops_a_server(comfyui_path, tiny_c
     port = host_server.free_port()
     out = tmp_path / "out"
     cmd = [sys.executable, str(RUNNER), str(API / "style_watercolor.json"), "--video", str(folder),
-           "--server", f"127.0.0.1:{port}", "--comfyui", comfyui_path, "--cpu",
+           "--server", f"127.0.0.1:{port}", "--comfyui", Path(comfyui_path).name, "--cpu",
            "--comfyui-args", f"--base-directory {base} --database-url sqlite:///:memory:",
            "--out", str(out), "--steps", "2", "--frames", "2",
            "--set", f"CheckpointLoaderSimple.ckpt_name={tiny_checkpoint.name}",
            "--set", "FateZero_LoadVideoFrames.size=64"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=Path(comfyui_path).parent)
     assert result.returncode == 0, result.stderr
     own = [Path(comfyui_path) / env / "bin" / "python" for env in ("venv", ".venv")]
     python = next((str(p) for p in own if p.is_file()), sys.executable)
@@ -140,6 +143,62 @@ def test_runner_with_comfyui_starts_runs_and_stops_a_server(comfyui_path, tiny_c
         check_video(videos[0])
     assert sorted(p.name for p in (base / "output" / "fatezero").glob("*.mp4")) == [
         "bear b_style_watercolor_00001_.mp4", "bear_a_style_watercolor_00001_.mp4"]
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=5)
+        answered = True
+    except (urllib.error.URLError, ConnectionError, OSError):
+        answered = False
+    assert not answered, "the server the runner started is still running"
+    assert not (base / "temp").exists()  # ComfyUI's own clean-up on Ctrl-C (main.py cleanup_temp) ran
+
+
+def kill_leftover_server(port: int) -> None:
+    """Kill a ``main.py`` still listening on ``port`` (Linux), so a failing test leaks nothing."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"main.py" in args and f"--port\0{port}\0".encode() in b"\0".join(args) + b"\0":
+            os.kill(int(cmdline.parent.name), signal.SIGKILL)
+
+
+def test_a_closed_terminal_stops_the_comfyui_the_runner_started(comfyui_path, tiny_checkpoint, tmp_path):
+    """SIGHUP to the runner mid-run: the server it started gets Ctrl-C (SIGINT), logs "Stopped
+    server", empties its temp folder and frees the port."""
+    import host_server
+
+    base = host_server.prepare_base_directory(tmp_path / "base", REPO)
+    shutil.copyfile(tiny_checkpoint, base / "models" / "checkpoints" / tiny_checkpoint.name)
+    port = host_server.free_port()
+    cmd = [sys.executable, str(RUNNER), str(API / "style_watercolor.json"),
+           "--video", str(write_clip(tmp_path / "hangup.mp4", shade=7)),
+           "--server", f"127.0.0.1:{port}", "--comfyui", comfyui_path, "--cpu",
+           "--comfyui-args", f"--base-directory {base} --database-url sqlite:///:memory:",
+           "--out", str(tmp_path / "out"), "--steps", "2", "--frames", "2",
+           "--set", f"CheckpointLoaderSimple.ckpt_name={tiny_checkpoint.name}",
+           "--set", "FateZero_LoadVideoFrames.size=64"]
+    runner = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        seen = []
+        for line in runner.stderr:  # until the clip is queued on the started server
+            seen.append(line)
+            if "queued as" in line:
+                break
+        assert runner.poll() is None, "".join(seen)
+        runner.send_signal(signal.SIGHUP)
+        err = "".join(seen) + runner.communicate(timeout=120)[1]
+    finally:
+        runner.kill()
+        runner.wait()
+        if runner.returncode != 130:
+            kill_leftover_server(port)
+    assert runner.returncode == 130, err
+    assert "stopped the ComfyUI it started" in err
+    log = Path(err.split("the server's log is in ", 1)[1].split()[0])
+    assert "Stopped server" in log.read_text(errors="replace")
+    log.unlink()
+    assert not (base / "temp").exists()
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=5)
         answered = True

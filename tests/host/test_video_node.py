@@ -4,6 +4,7 @@ The clip: 12 frames of 96x64 (W x H) at 8 fps; frame k has a grey background of 
 which survives MJPEG compression well enough to tell frames apart.
 """
 
+import builtins
 import math
 import os
 
@@ -209,6 +210,34 @@ def test_frames_fingerprint_of_a_sequence(input_files, tmp_path):
     assert input_files.frames_fingerprint(seq, digests, size=512) not in (fp, fp2)
 
 
+def test_a_long_sequence_is_fingerprinted_again_without_reading_its_frames(input_files, tmp_path, monkeypatch):
+    seq = tmp_path / "seq"
+    seq.mkdir()
+    for k in range(1000):  # never decoded by the fingerprint, so any bytes do
+        (seq / f"frame_{k:04d}.png").write_bytes(b"frame %04d" % k)
+    opened = []
+    real_open = builtins.open
+
+    def spy(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.dirname(os.path.abspath(file)) == str(seq):
+            opened.append(os.path.basename(file))
+        return real_open(file, *args, **kwargs)
+
+    digests = input_files.FileDigests()
+    params = dict(frame_load_cap=8, skip_first_frames=0, select_every_nth=1, size=512)
+    first = input_files.frames_fingerprint(seq, digests, **params)
+    monkeypatch.setattr(builtins, "open", spy)
+    assert input_files.frames_fingerprint(seq, digests, **{**params, "size": 256}) != first
+    assert input_files.frames_fingerprint(seq, digests, **params) == first
+    assert opened == []
+
+    frame = seq / "frame_0003.png"  # the 4th of the 8 loaded frames
+    before = os.stat(frame)
+    frame.write_bytes(b"FRAME 0003")  # same size, and the mtime set back: only the content differs
+    os.utime(frame, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert input_files.frames_fingerprint(seq, digests, **params) != first
+
+
 def test_frames_fingerprint_of_a_missing_file(comfy_nodes, input_files, tmp_path):
     with pytest.raises(comfy_nodes.fatezero_core.errors.VideoError, match="not found in"):
         input_files.frames_fingerprint(tmp_path / "gone.mp4", input_files.FileDigests())
@@ -259,12 +288,15 @@ def test_safe_input_path(comfy_nodes, input_files, tmp_path):
         if bad:
             assert "must be inside the input folder" in str(exc.value)
 
+    # Links in the folder are followed wherever they point; names are checked, as ComfyUI does.
     (base / "link.mp4").symlink_to(outside)
     (base / "linkdir").symlink_to(tmp_path, target_is_directory=True)
-    with pytest.raises(node_error(comfy_nodes), match="must be inside the input folder"):
-        safe_input_path(base, "link.mp4")
-    with pytest.raises(node_error(comfy_nodes), match="must be inside the input folder"):
-        safe_input_path(base, "linkdir/secret.mp4")
+    assert safe_input_path(base, "link.mp4") == os.path.realpath(outside)
+    assert safe_input_path(base, "linkdir/secret.mp4") == os.path.realpath(outside)
+    assert safe_input_path(base, "linkdir/../videos/a.mp4") == os.path.join(real_base, "videos", "a.mp4")
+    for bad in ["linkdir/../../secret.mp4", "../input/../secret.mp4"]:
+        with pytest.raises(node_error(comfy_nodes), match="must be inside the input folder"):
+            safe_input_path(base, bad)
 
 
 def test_validate_inputs(node, clip_file, comfy_input_dir):
@@ -278,11 +310,23 @@ def test_validate_inputs(node, clip_file, comfy_input_dir):
     assert isinstance(absolute, str) and "must be inside the input folder" in absolute
 
 
-def test_symlink_leaving_the_input_folder_is_refused(node, comfy_input_dir, tmp_path):
-    outside = tmp_path / "outside"
-    write_video(outside / "secret.avi", frames_array(2), FPS)
-    os.symlink(outside, comfy_input_dir / "link")
-    assert "must be inside the input folder" in node.validate_inputs(video="link/secret.avi")
+def test_links_in_the_input_folder_are_listed_and_load_like_files(comfy_nodes, node, comfy_input_dir, tmp_path):
+    """Footage kept elsewhere and linked into input/ loads, as it does in ComfyUI's Load Image."""
+    footage = tmp_path / "footage"
+    write_video(footage / "long take.avi", frames_array(), FPS)
+    write_image_sequence(footage / "frames", frames_array(4))
+    (comfy_input_dir / "take.avi").symlink_to(footage / "long take.avi")
+    (comfy_input_dir / "shot").symlink_to(footage / "frames", target_is_directory=True)
+    (comfy_input_dir / "footage").symlink_to(footage, target_is_directory=True)
+    (comfy_input_dir / "dangling.mp4").symlink_to(tmp_path / "deleted.mp4")
+
+    assert comfy_nodes.nodes.video.list_input_sources() == ["take.avi", "shot/"]  # footage/ holds no frames
+    for video in ("take.avi", "shot/", "footage/long take.avi", "footage/frames/"):
+        assert node.validate_inputs(video=video) is True, video
+    assert brightness_codes(run(node, "take.avi", frame_load_cap=3).args[0]) == [0, 1, 2]
+    assert brightness_codes(run(node, "shot/", frame_load_cap=0).args[0]) == [0, 1, 2, 3]
+    assert brightness_codes(run(node, "footage/long take.avi", skip_first_frames=5, frame_load_cap=2).args[0]) == [5, 6]
+    assert "must be inside the input folder" in node.validate_inputs(video="footage/../../footage/frames/")
 
 
 def expect_node_error(comfy_nodes, node, video, match, **overrides):
