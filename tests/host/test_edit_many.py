@@ -222,7 +222,7 @@ def test_changing_the_target_keeps_the_tuned_model(comfy_server):
     prompt = shrink(load_api("shape_edit_train"), comfy_server, video, prefix=f"many_train_{uuid.uuid4().hex[:6]}")
     prompt[ids_of(prompt, "CheckpointLoaderSimple")[0]]["inputs"]["ckpt_name"] = base_name
     run_ok(comfy_server, prompt)
-    entry = run_ok(comfy_server, set_target(prompt, "a red Porsche car driving down a curvy road in the countryside"))
+    entry = run_ok(comfy_server, set_target(prompt, "a Porsche car driving down a snowy road in the countryside"))
     cached = cached_ids(entry)
     assert set(ids_of(prompt, "FateZero_TuneAVideoTrain")) <= cached
     assert set(ids_of(prompt, "FateZero_DDIMInvert")) <= cached
