@@ -76,7 +76,8 @@ def read_audio(path: str | os.PathLike, start: float, duration: float) -> tuple[
     ``start`` and ``duration`` are seconds on the clip's timeline: 0 is the first video frame
     (the video stream's start time), so the sound lines up with the frames ``load_frames``
     returns. The result has exactly ``round(duration * sample_rate)`` samples (silence where the
-    stream has none). Decoding stops at the end of the span.
+    stream has none). Decoding stops at the end of the span; what comes before it is decoded and
+    dropped frame by frame, so memory stays at the span's size however late it starts.
 
     Raises:
         VideoError: PyAV is missing, or the file's audio cannot be decoded.
@@ -95,15 +96,16 @@ def read_audio(path: str | os.PathLike, start: float, duration: float) -> tuple[
             video = container.streams.video[0] if container.streams.video else None
             origin = float(video.start_time * video.time_base) if video is not None and video.start_time is not None else 0.0
             total = round(duration * sample_rate)
-            parts: list[tuple[int, np.ndarray]] = []
+            out = None
             cursor = None
             for frame in container.decode(stream):
                 if cursor is None:  # place the stream by its first frame; then samples are contiguous
                     when = frame.time if frame.time is not None else 0.0
                     cursor = round((when - origin - start) * sample_rate)
-                samples = _frame_samples(frame)
-                parts.append((cursor, samples))
-                cursor += samples.shape[1]
+                    out = torch.zeros(1, len(frame.layout.channels), total)
+                if cursor + frame.samples > 0:  # frames before the span are decoded, not kept
+                    _place(out, _frame_samples(frame), cursor)
+                cursor += frame.samples
                 if cursor >= total:
                     break
     except errors as exc:
@@ -111,12 +113,14 @@ def read_audio(path: str | os.PathLike, start: float, duration: float) -> tuple[
             f"The sound of '{os.path.basename(path)}' could not be decoded ({exc}). Re-encode the "
             "clip (for example as H.264 + AAC .mp4), or remove its audio track."
         ) from None
-    if not parts:
+    if out is None:
         return None
-    channels = parts[0][1].shape[0]
-    out = torch.zeros(1, channels, total)
-    for offset, samples in parts:
-        lo, hi = max(offset, 0), min(offset + samples.shape[1], total)
-        if hi > lo:
-            out[0, :, lo:hi] = torch.from_numpy(samples[:channels, lo - offset:hi - offset])
     return out, sample_rate
+
+
+def _place(out: torch.Tensor, samples: np.ndarray, offset: int) -> None:
+    """Copy ``[C, n]`` samples starting at sample ``offset`` of ``out`` ``[1, C, S]``, cut to it."""
+    channels, total = out.shape[1], out.shape[2]
+    lo, hi = max(offset, 0), min(offset + samples.shape[1], total)
+    if hi > lo:
+        out[0, :, lo:hi] = torch.from_numpy(samples[:channels, lo - offset:hi - offset])

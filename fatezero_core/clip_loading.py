@@ -3,6 +3,8 @@
 Sources ``load_frames`` understands:
 
 - a video file (``VIDEO_EXTENSIONS``), decoded with ``cv2.VideoCapture`` (FFmpeg backend first);
+  a large ``skip_first_frames`` seeks instead of decoding the skipped frames, where PyAV (a
+  ComfyUI requirement) can confirm from the container's timestamps that the seek found the frame;
 - an animated GIF (``.gif`` counts as a video; OpenCV's FFmpeg backend reads it, and
   ``cv2.imreadanimation`` / ``cv2.imreadmulti`` are used as a fallback where that fails);
 - a single still image (``IMAGE_EXTENSIONS``), loaded as a one-frame clip;
@@ -23,6 +25,7 @@ with a message that says what to change.
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 from dataclasses import dataclass
@@ -45,6 +48,7 @@ from .media_types import (
 
 __all__ = [
     "RESIZE_MODES",
+    "SEEK_FROM_FRAME",
     "ClipSource",
     "clip_source",
     "list_image_sequence",
@@ -194,6 +198,66 @@ class _Selection:
         return min(n, self.cap) if self.cap else n
 
 
+SEEK_FROM_FRAME = 32
+"""``skip_first_frames`` from which a video file is positioned by seeking rather than by decoding
+every skipped frame (OpenCV's seek decodes from the key frame before a point 16 frames back)."""
+
+
+def _presentation_time(path: str, index: int) -> tuple[float, float] | None:
+    """``(seconds, tick)``: when frame ``index`` (presentation order) shows, from the video
+    stream's start, and the stream's time base; read from packet timestamps with PyAV, without
+    decoding. None without PyAV, or when a packet has no timestamp or the clip is shorter.
+
+    Packets come in decode order with non-decreasing ``dts`` and ``pts >= dts``, so once a
+    packet's ``dts`` passes the ``index + 1`` smallest ``pts`` seen, no later frame shows earlier.
+    """
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            if stream.start_time is None or not stream.time_base:
+                return None
+            earliest: list[int] = []  # the index + 1 smallest pts, negated (a max-heap)
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue  # the end-of-stream marker
+                if packet.pts is None:
+                    return None
+                if len(earliest) <= index:
+                    heapq.heappush(earliest, -packet.pts)
+                elif packet.pts < -earliest[0]:
+                    heapq.heapreplace(earliest, -packet.pts)
+                if len(earliest) > index and packet.dts is not None and packet.dts > -earliest[0]:
+                    break
+            if len(earliest) <= index:
+                return None
+            tick = float(stream.time_base)
+            return (-earliest[0] - stream.start_time) * tick, tick
+    except (OSError, ValueError, getattr(av, "FFmpegError", OSError)):
+        return None
+
+
+def _read_at(cap: cv2.VideoCapture, index: int, when: float, tick: float) -> np.ndarray | None:
+    """Seek ``cap`` to frame ``index`` and read it (RGB), or None when the frame it landed on is
+    not the one that shows at ``when`` seconds (:func:`_presentation_time`; ``cap``'s position is
+    then unknown).
+
+    OpenCV seeks by ``index / fps``, exact only at a constant frame rate; the frame read is
+    checked against the frame's own timestamp in the container.
+    """
+    if not cap.set(cv2.CAP_PROP_POS_FRAMES, index):
+        return None
+    ok, frame = cap.read()
+    if not ok or frame is None or abs(cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0 - when) > tick / 2:
+        return None
+    return np.ascontiguousarray(frame[..., ::-1])
+
+
 class _Stats:
     """Frames seen while decoding (selected or not) and the frame rate the source reported."""
 
@@ -217,7 +281,19 @@ def _iter_video(
             fps = cap.get(cv2.CAP_PROP_FPS)
             stats.fps = fps if fps and math.isfinite(fps) and fps > 0 else None
             index = 0
-            while not (sel.cap and taken >= sel.cap):
+            when = None
+            if sel.skip >= SEEK_FROM_FRAME and file_extension(path) != ".gif":
+                when = _presentation_time(path, sel.skip)
+            if when is not None:
+                first = _read_at(cap, sel.skip, *when)
+                if first is None:  # landed elsewhere: decode from the first frame as usual
+                    cap.release()
+                    cap = _open_capture(path)
+                else:
+                    index = stats.seen = sel.skip + 1
+                    taken = 1
+                    yield first
+            while cap is not None and not (sel.cap and taken >= sel.cap):
                 if sel.wants(index):
                     ok, frame = cap.read()
                     if not ok or frame is None:
@@ -448,7 +524,9 @@ def load_frames(
     Frame selection: the first ``skip_first_frames`` frames are dropped, then every
     ``select_every_nth``-th frame is kept (starting with the first one left), and loading stops
     after ``frame_load_cap`` kept frames (0 loads all). Frames are decoded one at a time and only
-    the kept ones are resized and stored, so memory is bounded by the output.
+    the kept ones are resized and stored, so memory is bounded by the output. From
+    ``SEEK_FROM_FRAME`` skipped frames on, a video seeks to the first kept frame (the frames are
+    those of a decode from the start; see :func:`_read_at`).
 
     ``frames`` is ``float32 [F, H, W, 3]`` RGB in 0..1 on the CPU, resized by ``resize_mode`` (see
     :func:`output_size`); H and W are always multiples of 8. ``fps`` is the playback rate of the

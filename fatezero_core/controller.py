@@ -178,7 +178,7 @@ class EditController(_Controller):
 
     def __init__(self, store: AttentionStore, settings: EditSettings, maps: EditMaps | None = None):
         super().__init__(store)
-        store.check_readable()
+        store.check_files()  # before the first step: a store whose files are gone stops here
         self.settings = settings
         self.num_steps = self.config.num_steps
         # Blend masks, preview map and latent-blend target map: fed from attn2, read by the

@@ -12,9 +12,12 @@ keeps what *recomputing* those maps needs instead:
 Placements:
 
 - ``gpu``: tensors stay where they were computed;
-- ``cpu``: copied to host memory (pinned, asynchronous copies when captured on a GPU);
-- ``disk``: one safetensors file per step in a private temporary folder, memory-mapped when read,
-  deleted when the store is released, garbage-collected or the process exits;
+- ``cpu``: copied to ordinary (pageable) host memory. Not pinned: PyTorch's pinned host allocator
+  (``CachingHostAllocator``) rounds every block up to a power of two and keeps freed blocks for
+  reuse, so a pinned store would hold up to twice its bytes of unswappable RAM, and keep it after
+  the store is freed;
+- ``disk``: one safetensors file per step in a private temporary folder, read back one step at a
+  time, deleted when the store is released, garbage-collected or the process exits;
 - ``recompute``: nothing but the latents; at edit time the source pass runs again on the stored
   inversion latent and its attention is held for the current step only (``scratch``).
 
@@ -147,7 +150,6 @@ class AttentionStore:
         self._layers: dict[str, tuple] = {}
         self._scratch: dict[int, _StepData] = {}
         self._cached_step: tuple[int, dict[str, torch.Tensor]] | None = None
-        self._pending_copies = False
         self.complete = False
         self.released = False
         self.record = InversionRecord()
@@ -200,11 +202,8 @@ class AttentionStore:
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         if self.placement == "gpu":
             return t.clone()
-        if t.device.type == "cuda":
-            dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            dst.copy_(t, non_blocking=True)
-            self._pending_copies = True
-            return dst
+        # A plain blocking copy from any device: exactly the tensor's bytes, returned to the
+        # system when freed (see the module docstring for why not pinned memory).
         return t.to("cpu", copy=True)
 
     def end_step(self, step: int) -> None:
@@ -213,7 +212,6 @@ class AttentionStore:
             return
         from safetensors.torch import save_file
 
-        self._sync_copies()
         path = os.path.join(self._dir, f"step_{step:04d}.safetensors")
         save_file({k: v.contiguous() for k, v in self._steps.pop(step).tensors.items()}, path)
         self._files[step] = path
@@ -238,14 +236,8 @@ class AttentionStore:
                 raise FateZeroError(
                     f"Capture incomplete: steps {missing[:5]} recorded no attention; invert again."
                 )
-        self._sync_copies()
         self.complete = True
         return self
-
-    def _sync_copies(self):
-        if self._pending_copies and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._pending_copies = False
 
     # ------------------------------------------------------------------ read
     def _check_alive(self):
@@ -263,6 +255,22 @@ class AttentionStore:
                 "run FateZero DDIM Invert again."
             )
 
+    def check_files(self):
+        """:meth:`check_readable`, and (``disk``) every step's file is still there: an edit
+        checks this before its first step, so files deleted behind the store's back stop it
+        with the remedy instead of failing midway."""
+        self.check_readable()
+        missing = [path for path in self.files() if not os.path.isfile(path)]
+        if missing:
+            raise self._files_gone(f"{len(missing)} of its {len(self._files)} step files are missing")
+
+    def _files_gone(self, what: str) -> StoreReleasedError:
+        return StoreReleasedError(
+            f"This attention store's files in '{self._dir}' were deleted or damaged ({what}); run "
+            "FateZero DDIM Invert again. ComfyUI reuses its cached DDIM Invert output, so first "
+            "click 'Free model and node cache' (or change a DDIM Invert setting), then queue again."
+        )
+
     def _step_tensors(self, step: int) -> dict[str, torch.Tensor]:
         if self.placement == "recompute":
             if step not in self._scratch:
@@ -273,10 +281,15 @@ class AttentionStore:
         if self._cached_step is None or self._cached_step[0] != step:
             # One file read per step, not per layer call (the official disk store reloads the
             # whole step at each of its 22 hooked calls).
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(self._files[step], framework="pt") as f:
-                self._cached_step = (step, {k: f.get_tensor(k) for k in f.keys()})
+            self._cached_step = None  # the previous step goes before the next one is read
+            path = self._files[step]
+            try:
+                with safe_open(path, framework="pt") as f:
+                    self._cached_step = (step, {k: f.get_tensor(k) for k in f.keys()})
+            except (OSError, SafetensorError) as exc:
+                raise self._files_gone(f"step {step}: {exc}") from None
         return self._cached_step[1]
 
     def has(self, step: int, layer: str, name: str) -> bool:
@@ -288,7 +301,7 @@ class AttentionStore:
         return step in self._steps and _key(layer, name) in self._steps[step].tensors
 
     def get(self, step: int, layer: str, name: str, device=None, dtype=None) -> torch.Tensor:
-        """The stored tensor, moved to ``device``/``dtype`` (non-blocking from pinned memory)."""
+        """The stored tensor, moved to ``device``/``dtype``."""
         self.check_readable()
         try:
             t = self._step_tensors(step)[_key(layer, name)]
@@ -314,6 +327,21 @@ class AttentionStore:
     def scratch_nbytes(self) -> int:
         """Bytes held for the current regenerated step (``recompute`` only)."""
         return sum(s.nbytes() for s in self._scratch.values())
+
+    @property
+    def reading_nbytes(self) -> int:
+        """Bytes an edit's reads hold beyond :attr:`nbytes`: the step last read from its file
+        (``disk``) or regenerated (``recompute``). Zero after :meth:`end_edit`."""
+        cached = self._cached_step[1].values() if self._cached_step is not None else ()
+        return sum(t.numel() * t.element_size() for t in cached) + self.scratch_nbytes
+
+    def end_edit(self) -> None:
+        """The edit reading this store ended (finished, failed or cancelled): drop what its
+        reads hold (:attr:`reading_nbytes`), so a ``disk`` or ``recompute`` store keeps RAM at the
+        level of plain sampling between edits. The store stays readable; the next edit reads
+        again."""
+        self._cached_step = None
+        self._scratch = {}
 
     # ------------------------------------------------------------ accounting
     @property

@@ -8,7 +8,6 @@ import torch
 
 import comfy.samplers
 import comfy.utils
-import folder_paths
 import latent_preview
 from comfy_api.latest import io
 
@@ -23,6 +22,7 @@ from .clip_runtime import GROUP_NORMS, with_group_norm
 from .patching import conditioning_fingerprint, model_fingerprint, model_key_rule, patched_clone
 from .samplers import FateZeroGuider, zero_noise
 from .sockets import AttnStore
+from .store_folder import store_folder
 from .user_errors import reports_user_errors
 
 log = logging.getLogger("comfyui-fatezero")
@@ -118,7 +118,7 @@ class FateZeroDDIMInvert(io.ComfyNode):
             min_st_channels=resolve_min_channels(st_min_channels, model), layer_set=layer_set,
             model_fingerprint=model_fingerprint(model), group_norm=group_norm)
         store = AttentionStore(config, placement=store_placement, dtype=store_dtype,
-                               disk_dir=folder_paths.get_temp_directory())
+                               disk_dir=store_folder() if store_placement == "disk" else None)
         patched = patched_clone(network, CaptureController(store), step_offset=-1)
         latents = []  # z_0 .. z_N, in the model's latent space
 

@@ -147,7 +147,10 @@ class FateZeroSample(io.ComfyNode):
                         "off with a sampler override.")
 
         callback = latent_preview.prepare_callback(patched, steps)
-        out = guider.sample(zero_noise(samples), samples, sampler, sigmas, callback=callback,
-                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
+        try:
+            out = guider.sample(zero_noise(samples), samples, sampler, sigmas, callback=callback,
+                                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
+        finally:
+            store.end_edit()  # the step read last (disk, recompute) is not kept between edits
         preview = preview_image(maps, samples.shape[0], tuple(samples.shape[-2:]))
         return io.NodeOutput({"samples": out}, preview, ui=ui.PreviewImage(preview, cls=cls))

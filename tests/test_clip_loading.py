@@ -354,6 +354,23 @@ def test_unsupported_extension_and_empty_folder(tmp_path):
         load_frames(tmp_path / "nothing")
 
 
+def test_a_large_skip_gives_the_frames_of_a_decode_from_the_start(tmp_path):
+    """Past ``SEEK_FROM_FRAME`` the loader seeks where PyAV can check the landing, else decodes
+    from the start: either way the frames of a full decode, sliced (reference: OpenCV's own loop)."""
+    rng = np.random.default_rng(0)
+    field = rng.integers(0, 256, (H, W + 64, 3), dtype=np.uint8)
+    path = write_video(tmp_path / "long.mp4", as_float(np.stack([field[:, k:k + W] for k in range(64)])), FPS)
+    cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+    reference = []
+    while (frame := cap.read()[1]) is not None:
+        reference.append(torch.from_numpy(frame[..., ::-1].copy()).float() / 255.0)
+    cap.release()
+    skip = clip_loading.SEEK_FROM_FRAME + 9
+    frames, _ = load_frames(path, skip_first_frames=skip, select_every_nth=2, frame_load_cap=4, resize_mode="none")
+    assert len(reference) == 64
+    assert torch.equal(frames, torch.stack(reference[skip::2][:4]))
+
+
 @pytest.mark.parametrize("skip", [12, 40])
 def test_zero_frames_after_skip(clip, skip):
     with pytest.raises(VideoError) as exc:

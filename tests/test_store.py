@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -450,24 +451,129 @@ def test_source_pass_runs_whole_unless_the_host_asks():
     unet_pass(editor, 0, FRAMES, ("source",), call_step=editor.num_steps - 1)  # no exception
 
 
-# ------------------------------------------------------------------- cpu/CUDA
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a CUDA device: pinned host copies of GPU tensors")
-def test_cpu_placement_copies_cuda_tensors_to_pinned_host_memory():
+# ------------------------------------------------------------- cpu placement memory
+def devices():
+    """The CPU, and this machine's accelerator when it has one (CUDA, MPS, XPU, ...)."""
+    found = ["cpu"]
+    if torch.accelerator.is_available():
+        found.append(torch.accelerator.current_accelerator().type)
+    return found
+
+
+def pinned_blocks_made(device: str) -> int:
+    """Bytes PyTorch's pinned host allocator has ever allocated (CUDA keeps the count)."""
+    if device != "cuda":
+        return 0
+    return torch.cuda.host_memory_stats().get("allocated_bytes.allocated", 0)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_cpu_placement_holds_plain_host_copies(device):
+    """A ``cpu`` store holds ordinary (pageable) host copies from whatever device captured them.
+
+    Pinned memory would come from PyTorch's caching host allocator, which rounds each block up
+    to a power of two and keeps freed blocks: up to twice the accounted bytes of unswappable RAM,
+    held after the store is freed. So: no tensor pinned, no pinned block allocated, each held
+    tensor exactly its accounted bytes and independent of the captured one."""
+    made_before = pinned_blocks_made(device)
     store = AttentionStore(make_config(frames=2), "cpu", dtype="fp16")
-    q = torch.randn(2, 64, 16, device="cuda")
-    store.put(0, "in_1", "q", q)
-    store.end_step(0)
-    for j in range(1, STEPS):
+    g = torch.Generator().manual_seed(0)
+    captured = [torch.randn(2, 64, 16, generator=g).to(device) for _ in range(STEPS)]
+    expected = [q.half().cpu() for q in captured]
+    for j, q in enumerate(captured):
         store.put(j, "in_1", "q", q)
-    store.set_latents([torch.zeros(2, 4, LATENT, LATENT, device="cuda")] * (STEPS + 1))
+        store.end_step(j)
+        q.zero_()  # the store must hold a copy, not a view of the capture
+    store.set_latents([torch.zeros(2, 4, LATENT, LATENT, device=device)] * (STEPS + 1))
     store.finish()
-    held = store._steps[0].tensors["in_1.q"]
-    assert held.device.type == "cpu" and held.is_pinned()
-    assert torch.equal(store.get(0, "in_1", "q"), q.half().cpu())
-    back = store.get(0, "in_1", "q", device="cuda")
-    assert back.device.type == "cuda"
-    assert store.nbytes_by_step()[0] == q.numel() * 2
+    for j in range(STEPS):
+        held = store.get(j, "in_1", "q")
+        assert held.device.type == "cpu" and not held.is_pinned()
+        assert torch.equal(held, expected[j])
+        assert held.untyped_storage().nbytes() == held.numel() * 2 == store.nbytes_by_step()[j]
+        back = store.get(j, "in_1", "q", device=device)
+        assert back.device.type == device and torch.equal(back.cpu(), expected[j])
+    assert pinned_blocks_made(device) == made_before
+    store.release()
+
+
+def test_store_code_has_one_host_copy_path_for_every_device():
+    """The host copy above is the same code on every device: the store has no device-specific
+    branch (CPU-only CI cannot run the accelerator case, so this keeps one from coming back)."""
+    import io
+    import tokenize
+
+    source = (REPO / "fatezero_core" / "store.py").read_text()
+    names = {tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+             if tok.type == tokenize.NAME}
+    assert not names & {"cuda", "pin_memory", "synchronize"}, names & {"cuda", "pin_memory", "synchronize"}
+
+
+# ------------------------------------------------------------ what an edit's reads keep
+def test_end_edit_drops_the_disk_step_read_last(tmp_path):
+    store = capture(AttentionStore(make_config(), "disk", disk_dir=str(tmp_path)))
+    step_bytes = sum(expected_step_bytes("mid", FRAMES, 2).values())
+    reference = capture(AttentionStore(make_config(), "cpu"))
+    assert store.reading_nbytes == 0
+    for j in range(STEPS):
+        for layer in STORED:
+            assert torch.equal(store.get(j, layer.name, "q"), reference.get(j, layer.name, "q"))
+        assert store.reading_nbytes == step_bytes  # one step at a time, never two
+    store.end_edit()
+    assert store.reading_nbytes == 0
+    # the store stays readable: the next edit reads the files again
+    assert torch.equal(store.get(1, "mid", "probs"), reference.get(1, "mid", "probs"))
+    assert store.reading_nbytes == step_bytes
+    store.end_edit()
+    assert store.reading_nbytes == 0 and len(store.files()) == STEPS
+
+
+def test_end_edit_drops_the_regenerated_recompute_step():
+    store = capture(AttentionStore(make_config(), "recompute", dtype="fp16"))
+    editor = EditController(store, settings())
+    store.begin_regeneration(0)
+    unet_pass(editor, 0, FRAMES, ("source",), call_step=editor.num_steps - 1)
+    one_step = sum(expected_step_bytes("mid", FRAMES, 4).values())
+    assert store.reading_nbytes == store.scratch_nbytes == one_step
+    store.end_edit()
+    assert store.reading_nbytes == store.scratch_nbytes == 0
+    assert store.complete and store.nbytes == latent_bytes()
+
+
+# ------------------------------------------------------------ disk files gone
+def gone_message():
+    return re.compile(r"files in '.+' were deleted or damaged.*run FateZero DDIM Invert again.*"
+                      r"Free model and node cache", re.S)
+
+
+@pytest.mark.parametrize("damage", ["folder", "one file"])
+def test_a_disk_store_whose_files_are_gone_stops_the_edit_before_it_starts(damage, tmp_path):
+    store = capture(AttentionStore(make_config(), "disk", disk_dir=str(tmp_path)))
+    if damage == "folder":
+        shutil.rmtree(store.directory)
+    else:
+        Path(store.files()[2]).unlink()
+    with pytest.raises(StoreReleasedError, match=gone_message()):
+        EditController(store, settings())
+
+
+def test_a_damaged_disk_file_says_invert_again_when_read(tmp_path):
+    store = capture(AttentionStore(make_config(), "disk", disk_dir=str(tmp_path)))
+    with open(store.files()[STEPS - 1], "r+b") as f:
+        f.truncate(16)
+    editor = EditController(store, settings())  # present: found damaged when read
+    with pytest.raises(StoreReleasedError, match=gone_message()):
+        unet_pass(editor, 0, FRAMES, ("uncond", "cond"), call_step=0)
+
+
+def test_disk_files_deleted_midway_through_an_edit_say_invert_again(tmp_path):
+    store = capture(AttentionStore(make_config(), "disk", disk_dir=str(tmp_path)))
+    editor = EditController(store, settings())
+    unet_pass(editor, 0, FRAMES, ("uncond", "cond"), call_step=0)  # edit step 0 reads step 3
+    for path in store.files():
+        Path(path).unlink()  # e.g. another ComfyUI empties the folder
+    with pytest.raises(StoreReleasedError, match=gone_message()):
+        unet_pass(editor, 1, FRAMES, ("uncond", "cond"), call_step=1)
 
 
 def test_unknown_placement_and_field():

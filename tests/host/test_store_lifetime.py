@@ -1,12 +1,14 @@
 """An attention store lives exactly as long as ComfyUI caches the DDIM Invert output holding it.
 
 Runs on the headless server with ComfyUI's own (classic) execution cache: a ``disk`` store's folder
-in ComfyUI's temp directory is the visible trace of a live store. It must survive a rerun that
+(in the server process's own folder beside ComfyUI's temp folder) is the visible trace of a live
+store. It must survive a rerun that
 reuses the cached inversion, go away when a changed inversion replaces the cached output, when the
 user frees the node cache ("Free model and node cache", ``POST /free``) and when a graph without
 that DDIM Invert node runs.
 """
 
+import subprocess
 import time
 
 from host_server import execution_error
@@ -46,7 +48,10 @@ def graph_without_inversion(checkpoint: str) -> dict:
 
 
 def store_folders(server) -> set[str]:
-    return {p.name for p in (server.base / "temp").glob(STORE_PREFIX + "*")}
+    """Names of the server's live ``disk`` store folders (``fatezero_stores/<host>-<pid>/``)."""
+    found = set((server.base / "fatezero_stores").glob(f"*-{server.process.pid}/{STORE_PREFIX}*"))
+    assert not list((server.base / "temp").glob(STORE_PREFIX + "*"))
+    return {p.name for p in found}
 
 
 def run_ok(server, prompt: dict) -> dict:
@@ -88,3 +93,24 @@ def test_store_files_follow_comfyui_cache(comfy_server):
     assert len(store_folders(comfy_server)) == 1
     run_ok(comfy_server, graph_without_inversion(comfy_server.checkpoint))
     assert not store_folders(comfy_server), "a graph without the DDIM Invert node drops its store"
+
+
+def test_a_second_comfyui_on_the_same_install_leaves_the_store_alone(comfy_server):
+    """A second ComfyUI start on the same folders empties the temp folder (``main.py``
+    ``cleanup_temp``); the first server's cached store keeps its files and the next edit runs."""
+    prompt = graph(comfy_server.checkpoint, steps=2)
+    run_ok(comfy_server, prompt)
+    live = store_folders(comfy_server)
+    assert len(live) == 1, live
+
+    second = subprocess.run(
+        [comfy_server.python, str(comfy_server.comfyui_path / "main.py"), "--cpu", "--quick-test-for-ci",
+         "--base-directory", str(comfy_server.base), "--database-url", "sqlite:///:memory:"],
+        cwd=comfy_server.comfyui_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert not (comfy_server.base / "temp").exists(), "the second start empties the temp folder"
+
+    prompt["5"]["inputs"]["cfg"] = 3.0  # a new edit from the cached inversion
+    entry = run_ok(comfy_server, prompt)
+    cached = [data for kind, data in entry["status"]["messages"] if kind == "execution_cached"][0]["nodes"]
+    assert "4" in cached and store_folders(comfy_server) == live
