@@ -38,6 +38,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return merge_heads(out)
 
 
+MAX_TOKEN_REPEATS = 4  # ComfyUI pads cond batches by at most 4 repetitions (comfy/conds.py can_concat)
+
+
+def unrepeated_tokens(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention keys and values without repetition padding: ``[F, r*T, C] -> [F, T, C]``
+    when the token axis is ``r`` exact copies of its first ``T`` tokens, else unchanged.
+
+    ComfyUI batches conditionings of different lengths by repeating the shorter ones up to a
+    common length (``comfy/conds.py`` ``CONDCrossAttn.concat``): a 77-token target next to a
+    231-token negative prompt arrives as three copies. Attention over ``r`` copies of each key
+    equals attention over one (every copy gets ``1/r`` of the weight and has the same value), so
+    the copies are dropped: the result is the same whether the host batched the prompts or not,
+    and the cross-attention map has the prompt's own token slots.
+    """
+    length = k.shape[1]
+    for repeats in range(MAX_TOKEN_REPEATS, 1, -1):
+        if length % repeats:
+            continue
+        period = length // repeats
+        copies_k = k.unflatten(1, (repeats, period))
+        copies_v = v.unflatten(1, (repeats, period))
+        if torch.equal(copies_k, copies_k[:, :1].expand_as(copies_k)) and \
+                torch.equal(copies_v, copies_v[:, :1].expand_as(copies_v)):
+            return k[:, :period], v[:, :period]
+    return k, v
+
+
 def spatio_temporal_attention(q, k, v, heads: int, table: torch.Tensor) -> torch.Tensor:
     """Self-attention of each frame over its key frames' tokens (eq. 8).
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import (apply_probs, attention, attention_probs, blended_self_attention,
-                        spatio_temporal_attention)
+                        spatio_temporal_attention, unrepeated_tokens)
 from .cross_fusion import fuse_cross_probs
 from .edit_maps import EditMaps
 from .ddim import inversion_step_for_edit_step
@@ -83,11 +83,13 @@ def _chunks(call: AttnCall, *tensors):
 
 
 def _batched_chunks(call: AttnCall, q, k, v):
-    """Cross-attention keys may carry a batch of 1 (shared prompt); broadcast them to chunks."""
+    """Cross-attention chunks: keys of a batch of 1 (shared prompt) broadcast to every chunk, and
+    each chunk's prompt without the repetition padding of a batched call (``unrepeated_tokens``)."""
     if k.shape[0] != q.shape[0]:
         k = k.expand(q.shape[0], -1, -1)
         v = v.expand(q.shape[0], -1, -1)
-    return _chunks(call, q, k, v)
+    for kind, (qc, kc, vc) in _chunks(call, q, k, v):
+        yield kind, (qc, *unrepeated_tokens(kc, vc))
 
 
 class CaptureController(_Controller):
@@ -248,8 +250,9 @@ class EditController(_Controller):
         src = self.store.get(j, layer.name, "probs", q.device, edit.dtype)
         if src.shape[-1] != edit.shape[-1]:
             raise FateZeroError(
-                f"The target prompt has {edit.shape[-1]} token slots but the source {src.shape[-1]}: "
-                "keep both prompts within 75 tokens."
+                f"The positive conditioning has {edit.shape[-1]} token slots but the source prompt "
+                f"{src.shape[-1]}: the target prompt must fit in 75 tokens, as the source does. "
+                "Shorten the target prompt."
             )
         fused = fuse_cross_probs(edit, src, s.mode, s.mapper.to(q.device), _to(s.refine_alphas, q.device),
                                  _to(s.equalizer, q.device), s.cross_alphas[i].to(q.device))

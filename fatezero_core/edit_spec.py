@@ -1,6 +1,6 @@
 """The user's edit request, independent of the step count (design decision 7).
 
-An :class:`EditSpec` is what the "Attention Blend Settings" node emits: the prompts as typed (in
+An :class:`EditSpec` is what FateZero Edit Settings emits: the prompts as typed (in
 ComfyUI's prompt syntax), the tokenizer that encoded them and the fusion options. The step count is only known once the store is
 at hand, so :meth:`EditSpec.edit_settings` builds the per-step tensors then.
 """
@@ -13,6 +13,16 @@ from dataclasses import dataclass, field
 from .controller import EditSettings
 from .errors import PromptError
 from .prompt_align import align_prompts, require_word_token_indices, tokenize_prompt
+
+
+@dataclass(frozen=True)
+class SourcePrompt:
+    """The source prompt as the inversion saw it: the text as typed and the host's hash of its
+    encoding. The edit side reads the words from here, so the source prompt is typed once and the
+    inversion depends on nothing that belongs to an edit."""
+
+    text: str
+    fingerprint: str
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class EditSpec:
     latent_blend: bool = False
     latent_blend_aligned: bool = False
     source_fingerprint: str = ""  # host hash of the encoded source prompt, checked against the store
+    target_fingerprint: str = ""  # host hash of the encoded target prompt, checked against 'positive'
     # vectors of a textual-inversion embedding by name (None: no such file); None: no embeddings
     embedding_length: Callable[[str], int | None] | None = field(default=None, compare=False, repr=False)
 

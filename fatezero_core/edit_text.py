@@ -1,6 +1,6 @@
 """The small text fields of an edit: word lists, per-word windows and reweights.
 
-FateZero Attention Blend Settings takes these as comma-, semicolon- or newline-separated text;
+FateZero Edit Settings takes these as comma-, semicolon- or newline-separated text;
 they become the ``blend_words``, ``cross_replace_steps`` and ``reweight`` of
 :class:`fatezero_core.edit_spec.EditSpec`, the official configs' ``blend_words``,
 ``cross_replace_steps`` dict and ``eq_params`` (reference doc section 3.3). Errors name the node's
@@ -127,4 +127,25 @@ def cross_replace_setting(steps: float, words_text: str | None) -> float | dict[
     return {"default_": float(steps), **per_word} if per_word else float(steps)
 
 
-__all__ = ["cross_replace_setting", "parse_cross_replace_words", "parse_reweight", "parse_words"]
+
+
+_NAME_CHARACTERS = re.compile(r"[^0-9a-z]+")
+MAX_NAME_LENGTH = 60
+
+
+def prompt_file_name(prompt: str, max_length: int = MAX_NAME_LENGTH) -> str:
+    """A file-name stem for an edit, from its target prompt: lower-case words joined by ``_``,
+    prompt syntax and punctuation dropped, cut at a word boundary (``"watercolor painting of a
+    (jeep:1.2)"`` -> ``"watercolor_painting_of_a_jeep_1_2"``). Never empty."""
+    words = [w for w in _NAME_CHARACTERS.split(prompt.lower()) if w]
+    name = ""
+    for word in words:
+        candidate = f"{name}_{word}" if name else word
+        if len(candidate) > max_length:
+            break
+        name = candidate
+    return name or (words[0][:max_length] if words else "edit")
+
+
+__all__ = ["cross_replace_setting", "parse_cross_replace_words", "parse_reweight", "parse_words",
+           "prompt_file_name"]

@@ -9,9 +9,12 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .blend_settings import FateZeroAttentionBlendSettings
+from .edit_list import FateZeroEditList
+from .edit_settings import FateZeroEditSettings
 from .invert import FateZeroDDIMInvert
 from .metrics import FateZeroVideoMetrics
 from .sample import FateZeroSample
+from .source_prompt import FateZeroSourcePrompt
 from .tav_loader import FateZeroTuneAVideoLoader
 from .tav_train import FateZeroTuneAVideoTrain
 from .video import FateZeroLoadVideoFrames
@@ -19,8 +22,9 @@ from .video import FateZeroLoadVideoFrames
 
 def node_classes() -> list[type[io.ComfyNode]]:
     """Every node class of the pack, in menu order."""
-    return [FateZeroLoadVideoFrames, FateZeroTuneAVideoLoader, FateZeroTuneAVideoTrain, FateZeroDDIMInvert,
-            FateZeroAttentionBlendSettings, FateZeroSample, FateZeroVideoMetrics]
+    return [FateZeroLoadVideoFrames, FateZeroSourcePrompt, FateZeroTuneAVideoLoader, FateZeroTuneAVideoTrain,
+            FateZeroDDIMInvert, FateZeroEditSettings, FateZeroEditList, FateZeroSample, FateZeroVideoMetrics,
+            FateZeroAttentionBlendSettings]
 
 
 class FateZeroExtension(ComfyExtension):

@@ -81,7 +81,7 @@ class FateZeroDDIMInvert(io.ComfyNode):
                 "noisy latent to edit from (no extra noise needed) and the attention store."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to invert with; edit with the same one (LoRA included)."),
-                io.Conditioning.Input("source", tooltip="Source prompt conditioning: describe the input video. Use the 'source' output of FateZero Attention Blend Settings."),
+                io.Conditioning.Input("source", tooltip="Source prompt conditioning: describe the input video. Use the 'source' output of FateZero Source Prompt."),
                 io.Latent.Input("latent", tooltip="VAE-encoded frames, one frame per batch element."),
                 io.Int.Input("steps", default=50, min=1, max=999, tooltip="DDIM steps (official: 50; 10 for low memory). FateZero Sample reuses them."),
                 io.Combo.Input("key_frames", options=KEY_FRAME_CHOICES, default="auto",

@@ -17,7 +17,7 @@ from ..fatezero_core.errors import FateZeroError, StoreMismatchError, StoreRelea
 from ..fatezero_core.store import AttentionStore
 from .clip_runtime import with_group_norm
 from .invert import frames_latent, latent_fingerprint
-from .patching import model_fingerprint, patched_clone
+from .patching import conditioning_fingerprint, model_fingerprint, patched_clone
 from .samplers import FateZeroGuider, edit_ksampler, zero_noise
 from .sockets import AttnStore, BlendSettings
 from .user_errors import reports_user_errors
@@ -69,14 +69,21 @@ def check_inverted_latent(store, samples) -> None:
             "attention_store outputs from the same node.")
 
 
-def check_spec(spec, store) -> None:
+def check_spec(spec, store, positive) -> None:
     if not isinstance(spec, EditSpec):
-        raise FateZeroError("'blend_settings' must come from FateZero Attention Blend Settings.")
+        raise FateZeroError("'blend_settings' must come from FateZero Edit Settings.")
     if store.record.source_fingerprint != spec.source_fingerprint:
         raise StoreMismatchError(
-            "The store was inverted with a different source conditioning than these blend "
-            "settings' source prompt: wire the 'source' output of FateZero Attention Blend Settings "
-            "into FateZero DDIM Invert (or type the same source prompt).")
+            f"The store was inverted with a different source conditioning than these blend "
+            f"settings' source prompt '{spec.source_prompt}': wire the 'source' output of FateZero "
+            "Source Prompt into FateZero DDIM Invert and its 'source_prompt' into FateZero Edit "
+            "Settings.")
+    if spec.target_fingerprint and conditioning_fingerprint(positive) != spec.target_fingerprint:
+        raise StoreMismatchError(
+            f"'positive' is not the target prompt of these blend settings: they edit the source "
+            f"'{spec.source_prompt}' into the target '{spec.target_prompt}', and their words, "
+            "windows and reweights name that target's tokens. Connect the 'target' output of the "
+            "same FateZero Edit Settings to 'positive' (ControlNet may be applied in between).")
 
 
 class FateZeroSample(io.ComfyNode):
@@ -93,11 +100,11 @@ class FateZeroSample(io.ComfyNode):
                 "sigmas and no added noise."),
             inputs=[
                 io.Model.Input("model", tooltip="The same model (and LoRA) used for inversion."),
-                io.Conditioning.Input("positive", tooltip="Target prompt conditioning (the 'target' output of FateZero Attention Blend Settings; ControlNet may be applied to it)."),
+                io.Conditioning.Input("positive", tooltip="Target prompt conditioning: the 'target' output of FateZero Edit Settings (ControlNet may be applied to it)."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning (official: empty prompt)."),
                 io.Latent.Input("latent", tooltip="The inverted latent from FateZero DDIM Invert."),
                 AttnStore.Input("attention_store", tooltip="The attention store from FateZero DDIM Invert."),
-                BlendSettings.Input("blend_settings", tooltip="Prompts, words and windows from FateZero Attention Blend Settings."),
+                BlendSettings.Input("blend_settings", tooltip="Prompts, words and windows from FateZero Edit Settings."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance (official: 7.5)."),
                 io.Boolean.Input("fusion", default=True, tooltip="Off: plain DDIM from the inverted latent, no attention fusion (for comparison)."),
                 io.Sampler.Input("sampler", optional=True, tooltip="Optional sampler override; the default is DDIM (eta 0), which the local latent blend needs."),
@@ -115,7 +122,7 @@ class FateZeroSample(io.ComfyNode):
         samples = frames_latent(latent)
         store = attention_store
         check_store(store, samples, model)
-        check_spec(blend_settings, store)
+        check_spec(blend_settings, store, positive)
         steps = store.config.num_steps
         settings = blend_settings.edit_settings(steps, fuse=fusion)
         sigmas = torch.tensor(store.config.sigmas, dtype=torch.float32).flip(0)

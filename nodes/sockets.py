@@ -11,4 +11,9 @@ AttnStore = io.Custom("FATEZERO_ATTN_STORE")
 BlendSettings = io.Custom("FATEZERO_BLEND_SETTINGS")
 """A ``fatezero_core.edit_spec.EditSpec``: both prompts, the tokenizer and the fusion options."""
 
-__all__ = ["AttnStore", "BlendSettings"]
+
+SourcePromptSocket = io.Custom("FATEZERO_SOURCE_PROMPT")
+"""A ``fatezero_core.edit_spec.SourcePrompt``: the source prompt's text and encoding hash, from
+FateZero Source Prompt to FateZero Edit Settings."""
+
+__all__ = ["AttnStore", "BlendSettings", "SourcePromptSocket"]

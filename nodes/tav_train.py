@@ -359,7 +359,7 @@ class FateZeroTuneAVideoTrain(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x MODEL to tune (Load Checkpoint, LoRA allowed). It is not modified."),
                 io.Latent.Input("latent", tooltip="The clip's VAE-encoded frames (VAE Encode of Load Video Frames), frame-major, at least 2 frames."),
-                io.Conditioning.Input("source", tooltip="Source prompt: what the clip shows (e.g. the 'source' output of FateZero Attention Blend Settings)."),
+                io.Conditioning.Input("source", tooltip="Source prompt: what the clip shows (the 'source' output of FateZero Source Prompt)."),
                 io.Int.Input("steps", default=core.OFFICIAL_STEPS, min=1, max=10000,
                              tooltip="Training steps (one clip per step). The released checkpoints are 150-250 steps (jeep 200, swan 150, man_skate 250)."),
                 io.Float.Input("learning_rate", default=core.OFFICIAL_LEARNING_RATE, min=1e-7, max=1e-2, step=1e-6,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from fatezero_core.edit_text import (cross_replace_setting, parse_cross_replace_words, parse_reweight,
-                                     parse_words)
+                                     parse_words, prompt_file_name)
 from fatezero_core.errors import FateZeroError
 
 
@@ -72,3 +72,14 @@ def test_parse_errors_name_the_field_and_the_entry(field, text, match):
 def test_a_field_that_is_not_text_is_refused():
     with pytest.raises(FateZeroError, match="Expected text, got int"):
         parse_words(3, "blend_words")
+
+
+def test_an_edit_is_named_after_its_target_prompt():
+    assert prompt_file_name("watercolor painting of a silver jeep") == "watercolor_painting_of_a_silver_jeep"
+    assert prompt_file_name("a (Porsche car:1.2), embedding:style") == "a_porsche_car_1_2_embedding_style"
+    assert prompt_file_name("../../etc/passwd") == "etc_passwd"
+    assert prompt_file_name("!!!") == "edit"
+    long = "a " + "very " * 30 + "long prompt"
+    name = prompt_file_name(long)
+    assert len(name) <= 60 and name.startswith("a_very_") and not name.endswith("_")
+    assert prompt_file_name("x" * 80) == "x" * 60  # one word longer than the limit is cut

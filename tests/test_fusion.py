@@ -222,3 +222,46 @@ def test_threshold_two_is_full_replacement(tmp_path):
     oa = unet_pass(ed_a, "edit", 1, 8, ("uncond", "cond"))
     ob = unet_pass(ed_b, "edit", 1, 8, ("uncond", "cond"))
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(oa, ob))
+
+
+def test_a_prompt_padded_by_repetition_attends_as_the_prompt_itself():
+    """ComfyUI pads a shorter conditioning by repeating it (``comfy/conds.py``); softmax over r
+    copies of every key gives each copy 1/r of the weight and the same value, so the output is
+    attention over one copy. The copies are dropped exactly; anything else is left alone."""
+    from fatezero_core.attention import attention, unrepeated_tokens
+
+    q, k, v = rand(1, 2, 16, 64), rand(2, 2, TOKENS, 64), rand(3, 2, TOKENS, 64)
+    k3, v3 = k.repeat(1, 3, 1), v.repeat(1, 3, 1)
+    assert torch.allclose(attention(q, k3, v3, HEADS), attention(q, k, v, HEADS), atol=1e-6)
+    kk, vv = unrepeated_tokens(k3, v3)
+    assert torch.equal(kk, k) and torch.equal(vv, v)
+    real = rand(4, 2, 3 * TOKENS, 64)  # a long negative prompt: no copies
+    assert unrepeated_tokens(real, real)[0] is real
+    almost = k3.clone()
+    almost[:, -1, 0] += 1e-3  # the last copy differs in one value
+    assert unrepeated_tokens(almost, v3)[0].shape[1] == 3 * TOKENS
+
+
+@pytest.mark.parametrize("placement", ["cpu", "recompute"])
+def test_a_long_negative_prompt_batched_with_the_target_gives_the_unbatched_edit(tmp_path, placement):
+    """cond/uncond in one call (the 77-token target repeated to the 231-token negative's length)
+    or in two calls: the same outputs, bit for bit, on every layer."""
+    _, store, editor = run_both("refine", 0.3, "mid", 4, placement, tmp_path)
+    batched_editor = EditController(store, editor.settings)
+    separate_editor = EditController(store, editor.settings)
+    frames, i = 4, 1
+    if placement == "recompute":  # the step's source attention, regenerated once for both
+        store.begin_regeneration(STEPS - 1 - i)
+        unet_pass(batched_editor, "src", STEPS - 1 - i, frames, ("source",), call_step=i)
+    for li, layer in enumerate(LAYERS):
+        q, k_cond, v_cond = cross_qkv("edit", i, li, frames, 1)
+        q_un = rand(fixed_seed("q-un", li), frames, layer.tokens, layer.channels)
+        k_un = rand(fixed_seed("k-un", li), 1, 3 * TOKENS, layer.channels).expand(frames, -1, -1)
+        v_un = rand(fixed_seed("v-un", li), 1, 3 * TOKENS, layer.channels).expand(frames, -1, -1)
+        batched = batched_editor.attn2(
+            torch.cat([q_un, q]), torch.cat([k_un, k_cond.repeat(1, 3, 1)]),
+            torch.cat([v_un, v_cond.repeat(1, 3, 1)]), AttnCall(layer, i, ("uncond", "cond")))
+        alone = torch.cat([
+            separate_editor.attn2(q_un, k_un, v_un, AttnCall(layer, i, ("uncond",))),
+            separate_editor.attn2(q, k_cond, v_cond, AttnCall(layer, i, ("cond",)))])
+        assert torch.equal(batched, alone), layer.name

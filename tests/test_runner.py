@@ -315,7 +315,8 @@ def test_one_clip_is_uploaded_edited_and_downloaded(fake, tmp_path, capsys):
     graph = body["prompt"]
     shipped = json.loads(STYLE_API.read_text())
     assert graph["2"]["inputs"]["video"] == "jeep.mp4" and graph["2"]["inputs"]["frame_load_cap"] == 4
-    assert graph["3"]["inputs"]["source_prompt"] == "a red bus"
+    assert graph["13"]["class_type"] == "FateZero_SourcePrompt"
+    assert graph["13"]["inputs"]["source_prompt"] == "a red bus"
     assert graph["3"]["inputs"]["target_prompt"] == "a yellow bus"
     assert graph["5"]["inputs"]["steps"] == 3
     assert {k: v for k, v in graph["3"]["inputs"].items() if "prompt" not in k} == {
@@ -360,7 +361,7 @@ def test_set_overrides_any_input_by_id_or_class(fake, tmp_path):
     clip = write_clip(tmp_path, "jeep.mp4")
     code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o",
                      "--set", "CheckpointLoaderSimple.ckpt_name=tiny.ckpt", "--set", "7.cfg=6.5",
-                     "--set", "FateZero_AttentionBlendSettings.local_latent_blend=true",
+                     "--set", "FateZero_EditSettings.local_latent_blend=true",
                      "--set", "3.reweight=watercolor: 5"])
     assert code == 0, err
     graph = fake.prompts[0]["prompt"]
@@ -392,14 +393,14 @@ def test_a_refused_workflow_exits_1_with_the_node_errors(fake, tmp_path):
 
 
 def test_an_execution_error_exits_1_with_the_exception(fake, tmp_path):
-    fake.failure = {"node_id": "3", "node_type": "FateZero_AttentionBlendSettings",
+    fake.failure = {"node_id": "3", "node_type": "FateZero_EditSettings",
                     "exception_type": "comfyui_fatezero.nodes.user_errors.FateZeroNodeError",
                     "exception_message": "blend word 'car' is not in the prompt 'a silver jeep'",
                     "traceback": ["  File \"blend_settings.py\", line 1\n"]}
     clip = write_clip(tmp_path, "jeep.mp4")
     code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o"])
     assert code == 1
-    assert ("node 3 (FateZero_AttentionBlendSettings): FateZeroNodeError: blend word 'car' is not in "
+    assert ("node 3 (FateZero_EditSettings): FateZeroNodeError: blend word 'car' is not in "
             "the prompt 'a silver jeep'") in err
     assert "blend_settings.py" not in err
     code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o", "--verbose"])

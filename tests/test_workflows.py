@@ -218,8 +218,8 @@ def links_by_id(ui: dict) -> dict[int, list]:
 def test_snapshot_is_wellformed(snapshot):
     data = load_snapshot()
     assert data["comfyui_version"]
-    assert {"FateZero_LoadVideoFrames", "FateZero_DDIMInvert", "FateZero_AttentionBlendSettings",
-            "FateZero_Sample"} <= set(snapshot)
+    assert {"FateZero_LoadVideoFrames", "FateZero_DDIMInvert", "FateZero_SourcePrompt",
+            "FateZero_EditSettings", "FateZero_Sample"} <= set(snapshot)
     for name, spec in snapshot.items():
         assert spec == normalize_node(name, _as_object_info(spec)), name  # a fixed point
         names = [i["name"] for i in spec["inputs"]]
@@ -446,7 +446,7 @@ def single(name: str, class_type: str) -> dict:
 def test_every_example_edits_decodes_and_saves(name):
     api = load_api(name)
     classes = [n["class_type"] for n in api.values()]
-    for needed in ("FateZero_LoadVideoFrames", "FateZero_AttentionBlendSettings",
+    for needed in ("FateZero_LoadVideoFrames", "FateZero_SourcePrompt", "FateZero_EditSettings",
                    "FateZero_DDIMInvert", "FateZero_Sample", "VAEEncode", "VAEDecode",
                    "CreateVideo", "SaveVideo", "PreviewImage"):
         assert needed in classes, f"{name}: no {needed}"
@@ -457,10 +457,38 @@ def test_every_example_edits_decodes_and_saves(name):
     assert [sample_id, 1] in previews, f"{name}: the mask preview is not shown"
     invert, sample = single(name, "FateZero_DDIMInvert"), single(name, "FateZero_Sample")
     assert invert["model"] == sample["model"], f"{name}: inversion and edit use different models"
-    settings = next(i for i, n in api.items() if n["class_type"] == "FateZero_AttentionBlendSettings")
-    assert invert["source"] == [settings, 0] and sample["blend_settings"] == [settings, 2]
+    source = next(i for i, n in api.items() if n["class_type"] == "FateZero_SourcePrompt")
+    settings = next(i for i, n in api.items() if n["class_type"] == "FateZero_EditSettings")
+    assert invert["source"] == [source, 0] and sample["blend_settings"] == [settings, 1]
+    assert api[settings]["inputs"]["source_prompt"] == [source, 1]
     assert api[sample["latent"][0]]["class_type"] == "FateZero_DDIMInvert"
     assert sample["attention_store"] == [sample["latent"][0], 1]
+
+
+def upstream(api: dict, node_id: str) -> set[str]:
+    """Every node ``node_id`` depends on (ComfyUI keys its cache on all of them)."""
+    seen, todo = set(), [node_id]
+    while todo:
+        for value in api[todo.pop()]["inputs"].values():
+            if isinstance(value, list) and len(value) == 2 and value[0] not in seen:
+                seen.add(value[0])
+                todo.append(value[0])
+    return seen
+
+
+EDIT_SIDE = {"FateZero_EditSettings", "FateZero_EditList", "FateZero_AttentionBlendSettings",
+             "FateZero_Sample", "ControlNetApplyAdvanced", "ControlNetLoader"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_inversion_and_the_training_depend_on_nothing_of_the_edit(name):
+    """ComfyUI reruns a node when anything upstream changes: nothing that belongs to an edit (target
+    prompt, words, cfg, ControlNet) may be upstream of DDIM Invert or Tune-A-Video Train."""
+    api = load_api(name)
+    for node_id, node in api.items():
+        if node["class_type"] in ("FateZero_DDIMInvert", "FateZero_TuneAVideoTrain"):
+            found = {api[i]["class_type"] for i in upstream(api, node_id)} & EDIT_SIDE
+            assert not found, f"{name}: {node['class_type']} depends on {sorted(found)}"
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if "tav" not in n])
@@ -469,8 +497,9 @@ def test_sd15_examples_use_the_standard_checkpoint_name(name):
 
 
 def test_style_watercolor_reproduces_the_official_jeep_watercolor_config():
-    settings = single("style_watercolor", "FateZero_AttentionBlendSettings")
-    assert settings["source_prompt"] == "a silver jeep driving down a curvy road in the countryside"
+    settings = single("style_watercolor", "FateZero_EditSettings")
+    source = single("style_watercolor", "FateZero_SourcePrompt")
+    assert source["source_prompt"] == "a silver jeep driving down a curvy road in the countryside"
     assert settings["target_prompt"] == ("watercolor painting of a silver jeep driving down a curvy "
                                          "road in the countryside")
     assert (settings["mode"], settings["cross_replace_steps"], settings["self_replace_steps"]) == ("auto", 0.8, 0.8)
@@ -485,8 +514,9 @@ def test_style_watercolor_reproduces_the_official_jeep_watercolor_config():
 
 
 def test_attribute_edit_reproduces_the_official_bear_tiger_config():
-    settings = single("attribute_edit", "FateZero_AttentionBlendSettings")
-    assert settings["source_prompt"] == "a brown bear walking on the rock against a wall"
+    settings = single("attribute_edit", "FateZero_EditSettings")
+    source = single("attribute_edit", "FateZero_SourcePrompt")
+    assert source["source_prompt"] == "a brown bear walking on the rock against a wall"
     assert settings["target_prompt"] == "a red tiger walking on the rock against a wall"
     assert (settings["mode"], settings["cross_replace_steps"], settings["self_replace_steps"]) == ("replace", 0.7, 0.7)
     assert (settings["blend_words"], settings["target_blend_words"]) == ("bear", "tiger")
@@ -499,8 +529,8 @@ def test_controlnet_edit_conditions_the_target_prompt_on_canny_edges_of_the_fram
     api = load_api("controlnet_edit")
     ids = {n["class_type"]: i for i, n in api.items()}
     apply = api[ids["ControlNetApplyAdvanced"]]["inputs"]
-    settings = ids["FateZero_AttentionBlendSettings"]
-    assert apply["positive"] == [settings, 1]
+    settings = ids["FateZero_EditSettings"]
+    assert apply["positive"] == [settings, 0]
     assert apply["control_net"] == [ids["ControlNetLoader"], 0]
     assert api[ids["ControlNetLoader"]]["inputs"]["control_net_name"] == "control_v11p_sd15_canny.safetensors"
     assert apply["image"] == [ids["Canny"], 0]
@@ -509,7 +539,7 @@ def test_controlnet_edit_conditions_the_target_prompt_on_canny_edges_of_the_fram
     assert sample["positive"] == [ids["ControlNetApplyAdvanced"], 0]
     assert sample["negative"] == [ids["ControlNetApplyAdvanced"], 1]
     invert = api[ids["FateZero_DDIMInvert"]]["inputs"]
-    assert invert["source"] == [settings, 0]  # inversion stays unconditioned by the hint
+    assert invert["source"] == [ids["FateZero_SourcePrompt"], 0]  # inversion stays unconditioned by the hint
 
 
 def test_lora_edit_patches_the_model_for_inversion_and_edit():
@@ -540,8 +570,7 @@ def test_shape_edit_train_tunes_on_the_clip_then_inverts_and_edits_with_the_tune
     assert train["model"] == [ids["CheckpointLoaderSimple"], 0]
     assert train["latent"] == [ids["VAEEncode"], 0]
     assert api[ids["VAEEncode"]]["inputs"]["pixels"] == [ids["FateZero_LoadVideoFrames"], 0]
-    settings = ids["FateZero_AttentionBlendSettings"]
-    assert train["source"] == [settings, 0]  # tuned on the source prompt
+    assert train["source"] == [ids["FateZero_SourcePrompt"], 0]  # tuned on the source prompt
     assert (train["steps"], train["learning_rate"], train["lora_rank"]) == (200, 1e-5, 160)  # jeep_tuned_200
     assert (train["trainable"], train["precision"], train["gradient_checkpointing"]) == ("official", "auto", True)
     assert train["save_name"]

@@ -12,7 +12,7 @@ else this Python; ``--cpu`` if asked), waits for it, and stops it when the run e
 error, Ctrl-C, kill or a closed terminal. A server already answering is used only when its command
 line has what ``--cpu``/``--comfyui-args`` ask for. Uploads the clip (``--video`` may also be a
 folder: every video in it is queued), points the workflow's FateZero Load Video Frames node at it,
-puts the prompts on FateZero Attention Blend Settings, names the saved files after the clip
+puts the prompts on FateZero Source Prompt and FateZero Edit Settings, names the saved files after the clip
 (every ``filename_prefix`` becomes ``<folder>/<clip>_<workflow>``), queues the graph, shows a
 progress bar from the server's websocket, and downloads every file the run wrote (videos,
 previews) into ``--out``, never over a file already there (the new one is numbered:
@@ -50,7 +50,9 @@ except ImportError:  # main() says how to install it before anything is sent
     websocket = None
 
 LOADER = "FateZero_LoadVideoFrames"
-SETTINGS = "FateZero_AttentionBlendSettings"
+# Where --source and --target go: the new graph's prompt nodes, or the deprecated settings node.
+SOURCE_NODES = ("FateZero_SourcePrompt", "FateZero_AttentionBlendSettings")
+TARGET_NODES = ("FateZero_EditSettings", "FateZero_AttentionBlendSettings")
 INVERT = "FateZero_DDIMInvert"
 POLL_EVERY_S = 5.0
 RECV_WAIT_S = 1.0  # longest wait for one websocket message before checking timeouts and polling
@@ -222,10 +224,12 @@ def nodes_of(graph: dict, class_type: str) -> list[str]:
     return [i for i, n in graph.items() if n["class_type"] == class_type]
 
 
-def one_node(graph: dict, class_type: str, why: str) -> str:
-    found = nodes_of(graph, class_type)
+def one_node(graph: dict, class_type, why: str) -> str:
+    """The one node of ``class_type`` (or of one of several types) in ``graph``."""
+    kinds = (class_type,) if isinstance(class_type, str) else tuple(class_type)
+    found = [node_id for kind in kinds for node_id in nodes_of(graph, kind)]
     if len(found) != 1:
-        raise RunnerError(f"{why} needs exactly one {class_type} node in the workflow, found {len(found)}", 2)
+        raise RunnerError(f"{why} needs exactly one {' or '.join(kinds)} node in the workflow, found {len(found)}", 2)
     return found[0]
 
 
@@ -270,12 +274,10 @@ def prepare(graph: dict, video_name: str, args, clip_stem: str = "clip") -> dict
     name_outputs(graph, clip_stem, args.workflow.stem)
     if args.frames is not None:
         graph[loader]["inputs"]["frame_load_cap"] = args.frames
-    if args.source is not None or args.target is not None:
-        settings = one_node(graph, SETTINGS, "--source/--target")
-        if args.source is not None:
-            graph[settings]["inputs"]["source_prompt"] = args.source
-        if args.target is not None:
-            graph[settings]["inputs"]["target_prompt"] = args.target
+    if args.source is not None:
+        graph[one_node(graph, SOURCE_NODES, "--source")]["inputs"]["source_prompt"] = args.source
+    if args.target is not None:
+        graph[one_node(graph, TARGET_NODES, "--target")]["inputs"]["target_prompt"] = args.target
     if args.steps is not None:
         for node_id in nodes_of(graph, INVERT) or [one_node(graph, INVERT, "--steps")]:
             graph[node_id]["inputs"]["steps"] = args.steps

@@ -1,7 +1,8 @@
 // FateZero frontend extension (served by ComfyUI from WEB_DIRECTORY).
 //
-// - FateZero Attention Blend Settings: a panel under the widgets with the word-level difference
-//   between the source and target prompts, the changed words as one-click blend words, and
+// - FateZero Edit Settings (and the deprecated Attention Blend Settings): a panel under the widgets
+//   with the word-level difference between the source prompt (typed on the FateZero Source Prompt
+//   node linked to it) and the target prompt, the changed words as one-click blend words, and
 //   warnings for words the node would refuse (a blend word missing from its prompt, ...).
 //   It follows the widgets live: widget callbacks plus a light poll of the values (which also
 //   catches workflow loads, undo and values set by other extensions).
@@ -14,7 +15,8 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { addWord, analyse, listHas, removeWord, viewPaths } from "./fatezero_logic.js";
 
-const SETTINGS_NODE = "FateZero_AttentionBlendSettings";
+const SETTINGS_NODES = ["FateZero_EditSettings", "FateZero_AttentionBlendSettings"];
+const SOURCE_SOCKET = "FATEZERO_SOURCE_PROMPT";
 const SAMPLE_NODE = "FateZero_Sample";
 const METRICS_NODE = "FateZero_VideoMetrics";
 const METRICS_WIDGET = "fatezero_metrics_table";
@@ -71,6 +73,33 @@ function findWidget(node, name) {
 function isLinked(node, name) {
   const input = node.inputs?.find((i) => i.name === name);
   return input != null && input.link != null;
+}
+
+/** Edit Settings read the source prompt from the FateZero Source Prompt node linked to them. */
+function hasSourceSocket(node) {
+  return node.inputs?.some((i) => i.name === "source_prompt" && i.type === SOURCE_SOCKET) ?? false;
+}
+
+function sourceNode(node) {
+  const slot = node.inputs?.findIndex((i) => i.name === "source_prompt" && i.type === SOURCE_SOCKET) ?? -1;
+  if (slot < 0 || node.inputs[slot].link == null) return null;
+  return node.getInputNode?.(slot) ?? null;
+}
+
+function promptValue(node, name) {
+  if (name === "source_prompt" && hasSourceSocket(node)) {
+    return findWidget(sourceNode(node) ?? {}, "source_prompt")?.value;
+  }
+  return findWidget(node, name)?.value;
+}
+
+/** A prompt the panel cannot read: linked from another node's output, or no source connected. */
+function promptFromLink(node, name) {
+  if (name === "source_prompt" && hasSourceSocket(node)) {
+    const source = sourceNode(node);
+    return source == null || isLinked(source, "source_prompt");
+  }
+  return isLinked(node, name);
 }
 
 /** Chain `fn` after an existing method or callback of `target`. */
@@ -143,7 +172,7 @@ function addContentWidget(node, name, className, initialHeight) {
 
 function readValues(node) {
   const values = {};
-  for (const name of WATCHED) values[name] = findWidget(node, name)?.value;
+  for (const name of WATCHED) values[name] = promptValue(node, name);
   return values;
 }
 
@@ -183,7 +212,12 @@ function renderChips(row, node, field, words, emptyText) {
 
 function renderPanel(node, inner, values) {
   inner.replaceChildren();
-  const linked = ["source_prompt", "target_prompt"].filter((name) => isLinked(node, name));
+  if (hasSourceSocket(node) && sourceNode(node) == null) {
+    inner.append(el("div", "fz-row fz-none",
+      "Connect a FateZero Source Prompt to source_prompt to see the word diff."));
+    return null;
+  }
+  const linked = ["source_prompt", "target_prompt"].filter((name) => promptFromLink(node, name));
   if (linked.length) {
     inner.append(el("div", "fz-row fz-none",
       `${linked.join(" and ")} ${linked.length > 1 ? "come" : "comes"} from a link: the word `
@@ -239,7 +273,7 @@ function setupBlendSettings(node) {
     result: null,
     refresh(force = false) {
       const values = readValues(node);
-      const links = ["source_prompt", "target_prompt"].map((n) => isLinked(node, n));
+      const links = ["source_prompt", "target_prompt"].map((n) => promptFromLink(node, n));
       const next = JSON.stringify([values, links]);
       if (!force && next === signature) return state.result;
       signature = next;
@@ -333,7 +367,7 @@ function showMetricsTable(node, message) {
 app.registerExtension({
   name: "FateZero.Frontend",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData?.name === SETTINGS_NODE) {
+    if (SETTINGS_NODES.includes(nodeData?.name)) {
       chain(nodeType.prototype, "onNodeCreated", function () {
         setupBlendSettings(this);
       });

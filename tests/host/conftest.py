@@ -199,6 +199,12 @@ def comfy_temp_dir(tmp_path_factory):
         folder_paths.set_temp_directory(saved)
 
 
+@pytest.fixture
+def user_error_types(comfy_nodes, nodes):
+    """The pack's user-error classes, as the nodes see them."""
+    return (comfy_nodes.fatezero_core.errors.FateZeroError, nodes.user_errors.FateZeroNodeError)
+
+
 @pytest.fixture(scope="session")
 def comfy_server(comfyui_path, tiny_checkpoint, tmp_path_factory):
     """A headless ``main.py --cpu`` server with this pack and the tiny checkpoint installed.

@@ -24,12 +24,6 @@ STEPS = 2  # the checks run before sampling; a short inversion is enough to make
 
 
 @pytest.fixture
-def user_error_types(comfy_nodes, nodes):
-    """The pack's user-error classes, as the nodes see them."""
-    return (comfy_nodes.fatezero_core.errors.FateZeroError, nodes.user_errors.FateZeroNodeError)
-
-
-@pytest.fixture
 def case(nodes, tiny_sd15, tiny_clip):
     """A finished 4-frame, 128 px, ``STEPS``-step inversion and everything needed to edit it."""
     src, tgt, spec = settings(nodes, tiny_clip, blend_words="cat")

@@ -9,7 +9,8 @@ import pytest
 
 # Input sockets that carry a link (not a widget value); every other input is a widget.
 LINK_TYPES = {"MODEL", "CLIP", "CLIP_VISION", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK",
-              "SAMPLER", "VIDEO", "FATEZERO_ATTN_STORE", "FATEZERO_BLEND_SETTINGS"}
+              "SAMPLER", "VIDEO", "FATEZERO_ATTN_STORE", "FATEZERO_BLEND_SETTINGS",
+              "FATEZERO_SOURCE_PROMPT"}
 
 EXPECTED = {
     "FateZero_LoadVideoFrames": {
@@ -31,8 +32,39 @@ EXPECTED = {
         "output": ["LATENT", "FATEZERO_ATTN_STORE"],
         "output_name": ["inverted_latent", "attention_store"],
     },
+    "FateZero_SourcePrompt": {
+        "display_name": "FateZero Source Prompt",
+        "category": "FateZero/attention",
+        "required": {"clip": "CLIP", "source_prompt": "STRING"},
+        "optional": {},
+        "output": ["CONDITIONING", "FATEZERO_SOURCE_PROMPT"],
+        "output_name": ["source", "source_prompt"],
+    },
+    "FateZero_EditSettings": {
+        "display_name": "FateZero Edit Settings",
+        "category": "FateZero/attention",
+        "required": {"clip": "CLIP", "source_prompt": "FATEZERO_SOURCE_PROMPT", "target_prompt": "STRING",
+                     "blend_words": "STRING", "cross_replace_steps": "FLOAT",
+                     "self_replace_steps": "FLOAT", "blend_threshold": "FLOAT", "mode": "COMBO",
+                     "local_latent_blend": "BOOLEAN", "soft_mask": "BOOLEAN"},
+        "optional": {"target_blend_words": "STRING", "cross_replace_words": "STRING",
+                     "reweight": "STRING"},
+        "output": ["CONDITIONING", "FATEZERO_BLEND_SETTINGS", "STRING"],
+        "output_name": ["target", "blend_settings", "name"],
+    },
+    "FateZero_EditList": {
+        "display_name": "FateZero Edit List",
+        "category": "FateZero/attention",
+        "required": {"target_1": "CONDITIONING", "blend_settings_1": "FATEZERO_BLEND_SETTINGS"},
+        "optional": {f"{kind}_{k}": t for k in (2, 3, 4)
+                     for kind, t in (("target", "CONDITIONING"), ("blend_settings", "FATEZERO_BLEND_SETTINGS"))},
+        "output": ["CONDITIONING", "FATEZERO_BLEND_SETTINGS", "STRING"],
+        "output_name": ["target", "blend_settings", "name"],
+        "output_is_list": [True, True, True],  # ComfyUI runs what follows once per edit
+    },
     "FateZero_AttentionBlendSettings": {
-        "display_name": "FateZero Attention Blend Settings",
+        "display_name": "FateZero Attention Blend Settings (deprecated)",
+        "deprecated": True,  # saved workflows still load and run; the menu steers to the new nodes
         "category": "FateZero/attention",
         "required": {"clip": "CLIP", "source_prompt": "STRING", "target_prompt": "STRING",
                      "blend_words": "STRING", "cross_replace_steps": "FLOAT",
@@ -103,7 +135,8 @@ def test_node_listed_with_typed_sockets(object_info, node_id):
     # outputs: types, names and order are what links in saved workflows point at
     assert info["output"] == expected["output"]
     assert info["output_name"] == expected["output_name"]
-    assert info["output_is_list"] == [False] * len(expected["output"])
+    assert info["output_is_list"] == expected.get("output_is_list", [False] * len(expected["output"]))
+    assert info.get("deprecated", False) is expected.get("deprecated", False)
     tooltips = info.get("output_tooltips") or []
     assert len(tooltips) == len(expected["output"]) and all(tooltips), tooltips
 
@@ -118,9 +151,11 @@ def test_node_listed_with_typed_sockets(object_info, node_id):
 
 def test_custom_socket_types_connect_producer_to_consumer(object_info):
     """The custom types match by string between the nodes that make and take them."""
-    invert, settings, sample = (object_info[n] for n in
-                                ("FateZero_DDIMInvert", "FateZero_AttentionBlendSettings",
-                                 "FateZero_Sample"))
+    invert, settings, sample, source = (object_info[n] for n in
+                                        ("FateZero_DDIMInvert", "FateZero_EditSettings",
+                                         "FateZero_Sample", "FateZero_SourcePrompt"))
+    source_out = source["output"][source["output_name"].index("source_prompt")]
+    assert settings["input"]["required"]["source_prompt"][0] == source_out == "FATEZERO_SOURCE_PROMPT"
     store_out = invert["output"][invert["output_name"].index("attention_store")]
     blend_out = settings["output"][settings["output_name"].index("blend_settings")]
     assert sample["input"]["required"]["attention_store"][0] == store_out == "FATEZERO_ATTN_STORE"

@@ -95,7 +95,7 @@ def test_runner_reports_an_execution_error_and_exits_1(comfy_server, tmp_path):
                  "--source", "a silver jeep on a road", "--target", "a red jeep on a road")
     assert result.returncode == 1
     assert "ComfyUI could not run the workflow" in result.stderr
-    assert "(FateZero_AttentionBlendSettings): FateZeroNodeError:" in result.stderr
+    assert "(FateZero_EditSettings): FateZeroNodeError:" in result.stderr
     assert "blend word 'bear' is not in the prompt" in result.stderr
     assert not (tmp_path / "out").exists()
 

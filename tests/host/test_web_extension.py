@@ -183,6 +183,40 @@ def test_blend_settings_panel(page, tmp_path):
     _assert_panel_colours(shot, box)
 
 
+def test_edit_settings_panel_reads_the_linked_source_prompt(page):
+    """On FateZero Edit Settings the source prompt is typed on the FateZero Source Prompt node
+    linked to it: the panel diffs that text with the target, and follows it when it changes."""
+    page.evaluate(f"""(() => {{
+      const edit = LiteGraph.createNode("FateZero_EditSettings");
+      edit.pos = [420, 60];
+      app.graph.add(edit);
+      window.fzNode = edit;
+      edit.widgets.find((w) => w.name === 'target_prompt').value = {json.dumps(TARGET)};
+      return true;
+    }})()""")
+    page.wait_for("window.fzNode.fatezero.element.textContent.includes('Connect a FateZero Source Prompt')",
+                  what="the hint to connect a source prompt")
+    page.evaluate(f"""(() => {{
+      const source = LiteGraph.createNode("FateZero_SourcePrompt");
+      source.pos = [40, 60];
+      app.graph.add(source);
+      window.fzSource = source;
+      source.widgets.find((w) => w.name === 'source_prompt').value = {json.dumps(SOURCE)};
+      source.connect(1, window.fzNode, window.fzNode.inputs.findIndex((i) => i.name === 'source_prompt'));
+      return true;
+    }})()""")
+    state = page.wait_for(f"(() => {{ const s = {PANEL_STATE}; return s.chips.length ? s : null; }})()",
+                          what="the word diff panel of the linked prompts")
+    assert ["remove", "jeep"] in state["diff"] and ["add", "Porsche"] in state["diff"]
+    assert ["blend_words", "jeep", False] in state["chips"]
+    page.evaluate("window.fzSource.widgets.find((w) => w.name === 'source_prompt').value = "
+                  "'a silver truck driving down a curvy road'")
+    state = page.wait_for(f"(() => {{ const s = {PANEL_STATE}; "
+                          "return s.chips.some((c) => c[1] === 'truck') ? s : null; })()",
+                          what="the panel to follow the source node")
+    assert ["remove", "truck"] in state["diff"]
+
+
 def _assert_panel_colours(shot: Path, box) -> None:
     try:
         from PIL import Image

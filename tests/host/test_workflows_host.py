@@ -336,17 +336,30 @@ def _slots(node: dict) -> list:
     return [(i["name"], i["type"], i.get("link"), i.get("widget")) for i in node.get("inputs", [])]
 
 
-@pytest.mark.parametrize("name", workflow_names())
+SAVED_WORKFLOWS = Path(__file__).resolve().parent.parent / "data" / "saved_workflows"
+
+
+def load_pair(name: str) -> tuple[dict, dict]:
+    """A shipped workflow and its API twin, or (``saved/<name>``) one saved with older nodes."""
+    if name.startswith("saved/"):
+        stem = name.split("/", 1)[1]
+        return (json.loads((SAVED_WORKFLOWS / f"{stem}.json").read_text()),
+                json.loads((SAVED_WORKFLOWS / "api" / f"{stem}.json").read_text()))
+    return load_ui(name), load_api(name)
+
+
+@pytest.mark.parametrize("name", workflow_names() + ["saved/style_watercolor"])
 def test_frontend_loads_the_ui_workflow_and_exports_its_api_twin(browser, name):
     """ComfyUI's own frontend loads ``workflows/<name>.json``, saves it back unchanged (widget
-    values, sockets, links) and exports exactly ``workflows/api/<name>.json`` for ``/prompt``."""
-    ui = load_ui(name)
+    values, sockets, links) and exports exactly ``workflows/api/<name>.json`` for ``/prompt``;
+    the same for a workflow saved with the deprecated FateZero Attention Blend Settings."""
+    ui, api = load_pair(name)
     result = json.loads(browser.evaluate(f"""(async () => {{
         await window.app.loadGraphData({json.dumps(ui)}, true, true, {json.dumps(name)});
         const p = await window.app.graphToPrompt();
         return JSON.stringify({{output: p.output, workflow: p.workflow}});
     }})()"""))
-    assert result["output"] == load_api(name)
+    assert result["output"] == api
     saved = {n["id"]: n for n in result["workflow"]["nodes"]}
     assert sorted(saved) == sorted(n["id"] for n in ui["nodes"])
     for node in ui["nodes"]:

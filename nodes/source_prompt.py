@@ -1,0 +1,51 @@
+"""FateZero Source Prompt: the prompt that describes the input video, typed once.
+
+Its ``source`` CONDITIONING feeds FateZero DDIM Invert (and Tune-A-Video Train); its
+``source_prompt`` feeds every FateZero Edit Settings. The inversion then depends only on the
+frames, the model, this prompt and its own settings: ComfyUI serves it from its cache while the
+target prompt, the words, cfg, the sampler or ControlNet change.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .prompt_encoding import encode_source
+from .sockets import SourcePromptSocket
+from .user_errors import reports_user_errors
+
+
+class FateZeroSourcePrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FateZero_SourcePrompt",
+            display_name="FateZero Source Prompt",
+            category="FateZero/attention",
+            description=(
+                "Describe the input video once. 'source' goes to FateZero DDIM Invert; "
+                "'source_prompt' goes to each FateZero Edit Settings, which read its words. "
+                "Encodes exactly as CLIP Text Encode. SD1.x only."
+            ),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP of the SD1.x checkpoint used for inversion and editing."),
+                io.String.Input(
+                    "source_prompt", multiline=True, dynamic_prompts=False,
+                    tooltip=(
+                        "Describes the input video, e.g. 'a silver jeep driving down a curvy road'. "
+                        "At most 75 tokens; ComfyUI prompt syntax works as in CLIP Text Encode."
+                    ),
+                ),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="source",
+                                       tooltip="The encoded source prompt: connect to FateZero DDIM Invert."),
+                SourcePromptSocket.Output(display_name="source_prompt",
+                                          tooltip="The source prompt's words: connect to FateZero Edit Settings."),
+            ],
+        )
+
+    @classmethod
+    @reports_user_errors
+    def execute(cls, clip, source_prompt) -> io.NodeOutput:
+        return io.NodeOutput(*encode_source(clip, source_prompt))
