@@ -70,7 +70,7 @@ def test_blend_settings_of_another_source_prompt(nodes, case, tiny_clip, user_er
     another source prompt are refused (the only source check: the store has no prompt text)."""
     _, _, other = settings(nodes, tiny_clip, source="a cat lying on a wooden table",
                            target="a dog lying on a wooden table", blend_words="cat")
-    expect_user_error(user_error_types, "different source conditioning.*same source prompt",
+    expect_user_error(user_error_types, "different source conditioning.*FateZero Source Prompt",
                       edit, nodes, case, spec=other)
 
 

@@ -359,7 +359,11 @@ def test_frontend_loads_the_ui_workflow_and_exports_its_api_twin(browser, name):
         const p = await window.app.graphToPrompt();
         return JSON.stringify({{output: p.output, workflow: p.workflow}});
     }})()"""))
-    assert result["output"] == api
+    if name.startswith("saved/"):  # titles follow today's display names ("... (deprecated)")
+        strip = lambda graph: {i: {k: v for k, v in n.items() if k != "_meta"} for i, n in graph.items()}  # noqa: E731
+        assert strip(result["output"]) == strip(api)
+    else:
+        assert result["output"] == api
     saved = {n["id"]: n for n in result["workflow"]["nodes"]}
     assert sorted(saved) == sorted(n["id"] for n in ui["nodes"])
     for node in ui["nodes"]:
