@@ -19,6 +19,7 @@ from comfy.patcher_extension import WrappersMP
 
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.frames import ClipNormSequential, FrameContext, clip_norm_paths
+from .patching import unet_resolver
 
 WRAPPER_KEY = "fatezero_clip"
 GROUP_NORM_KEY = "fatezero_group_norm"  # transformer_options flag: "clip" once the norms are patched
@@ -77,10 +78,9 @@ def use_clip_group_norm(patcher) -> None:
     if model_group_norm(patcher) == "clip":
         return
     runtime = clip_runtime(patcher)
-    for path in clip_norm_paths(patcher.get_model_object("diffusion_model")):
-        name = f"diffusion_model.{path}"
-        current = patcher.get_model_object(name)
-        patcher.add_object_patch(name, ClipNormSequential(*current, frames=runtime.frames))
+    resolve = unet_resolver(patcher)
+    for path in clip_norm_paths(resolve):
+        patcher.add_object_patch(f"diffusion_model.{path}", ClipNormSequential(*resolve(path), frames=runtime.frames))
     patcher.model_options.setdefault("transformer_options", {})[GROUP_NORM_KEY] = "clip"
 
 

@@ -44,10 +44,11 @@ from comfy_api.latest import io
 
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.keyframes import TAV_KEY_RULE
+from ..fatezero_core.module_paths import ModuleResolver, resolved_children, resolved_modules
 from ..fatezero_core.tav import train as core
 from ..fatezero_core.tav.checkpoint import sd1_inflated_convs, sd1_transformer_blocks
 from .clip_runtime import clip_runtime, model_group_norm
-from .patching import add_clip_self_attention, model_key_rule, refuse_context_windows
+from .patching import add_clip_self_attention, model_key_rule, model_object, refuse_context_windows, unet_resolver
 from .tav_loader import (
     FOLDER,
     compute_dtype,
@@ -118,20 +119,20 @@ def save_path(save_name: str) -> str | None:
 # The network
 # --------------------------------------------------------------------------------------------------
 
-def query_weight_keys(unet) -> list[str]:
-    """State-dict keys of every attn1/attn2 ``to_q`` weight of the UNet (``diffusion_model.``)."""
-    return [f"diffusion_model.{name}.weight" for name, _ in unet.named_modules()
+def query_weight_keys(resolve: ModuleResolver) -> list[str]:
+    """State-dict keys of every attn1/attn2 ``to_q`` weight of the UNet that ``resolve`` reads
+    (``diffusion_model.``)."""
+    return [f"diffusion_model.{name}.weight" for name, _ in resolved_modules(resolve)
             if name.endswith(("attn1.to_q", "attn2.to_q"))]
 
 
 def fresh_layers(model, heads: int, lora_rank: int | None, seed: int):
     """Untuned temporal layers for every SD1.x transformer block and inflated conv of ``model``'s
     UNet, found through ComfyUI's key conversion."""
-    unet = model.get_model_object("diffusion_model")
+    resolve = unet_resolver(model)
     key_map = diffusers_key_map(model.model.model_config.unet_config)
-    blocks = {b: int(unet.get_submodule(module_path(b, key_map)).norm1.normalized_shape[0])
-              for b in sd1_transformer_blocks()}
-    convs = {c: int(unet.get_submodule(module_path(c, key_map)).weight.shape[0]) for c in sd1_inflated_convs()}
+    blocks = {b: int(resolve(module_path(b, key_map)).norm1.normalized_shape[0]) for b in sd1_transformer_blocks()}
+    convs = {c: int(resolve(module_path(c, key_map)).weight.shape[0]) for c in sd1_inflated_convs()}
     return core.fresh_temporal_checkpoint(blocks, convs, lora_rank, heads, seed)
 
 
@@ -156,8 +157,7 @@ def freeze_weights(trainer, skip: set[str]) -> None:
     under the executor's ``inference_mode``, cannot be saved for backward at all. A weight function
     on the training clone hands each op ComfyUI's cast copy, detached (one layer's weights at a time
     under gradient checkpointing); the model's tensors and flags are not changed."""
-    unet = trainer.get_model_object("diffusion_model")
-    for name, module in unet.named_modules():
+    for name, module in resolved_modules(unet_resolver(trainer)):
         if not hasattr(module, "weight_function"):
             continue
         for attr in ("weight", "bias"):
@@ -181,10 +181,13 @@ def restore(modules) -> None:
         module.__dict__.pop("forward", None)
 
 
-def checkpoint_units(unet) -> list[nn.Module]:
+def checkpoint_units(resolve: ModuleResolver) -> list[nn.Module]:
     """The layers of every top-level UNet block (ResBlocks, SpatialTransformers, samplers, inserted
-    temporal convs): the UNet calls them one by one, so each is recomputed on its own."""
-    return [layer for block in (*unet.input_blocks, unet.middle_block, *unet.output_blocks) for layer in block]
+    temporal convs) of the UNet that ``resolve`` reads: the UNet calls them one by one, so each is
+    recomputed on its own."""
+    blocks = [*resolved_children(resolve, "input_blocks"), ("middle_block", None),
+              *resolved_children(resolve, "output_blocks")]
+    return [layer for block, _ in blocks for _, layer in resolved_children(resolve, block)]
 
 
 class TuneRun:
@@ -195,7 +198,6 @@ class TuneRun:
                  checkpointing: bool):
         self.model, self.samples, self.source = model, samples, source
         self.seed, self.checkpointing, self.precision = seed, checkpointing, precision
-        unet = model.get_model_object("diffusion_model")
         heads = int(model.model.model_config.unet_config.get("num_heads", 8)) or 8
         fresh = fresh_layers(model, heads, lora_rank, seed)
         self.output = model.clone()
@@ -203,7 +205,8 @@ class TuneRun:
         self.layers = list(clip_runtime(self.output).modules)
         # diffusers owner paths of the layers, in insertion order (the fresh tensors are dropped)
         self.attention_owners, self.conv_owners = list(fresh.temporal_attention), list(fresh.temporal_convs)
-        self.q_keys = query_weight_keys(unet)
+        self.q_keys = query_weight_keys(unet_resolver(model))
+        self.trainer = None
         self.device = model.load_device
         self.dtype = training_dtype(precision, self.device)
         self.q_params: dict[str, nn.Parameter] = {}
@@ -220,13 +223,14 @@ class TuneRun:
         comfy.model_management.load_models_gpu([trainer], force_full_load=True)
         freeze_weights(trainer, set(self.q_keys))
         for key in self.q_keys:
-            weight = comfy.utils.get_attr(trainer.model, key)
+            weight = model_object(trainer, key)
             self.q_params[key] = nn.Parameter(weight.detach().to(self.device, torch.float32, copy=True))
             trainer.add_weight_wrapper(key, TrainedWeight(self.q_params[key]))
         for layer in self.layers:
             layer.to(self.device).train()
             for name, param in layer.named_parameters():
                 param.requires_grad_(core.is_trainable(name))
+        self.trainer = trainer
         return trainer
 
     def params(self) -> list[torch.Tensor]:
@@ -237,7 +241,7 @@ class TuneRun:
     def loop(self, model_wrap, extra_args, x0, steps: int, lr: float, progress) -> None:
         scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device.type == "cuda" else None
         sampling = model_wrap.inner_model.model_sampling
-        blocks = checkpoint_units(model_wrap.inner_model.diffusion_model) if self.checkpointing else []
+        blocks = checkpoint_units(unet_resolver(self.trainer)) if self.checkpointing else []
         for block in blocks:
             checkpointed(block)
         try:
@@ -253,7 +257,7 @@ class TuneRun:
     def finish(self):
         """The output MODEL: tuned ``to_q`` as ``set`` patches, temporal layers in compute dtype."""
         for key, param in self.q_params.items():
-            base = comfy.utils.get_attr(self.model.model, key)
+            base = model_object(self.model, key)
             self.output.add_patches({key: ("set", (param.detach().to(device=self.model.offload_device, dtype=base.dtype),))})
         dtype = compute_dtype(self.output)
         for layer in self.layers:

@@ -310,7 +310,7 @@ def test_first_step_loss_is_the_objective_on_the_loader_network(nodes, train, ti
     run_train(train, tiny_sd15, source, steps=1, lr=1e-7)
     reference = tiny_sd15.clone()
     nodes.clip_runtime.use_clip_group_norm(reference)
-    for key in nodes.patching.attention_block_keys(reference.get_model_object("diffusion_model")):
+    for key in nodes.patching.attention_block_keys(nodes.patching.unet_resolver(reference)):
         reference.set_model_attn1_replace(reference_prev_first_attn1, *key)
     x0 = tiny_sd15.model.process_latent_in(latent)
     timestep, noise = core.draw_step(torch.Generator().manual_seed(SEED), x0)
