@@ -14,9 +14,10 @@ ControlNet and every sampler work as with any SD1.x model:
   Upsample ending with it) is replaced by one holding the same modules plus the temporal conv.
 
 The clip runtime (``clip_runtime``, a ``DIFFUSION_MODEL`` wrapper) tells the temporal layers how
-many clips the running batch holds (one per ``cond_or_uncond`` entry) and moves them to the UNet's
-device when ComfyUI has not. The ResNet and output GroupNorms pool over the clip, as in the
-Tune-A-Video UNet the checkpoint was tuned as, in every sampler.
+many clips the running batch holds (one per ``cond_or_uncond`` entry), moves them to the UNet's
+device when ComfyUI has not, and off it when ComfyUI detaches the model. The ResNet and output
+GroupNorms pool over the clip, as in the Tune-A-Video UNet the checkpoint was tuned as, in every
+sampler.
 The model also carries the Tune-A-Video key-frame rule (previous + first frame), which FateZero
 DDIM Invert uses when its key_frames is "auto" (``fatezero-reference-implementation.md`` section 4).
 """
