@@ -11,8 +11,8 @@ lora_edit, controlnet_edit) and Tune-A-Video containers with them (shape_edit_tr
 builds a network of its own and leaves nothing on the checkpoint's). So the sequence runs every
 workflow directly after style_watercolor and directly after shape_edit_train, and those two
 directly after every workflow: 22 of the 42 ordered pairs, in 23 runs (an Eulerian circuit). The
-other 20 pairs only repeat the leftovers style_watercolor leaves, and each of the 6 Tune-A-Video
-trainings that all 42 pairs need costs as much as two edits.
+other 20 pairs put one edit after another, which only repeats what style_watercolor leaves behind
+for another reader; leaving them out halves the runs.
 
 All runs use one checkpoint of the real SD1.5 UNet shape (random weights; Tune-A-Video Train and
 Loader need the SD1.x topology), 2 frames at 64 px, 1 DDIM / training step; only files and sizes
