@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import FateZeroError
+from .module_paths import ModuleResolver, resolved_modules
 
 
 def frames_per_chunk(batch: int, chunks: int) -> int:
@@ -117,20 +118,16 @@ class ClipNormSequential(nn.Sequential):
         return super().__getitem__(index)
 
 
-def clip_norm_paths(unet: nn.Module) -> list[str]:
-    """Paths (inside an ldm-style SD UNet, as ComfyUI builds it) of the containers whose leading
-    GroupNorm the official UNet applies over the clip: every ResNet block's ``in_layers`` and
-    ``out_layers`` (``norm1``, ``norm2``) and the output ``out`` (``conv_norm_out``). The
-    transformers' input norms stay per frame, as in the official code."""
+def clip_norm_paths(resolve: ModuleResolver) -> list[str]:
+    """Paths (inside an ldm-style SD UNet, as ComfyUI builds it, read through ``resolve``) of the
+    containers whose leading GroupNorm the official UNet applies over the clip: every ResNet block's
+    ``in_layers`` and ``out_layers`` (``norm1``, ``norm2``) and the output ``out``
+    (``conv_norm_out``). The transformers' input norms stay per frame, as in the official code."""
     paths = []
-    for name, module in unet.named_modules():
-        for child in ("in_layers", "out_layers"):
-            layers = getattr(module, child, None)
-            if isinstance(layers, nn.Sequential) and len(layers) and isinstance(layers[0], nn.GroupNorm):
-                paths.append(f"{name}.{child}" if name else child)
-    out = getattr(unet, "out", None)
-    if isinstance(out, nn.Sequential) and len(out) and isinstance(out[0], nn.GroupNorm):
-        paths.append("out")
+    for path, module in resolved_modules(resolve):
+        clip_level = path == "out" or path.rsplit(".", 1)[-1] in ("in_layers", "out_layers")
+        if clip_level and isinstance(module, nn.Sequential) and len(module) and isinstance(module[0], nn.GroupNorm):
+            paths.append(path)
     return paths
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from comfy.patcher_extension import WrappersMP
+import comfy.model_management
+from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.frames import ClipNormSequential, FrameContext, clip_norm_paths
+from .patching import unet_resolver
 
 WRAPPER_KEY = "fatezero_clip"
 GROUP_NORM_KEY = "fatezero_group_norm"  # transformer_options flag: "clip" once the norms are patched
@@ -26,12 +28,14 @@ GROUP_NORMS = ("clip", "frame")
 
 
 class ClipRuntime:
-    """The ``DIFFUSION_MODEL`` wrapper of a model with clip-aware layers.
+    """The ``DIFFUSION_MODEL`` wrapper of a model with clip-aware layers, and the keeper of the
+    layers it owns (Tune-A-Video temporal layers). Shared by every clone of the model: a deep copy
+    returns the same object.
 
-    Around each UNet call it sets the clip count of the batch and puts the layers it owns
-    (Tune-A-Video temporal layers) on the UNet input's device (ComfyUI moves them itself when it
-    loads the whole model; not when the model is partially loaded or already loaded). Shared by
-    every clone of the model: a deep copy returns the same object."""
+    Around each UNet call it sets the clip count of the batch and puts the layers on the UNet
+    input's device: ComfyUI moves them itself only when it moves the whole network with them
+    applied, not when the network is partially loaded or already loaded and only the object
+    patches change. They leave the device in :meth:`leave`, when ComfyUI detaches the model."""
 
     def __init__(self) -> None:
         self.frames = FrameContext()
@@ -48,17 +52,33 @@ class ClipRuntime:
         with self.frames.running(chunks):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
+    def leave(self, patcher, unpatch_all: bool = True) -> None:
+        """``ON_DETACH`` callback (``ModelPatcher.detach``, ComfyUI 0.3.64
+        ``comfy/model_patcher.py``): ComfyUI unloaded ``patcher``, let another clone of its network
+        take its place (whose network then no longer holds these layers, so moving the network
+        would not move them), or dropped it. The layers go to ``patcher``'s offload device, unless
+        a model ComfyUI still has loaded runs them."""
+        device = patcher.offload_device
+        if all(next(module.parameters()).device == device for module in self.modules):
+            return
+        if any(self in loaded.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+               for loaded in comfy.model_management.loaded_models() if loaded is not None and loaded is not patcher):
+            return
+        self.follow(device)
+
     def __deepcopy__(self, memo) -> "ClipRuntime":
         return self
 
 
 def clip_runtime(patcher) -> ClipRuntime:
-    """The model's clip runtime, installed on ``patcher`` (a clone the caller owns) if it has none."""
+    """The model's clip runtime, installed on ``patcher`` (a clone the caller owns) if it has none:
+    the wrapper, and the callback that takes its layers off the device with the model."""
     existing = patcher.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     if existing:
         return existing[0]
     runtime = ClipRuntime()
     patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, runtime)
+    patcher.add_callback_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY, runtime.leave)
     return runtime
 
 
@@ -77,10 +97,9 @@ def use_clip_group_norm(patcher) -> None:
     if model_group_norm(patcher) == "clip":
         return
     runtime = clip_runtime(patcher)
-    for path in clip_norm_paths(patcher.get_model_object("diffusion_model")):
-        name = f"diffusion_model.{path}"
-        current = patcher.get_model_object(name)
-        patcher.add_object_patch(name, ClipNormSequential(*current, frames=runtime.frames))
+    resolve = unet_resolver(patcher)
+    for path in clip_norm_paths(resolve):
+        patcher.add_object_patch(f"diffusion_model.{path}", ClipNormSequential(*resolve(path), frames=runtime.frames))
     patcher.model_options.setdefault("transformer_options", {})[GROUP_NORM_KEY] = "clip"
 
 

@@ -4,6 +4,9 @@ Patches go on a ``model.clone()`` (never the caller's MODEL), one attn1 and one 
 transformer block, keyed ``(block, number, block_index)`` (``comfyui-host-contract.md`` section 2).
 The patch functions are closures, so ``ModelPatcher.clone()``'s deep copy of ``model_options``
 shares them instead of duplicating the controller.
+
+Modules are read through :func:`unet_resolver`: the model's own view of its UNet, never the live
+module tree, which may still hold another clone's object patches.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from ..fatezero_core.attention import clip_self_attention
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.layers import AttnCall, LayerInfo
+from ..fatezero_core.module_paths import ModuleResolver, resolved_children
 from ..fatezero_core.sampling import step_of_sigma
 
 PASS_KEY = "fatezero_pass"  # transformer_options flag of the recompute source pass
@@ -24,15 +28,48 @@ KEY_RULE_KEY = "fatezero_key_rule"  # model default key-frame rule (Tune-A-Video
 log = logging.getLogger("comfyui-fatezero")
 
 
-def attention_block_keys(diffusion_model) -> list[tuple[str, int, int]]:
-    """``(block_name, number, block_index)`` of every transformer block with attn1/attn2."""
+def model_object(patcher, path: str):
+    """The object at ``path`` (e.g. ``diffusion_model.input_blocks.1``) in the model ``patcher``
+    builds: its own object patches where it has them, else the shared model's own objects.
+
+    ComfyUI applies a clone's object patches into the model all clones share and leaves them there
+    after sampling until another clone loads (``comfy/model_patcher.py`` ``patch_model``,
+    ``unpatch_model``); ``ModelPatcher.get_model_object`` reads a name patched that way from its
+    backup. Every level of ``path`` is read that way, so a path through a replaced container reaches
+    the replacement this patcher installs, never one that another clone left behind."""
+    parts = path.split(".")
+    obj = patcher.model
+    for depth, part in enumerate(parts, 1):
+        name = ".".join(parts[:depth])
+        if name in patcher.object_patches or name in patcher.object_patches_backup:
+            obj = patcher.get_model_object(name)
+        else:
+            obj = getattr(obj, part)
+    return obj
+
+
+def unet_resolver(patcher) -> ModuleResolver:
+    """``resolve(path)`` of the UNet ``patcher`` builds (paths inside ``diffusion_model``; ``""``
+    is the UNet itself), for the core's module-path functions."""
+
+    def resolve(path: str):
+        return model_object(patcher, f"diffusion_model.{path}" if path else "diffusion_model")
+
+    return resolve
+
+
+def attention_block_keys(resolve: ModuleResolver) -> list[tuple[str, int, int]]:
+    """``(block_name, number, block_index)`` of every transformer block with attn1/attn2 in the
+    UNet that ``resolve`` reads (:func:`unet_resolver`)."""
     keys = []
-    groups = [("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
-              ("output", diffusion_model.output_blocks)]
+    groups = [("input", resolved_children(resolve, "input_blocks")), ("middle", [("middle_block", None)]),
+              ("output", resolved_children(resolve, "output_blocks"))]
     for name, blocks in groups:
-        for number, block in enumerate(blocks):
-            for layer in block:
-                for index, tb in enumerate(getattr(layer, "transformer_blocks", ())):
+        for number, (block, _) in enumerate(blocks):
+            for layer, module in resolved_children(resolve, block):
+                if not hasattr(module, "transformer_blocks"):
+                    continue
+                for index, (_, tb) in enumerate(resolved_children(resolve, f"{layer}.transformer_blocks")):
                     if hasattr(tb, "attn1") and hasattr(tb, "attn2"):
                         keys.append((name, number, index))
     return keys
@@ -91,7 +128,7 @@ def patched_clone(model, controller, step_offset: int):
     if existing.get("attn1") or existing.get("attn2"):
         log.warning("FateZero replaces attention patches already on this model (%s).",
                     sorted(set(existing.get("attn1", {})) | set(existing.get("attn2", {}))))
-    keys = attention_block_keys(clone.get_model_object("diffusion_model"))
+    keys = attention_block_keys(unet_resolver(clone))
     if not keys:
         raise FateZeroError("This model has no attention blocks FateZero can hook; use an SD1.x model.")
     for key in keys:
@@ -112,7 +149,7 @@ def add_clip_self_attention(patcher, rule, on_call=None) -> None:
         chunks = len(extra.get("cond_or_uncond") or ()) or 1
         return clip_self_attention(q, k, v, int(extra["n_heads"]), rule, chunks)
 
-    for key in attention_block_keys(patcher.get_model_object("diffusion_model")):
+    for key in attention_block_keys(unet_resolver(patcher)):
         patcher.set_model_attn1_replace(attn1, *key)
 
 

@@ -14,9 +14,10 @@ ControlNet and every sampler work as with any SD1.x model:
   Upsample ending with it) is replaced by one holding the same modules plus the temporal conv.
 
 The clip runtime (``clip_runtime``, a ``DIFFUSION_MODEL`` wrapper) tells the temporal layers how
-many clips the running batch holds (one per ``cond_or_uncond`` entry) and moves them to the UNet's
-device when ComfyUI has not. The ResNet and output GroupNorms pool over the clip, as in the
-Tune-A-Video UNet the checkpoint was tuned as, in every sampler.
+many clips the running batch holds (one per ``cond_or_uncond`` entry), moves them to the UNet's
+device when ComfyUI has not, and off it when ComfyUI detaches the model. The ResNet and output
+GroupNorms pool over the clip, as in the Tune-A-Video UNet the checkpoint was tuned as, in every
+sampler.
 The model also carries the Tune-A-Video key-frame rule (previous + first frame), which FateZero
 DDIM Invert uses when its key_frames is "auto" (``fatezero-reference-implementation.md`` section 4).
 """
@@ -58,7 +59,7 @@ from ..fatezero_core.tav.checkpoint import (
 from ..fatezero_core.tav.inflate import block_list_patch, conv_patch
 from ..fatezero_core.tav.modules import FramewiseTemporalConv, TemporalAttention, temporal_module_from_state_dict
 from .clip_runtime import clip_runtime, use_clip_group_norm
-from .patching import KEY_RULE_KEY
+from .patching import KEY_RULE_KEY, unet_resolver
 from .user_errors import FateZeroNodeError, reports_user_errors
 
 FOLDER = "tuneavideo"
@@ -141,10 +142,19 @@ def module_path(owner: str, key_map: dict[str, str]) -> str:
 
 
 def diffusers_state_dict(patcher) -> dict[str, torch.Tensor]:
-    """The UNet's 2D weights (as loaded, not copied) under their diffusers names."""
-    running = patcher.model.diffusion_model.state_dict()
-    key_map = diffusers_key_map(patcher.model.model_config.unet_config)
-    return {key: running[comfy_key] for key, comfy_key in key_map.items() if comfy_key in running}
+    """The UNet's 2D weights (as loaded, not copied) under their diffusers names, read from the
+    model ``patcher`` builds (``unet_resolver``)."""
+    resolve = unet_resolver(patcher)
+    weights = {}
+    for key, comfy_key in diffusers_key_map(patcher.model.model_config.unet_config).items():
+        owner, name = comfy_key.rsplit(".", 1)
+        try:
+            tensor = getattr(resolve(owner), name)
+        except AttributeError:
+            continue
+        if isinstance(tensor, torch.Tensor):
+            weights[key] = tensor
+    return weights
 
 
 def sd1_unet_problem(patcher, model_channels: int | None = None) -> str | None:
@@ -263,7 +273,7 @@ def insert_temporal_layers(patcher, ckpt: TavCheckpoint, dtype: torch.dtype | No
     targets = temporal_targets(ckpt)
     if not targets:
         return 0
-    unet = patcher.model.diffusion_model
+    resolve = unet_resolver(patcher)
     heads = int(patcher.model.model_config.unet_config.get("num_heads", 8))
     if heads <= 0:
         heads = 8
@@ -278,9 +288,9 @@ def insert_temporal_layers(patcher, ckpt: TavCheckpoint, dtype: torch.dtype | No
         nbytes += sum(p.numel() * p.element_size() for p in layer.parameters())
         owner = module_path(target.owner, key_map)
         if target.kind == "attention":
-            path, container = block_list_patch(unet, owner, TemporalBlockAdapter(layer, runtime.frames))
+            path, container = block_list_patch(resolve, owner, TemporalBlockAdapter(layer, runtime.frames))
         else:
-            path, container = conv_patch(unet, owner, FramewiseTemporalConv(layer, runtime.frames))
+            path, container = conv_patch(resolve, owner, FramewiseTemporalConv(layer, runtime.frames))
         patcher.add_object_patch(f"diffusion_model.{path}", container)
     use_clip_group_norm(patcher)  # it was tuned with clip-level ResNet statistics
     patcher.size = patcher.model_size() + nbytes  # so ComfyUI reserves memory for them too

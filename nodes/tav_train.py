@@ -23,7 +23,9 @@ What is trained and how the result is carried:
 
 A save name writes the tuned UNet in the FateZero layout (diffusers 2D names plus
 ``attn_temporal``/``norm_temporal``/``conv_temporal``) to ``models/tuneavideo``; the Tune-A-Video
-Loader reloads it to the same network, bit for bit.
+Loader reloads it to the same network, bit for bit. A name that exists or a folder that cannot be
+written is refused before training; a save that still fails afterwards never overwrites a file and
+only warns, naming the path: the MODEL output keeps the tuned network.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 
 import torch
 import torch.utils.checkpoint
@@ -44,10 +47,11 @@ from comfy_api.latest import io
 
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.keyframes import TAV_KEY_RULE
+from ..fatezero_core.module_paths import ModuleResolver, resolved_children, resolved_modules
 from ..fatezero_core.tav import train as core
-from ..fatezero_core.tav.checkpoint import sd1_inflated_convs, sd1_transformer_blocks
+from ..fatezero_core.tav.checkpoint import sd1_inflated_convs, sd1_transformer_blocks, write_checkpoint
 from .clip_runtime import clip_runtime, model_group_norm
-from .patching import add_clip_self_attention, model_key_rule, refuse_context_windows
+from .patching import add_clip_self_attention, model_key_rule, model_object, refuse_context_windows, unet_resolver
 from .tav_loader import (
     FOLDER,
     compute_dtype,
@@ -97,7 +101,8 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def save_path(save_name: str) -> str | None:
     """``models/tuneavideo/<save_name>.safetensors`` (first ``tuneavideo`` folder), or None for an
-    empty name. Never outside that folder, never over an existing file."""
+    empty name. Never outside that folder, never an existing file, never where nothing can be
+    written: checked before any training."""
     name = save_name.strip().replace("\\", "/")
     if not name:
         return None
@@ -109,29 +114,51 @@ def save_path(save_name: str) -> str | None:
             "'/' for a subfolder, e.g. 'my_clip_tuned_200'.")
     root = os.path.abspath(folder_paths.get_folder_paths(FOLDER)[0])
     path = os.path.join(root, *name.split("/")) + ".safetensors"
-    if os.path.exists(path):
+    if os.path.lexists(path):
         raise FateZeroNodeError(f"{path} already exists; choose another save_name or delete that file.")
+    problem = unwritable(os.path.dirname(path))
+    if problem:
+        raise FateZeroNodeError(f"Cannot save the tuned model to {path}: {problem}. Choose another save_name, "
+                                "or make that folder writable.")
     return path
+
+
+def unwritable(folder: str) -> str | None:
+    """Why no file can be created in ``folder`` (or, while it does not exist, in the nearest
+    existing folder above it, where its subfolders would go), or None. A hidden file is created
+    and removed there: permissions, read-only file systems and a file in the way all show."""
+    existing = folder
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".fatezero_write_check_")
+    except OSError as error:
+        return f"{existing} is not writable ({error.strerror or error})"
+    os.close(handle)
+    os.remove(probe)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------------
 
-def query_weight_keys(unet) -> list[str]:
-    """State-dict keys of every attn1/attn2 ``to_q`` weight of the UNet (``diffusion_model.``)."""
-    return [f"diffusion_model.{name}.weight" for name, _ in unet.named_modules()
+def query_weight_keys(resolve: ModuleResolver) -> list[str]:
+    """State-dict keys of every attn1/attn2 ``to_q`` weight of the UNet that ``resolve`` reads
+    (``diffusion_model.``)."""
+    return [f"diffusion_model.{name}.weight" for name, _ in resolved_modules(resolve)
             if name.endswith(("attn1.to_q", "attn2.to_q"))]
 
 
 def fresh_layers(model, heads: int, lora_rank: int | None, seed: int):
     """Untuned temporal layers for every SD1.x transformer block and inflated conv of ``model``'s
     UNet, found through ComfyUI's key conversion."""
-    unet = model.get_model_object("diffusion_model")
+    resolve = unet_resolver(model)
     key_map = diffusers_key_map(model.model.model_config.unet_config)
-    blocks = {b: int(unet.get_submodule(module_path(b, key_map)).norm1.normalized_shape[0])
-              for b in sd1_transformer_blocks()}
-    convs = {c: int(unet.get_submodule(module_path(c, key_map)).weight.shape[0]) for c in sd1_inflated_convs()}
+    blocks = {b: int(resolve(module_path(b, key_map)).norm1.normalized_shape[0]) for b in sd1_transformer_blocks()}
+    convs = {c: int(resolve(module_path(c, key_map)).weight.shape[0]) for c in sd1_inflated_convs()}
     return core.fresh_temporal_checkpoint(blocks, convs, lora_rank, heads, seed)
 
 
@@ -156,8 +183,7 @@ def freeze_weights(trainer, skip: set[str]) -> None:
     under the executor's ``inference_mode``, cannot be saved for backward at all. A weight function
     on the training clone hands each op ComfyUI's cast copy, detached (one layer's weights at a time
     under gradient checkpointing); the model's tensors and flags are not changed."""
-    unet = trainer.get_model_object("diffusion_model")
-    for name, module in unet.named_modules():
+    for name, module in resolved_modules(unet_resolver(trainer)):
         if not hasattr(module, "weight_function"):
             continue
         for attr in ("weight", "bias"):
@@ -181,10 +207,13 @@ def restore(modules) -> None:
         module.__dict__.pop("forward", None)
 
 
-def checkpoint_units(unet) -> list[nn.Module]:
+def checkpoint_units(resolve: ModuleResolver) -> list[nn.Module]:
     """The layers of every top-level UNet block (ResBlocks, SpatialTransformers, samplers, inserted
-    temporal convs): the UNet calls them one by one, so each is recomputed on its own."""
-    return [layer for block in (*unet.input_blocks, unet.middle_block, *unet.output_blocks) for layer in block]
+    temporal convs) of the UNet that ``resolve`` reads: the UNet calls them one by one, so each is
+    recomputed on its own."""
+    blocks = [*resolved_children(resolve, "input_blocks"), ("middle_block", None),
+              *resolved_children(resolve, "output_blocks")]
+    return [layer for block, _ in blocks for _, layer in resolved_children(resolve, block)]
 
 
 class TuneRun:
@@ -195,7 +224,6 @@ class TuneRun:
                  checkpointing: bool):
         self.model, self.samples, self.source = model, samples, source
         self.seed, self.checkpointing, self.precision = seed, checkpointing, precision
-        unet = model.get_model_object("diffusion_model")
         heads = int(model.model.model_config.unet_config.get("num_heads", 8)) or 8
         fresh = fresh_layers(model, heads, lora_rank, seed)
         self.output = model.clone()
@@ -203,7 +231,8 @@ class TuneRun:
         self.layers = list(clip_runtime(self.output).modules)
         # diffusers owner paths of the layers, in insertion order (the fresh tensors are dropped)
         self.attention_owners, self.conv_owners = list(fresh.temporal_attention), list(fresh.temporal_convs)
-        self.q_keys = query_weight_keys(unet)
+        self.q_keys = query_weight_keys(unet_resolver(model))
+        self.trainer = None
         self.device = model.load_device
         self.dtype = training_dtype(precision, self.device)
         self.q_params: dict[str, nn.Parameter] = {}
@@ -220,13 +249,14 @@ class TuneRun:
         comfy.model_management.load_models_gpu([trainer], force_full_load=True)
         freeze_weights(trainer, set(self.q_keys))
         for key in self.q_keys:
-            weight = comfy.utils.get_attr(trainer.model, key)
+            weight = model_object(trainer, key)
             self.q_params[key] = nn.Parameter(weight.detach().to(self.device, torch.float32, copy=True))
             trainer.add_weight_wrapper(key, TrainedWeight(self.q_params[key]))
         for layer in self.layers:
             layer.to(self.device).train()
             for name, param in layer.named_parameters():
                 param.requires_grad_(core.is_trainable(name))
+        self.trainer = trainer
         return trainer
 
     def params(self) -> list[torch.Tensor]:
@@ -237,7 +267,7 @@ class TuneRun:
     def loop(self, model_wrap, extra_args, x0, steps: int, lr: float, progress) -> None:
         scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device.type == "cuda" else None
         sampling = model_wrap.inner_model.model_sampling
-        blocks = checkpoint_units(model_wrap.inner_model.diffusion_model) if self.checkpointing else []
+        blocks = checkpoint_units(unet_resolver(self.trainer)) if self.checkpointing else []
         for block in blocks:
             checkpointed(block)
         try:
@@ -253,7 +283,7 @@ class TuneRun:
     def finish(self):
         """The output MODEL: tuned ``to_q`` as ``set`` patches, temporal layers in compute dtype."""
         for key, param in self.q_params.items():
-            base = comfy.utils.get_attr(self.model.model, key)
+            base = model_object(self.model, key)
             self.output.add_patches({key: ("set", (param.detach().to(device=self.model.offload_device, dtype=base.dtype),))})
         dtype = compute_dtype(self.output)
         for layer in self.layers:
@@ -285,29 +315,42 @@ class TrainSampler(comfy.samplers.Sampler):
         return latent_image
 
 
-def write_checkpoint(path: str, state_dict: dict, metadata: dict) -> None:
-    """Write via a temporary file, so a failed or cancelled write leaves no checkpoint."""
-    from safetensors.torch import save_file
+def save_tuned(run: "TuneRun", path: str, metadata: dict, node_id) -> None:
+    """Write the tuned UNet to ``path``; when that fails (a file that appeared there meanwhile,
+    a full disk, a folder gone or made read-only) only warn, naming the path: the MODEL output
+    still carries the tuned network."""
+    from safetensors import SafetensorError
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = path + ".partial"
     try:
-        save_file(state_dict, partial, metadata={k: str(v) for k, v in metadata.items()})
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+        write_checkpoint(path, run.layout_state_dict(), metadata)
+    except FileExistsError:
+        reason = "a file with that name appeared while training; it was left as it is"
+    except (OSError, SafetensorError) as error:
+        reason = str(error)
+    else:
+        log.info("Tune-A-Video Train: saved %s", path)
+        return
+    message = (f"Tune-A-Video Train: the tuned model was NOT saved to {path} ({reason}). The MODEL output "
+               "still has it for this run; change save_name and run again to save it.")
+    log.warning(message)
+    show_text(node_id, message)
+
+
+def show_text(node_id, text: str) -> None:
+    """``text`` under the node in the ComfyUI frontend, when a client is connected."""
+    try:
+        from server import PromptServer
+        server = PromptServer.instance
+    except (ImportError, AttributeError):
+        return
+    if node_id is not None and getattr(server, "client_id", None):
+        server.send_progress_text(text, node_id)
 
 
 def progress_reporter(steps: int, node_id):
     """ComfyUI progress bar with the running loss (text under the node) and the loss curve as the
     preview every few steps."""
     bar = comfy.utils.ProgressBar(steps, node_id=node_id)
-    try:
-        from server import PromptServer
-        server = PromptServer.instance
-    except (ImportError, AttributeError):
-        server = None
 
     def report(step: int, losses: list[float]) -> None:
         window = core.running_mean(losses, max(1, steps // 10))[-1]
@@ -317,8 +360,7 @@ def progress_reporter(steps: int, node_id):
             image = core.loss_curve_image(losses)[0].mul(255).byte().numpy()
             preview = ("PNG", Image.fromarray(image), 512)
         bar.update_absolute(step, steps, preview)
-        if server is not None and node_id is not None and getattr(server, "client_id", None):
-            server.send_progress_text(f"step {step}/{steps}  loss {window:.4f}", node_id)
+        show_text(node_id, f"step {step}/{steps}  loss {window:.4f}")
         if step % PREVIEW_EVERY == 0 or step == steps:
             log.info("Tune-A-Video Train: step %d/%d, loss %.4f (running mean %.4f)", step, steps, losses[-1], window)
 
@@ -393,7 +435,8 @@ class FateZeroTuneAVideoTrain(io.ComfyNode):
         check_base_model(model)
         path = save_path(save_name)
         rank = lora_rank if trainable == "official" else None
-        progress = progress_reporter(steps, cls.hidden.unique_id if cls.hidden else None)
+        node_id = cls.hidden.unique_id if cls.hidden else None
+        progress = progress_reporter(steps, node_id)
         with torch.inference_mode(False), torch.enable_grad():
             try:
                 run, trained = tune(model, samples.clone(), [[c.clone(), dict(o)] for c, o in source],
@@ -403,8 +446,6 @@ class FateZeroTuneAVideoTrain(io.ComfyNode):
                 raise FateZeroError(core.oom_advice(frames, samples.shape[2], samples.shape[3],
                                                     gradient_checkpointing, precision)) from None
         if path:
-            write_checkpoint(path, run.layout_state_dict(), {
-                "fatezero_layout": "fatezero", "tuned_steps": steps, "learning_rate": learning_rate,
-                "seed": seed, "frames": frames, "lora_rank": rank or 0})
-            log.info("Tune-A-Video Train: saved %s", path)
+            save_tuned(run, path, {"fatezero_layout": "fatezero", "tuned_steps": steps, "learning_rate": learning_rate,
+                                   "seed": seed, "frames": frames, "lora_rank": rank or 0}, node_id)
         return io.NodeOutput(trained, core.loss_curve_image(run.losses))

@@ -418,3 +418,66 @@ def test_non_tensor_entries_are_refused(tmp_path):
     torch.save({"conv_in.weight": torch.zeros(1), "epoch": 3}, str(path))
     with pytest.raises(CheckpointError, match="epoch"):
         load_state_dict_file(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing a checkpoint: a new file or nothing
+# ------------------------------------------------------------------------------------------------
+
+
+def small_state() -> dict:
+    g = torch.Generator().manual_seed(4)
+    return {"a.weight": torch.randn(3, 5, generator=g), "b.bias": torch.randn(7, generator=g)}
+
+
+def read_back(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_a_checkpoint_is_written_with_its_metadata_and_nothing_else(tmp_path):
+    from fatezero_core.tav import write_checkpoint
+
+    state = small_state()
+    path = tmp_path / "sub" / "tuned.safetensors"
+    write_checkpoint(path, state, {"tuned_steps": 200, "fatezero_layout": "fatezero"})
+    tensors, metadata = read_back(path)
+    assert tensors.keys() == state.keys() and all(torch.equal(tensors[k], state[k]) for k in state)
+    assert metadata == {"tuned_steps": "200", "fatezero_layout": "fatezero"}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["sub", "tuned.safetensors"]  # no temporary file left
+
+
+@pytest.mark.parametrize("hard_links", [True, False], ids=["hard links", "no hard links"])
+def test_an_existing_file_is_never_overwritten(tmp_path, monkeypatch, hard_links):
+    """A file that appeared at the name while the data was being written stays as it is, also on
+    a file system without hard links (FAT/exFAT: ``os.link`` is not permitted there)."""
+    from fatezero_core.tav import write_checkpoint
+
+    if not hard_links:
+        def no_links(src, dst, *args, **kwargs):
+            raise PermissionError(1, "Operation not permitted", src)
+        monkeypatch.setattr("os.link", no_links)
+    path = tmp_path / "tuned.safetensors"
+    path.write_bytes(b"someone else's file")
+    with pytest.raises(FileExistsError):
+        write_checkpoint(path, small_state(), {})
+    assert path.read_bytes() == b"someone else's file"
+    assert [p.name for p in tmp_path.iterdir()] == ["tuned.safetensors"]
+    if not hard_links:  # and a new name is still written in full
+        write_checkpoint(tmp_path / "new.safetensors", small_state(), {"k": 1})
+        tensors, metadata = read_back(tmp_path / "new.safetensors")
+        assert torch.equal(tensors["b.bias"], small_state()["b.bias"]) and metadata == {"k": "1"}
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+    from fatezero_core.tav import write_checkpoint
+
+    path = tmp_path / "tuned.safetensors"
+    with pytest.raises(ValueError, match="non contiguous"):  # safetensors refuses it mid-way
+        write_checkpoint(path, {"a": torch.randn(4, 6).t()}, {})
+    (tmp_path / "blocked").write_bytes(b"a file where the folder should be")
+    with pytest.raises(NotADirectoryError):  # not FileExistsError: the checkpoint's name is free
+        write_checkpoint(tmp_path / "blocked" / "tuned.safetensors", small_state(), {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked"]

@@ -12,6 +12,7 @@ from torch import nn
 
 from fatezero_core.errors import CheckpointError, FateZeroError
 from fatezero_core.frames import FrameContext, frames_per_chunk
+from fatezero_core.module_paths import tree_resolver
 from fatezero_core.tav.inflate import block_list_patch, conv_patch
 from fatezero_core.tav.modules import FramewiseTemporalConv, TemporalAttention, TemporalConv
 
@@ -138,14 +139,14 @@ def inflate(unet: MiniUNet, context: FrameContext, random: bool = False):
         temporal = TemporalConv(out_channels(unet, conv), lora_rank=2)
         if random:
             randomise_(temporal, i)
-        path, container = conv_patch(unet, conv, FramewiseTemporalConv(temporal, context))
+        path, container = conv_patch(tree_resolver(unet), conv, FramewiseTemporalConv(temporal, context))
         assert path not in patches
         patches[path] = container
     for i, block in enumerate(BLOCKS):
         temporal = TemporalAttention(C, 2, C // 2)
         if random:
             randomise_(temporal, 100 + i)
-        path, container = block_list_patch(unet, block, Attention(temporal))
+        path, container = block_list_patch(tree_resolver(unet), block, Attention(temporal))
         patches[path] = container
     originals = {path: set_attr(unet, path, container) for path, container in patches.items()}
     return patches, originals
@@ -163,19 +164,19 @@ def frames_input():
 def test_patch_paths_are_the_nearest_sequential():
     unet, context = MiniUNet(), FrameContext()
     extra = FramewiseTemporalConv(TemporalConv(C), context)
-    assert conv_patch(unet, "input_blocks.1.0.in_layers.2", extra)[0] == "input_blocks.1.0.in_layers"
-    assert conv_patch(unet, "input_blocks.0.0", extra)[0] == "input_blocks.0"
-    assert conv_patch(unet, "input_blocks.2.0.op", extra)[0] == "input_blocks.2"
-    assert conv_patch(unet, "output_blocks.0.2.conv", extra)[0] == "output_blocks.0"
-    assert conv_patch(unet, "out.2", extra)[0] == "out"
-    path, blocks = block_list_patch(unet, BLOCKS[0], extra)
+    assert conv_patch(tree_resolver(unet), "input_blocks.1.0.in_layers.2", extra)[0] == "input_blocks.1.0.in_layers"
+    assert conv_patch(tree_resolver(unet), "input_blocks.0.0", extra)[0] == "input_blocks.0"
+    assert conv_patch(tree_resolver(unet), "input_blocks.2.0.op", extra)[0] == "input_blocks.2"
+    assert conv_patch(tree_resolver(unet), "output_blocks.0.2.conv", extra)[0] == "output_blocks.0"
+    assert conv_patch(tree_resolver(unet), "out.2", extra)[0] == "out"
+    path, blocks = block_list_patch(tree_resolver(unet), BLOCKS[0], extra)
     assert path == "input_blocks.1.1.transformer_blocks" and isinstance(blocks, nn.ModuleList)
 
 
 def test_replacements_keep_type_and_module_objects():
     unet, context = MiniUNet(), FrameContext()
     extra = FramewiseTemporalConv(TemporalConv(C), context)
-    path, seq = conv_patch(unet, "output_blocks.0.2.conv", extra)
+    path, seq = conv_patch(tree_resolver(unet), "output_blocks.0.2.conv", extra)
     original = unet.get_submodule(path)
     assert type(seq) is TimestepEmbedSequential
     assert all(a is b for a, b in zip(seq, original)) and len(seq) == len(original) + 1
@@ -254,18 +255,18 @@ def test_conv_that_is_not_last_is_refused():
     unet = MiniUNet()
     extra = nn.Identity()
     with pytest.raises(CheckpointError, match="not the last layer"):
-        conv_patch(unet, "out.1", extra)
+        conv_patch(tree_resolver(unet), "out.1", extra)
     with pytest.raises(CheckpointError, match="Downsample/Upsample"):
-        conv_patch(unet, "input_blocks.1.0.skip", extra)
+        conv_patch(tree_resolver(unet), "input_blocks.1.0.skip", extra)
     with pytest.raises(CheckpointError, match="no conv owner"):
-        conv_patch(unet, "middle_block.0.in_layers.2", extra)
+        conv_patch(tree_resolver(unet), "middle_block.0.in_layers.2", extra)
 
 
 def test_block_that_is_not_last_is_refused():
     unet = MiniUNet()
     unet.input_blocks[1][1].transformer_blocks.append(Block())
     with pytest.raises(CheckpointError, match="not the last block"):
-        block_list_patch(unet, BLOCKS[0], nn.Identity())
+        block_list_patch(tree_resolver(unet), BLOCKS[0], nn.Identity())
 
 
 @pytest.mark.parametrize("rank", [None, 2])

@@ -21,6 +21,7 @@ from .checkpoint import (
     sd1_unet_mismatch,
     split_tav_state_dict,
     temporal_targets,
+    write_checkpoint,
 )
 from .modules import (
     FrameAttention,
@@ -52,6 +53,7 @@ __all__ = [
     "sd1_unet_mismatch",
     "split_tav_state_dict",
     "temporal_targets",
+    "write_checkpoint",
     "FrameAttention",
     "FramewiseTemporalConv",
     "LoraFrameConv",

@@ -19,9 +19,13 @@ diffusers names: state dicts in, state dicts and diffusers paths out. The host l
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pickle
 import re
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
@@ -588,3 +592,52 @@ def load_tav_checkpoint(path: "str | os.PathLike", context_dim: int = 768) -> Ta
     ckpt = split_tav_state_dict(load_state_dict_file(file), source=str(file))
     check_tav_checkpoint(ckpt, context_dim)
     return ckpt
+
+
+def write_checkpoint(path: "str | os.PathLike", state_dict: StateDict, metadata: Dict[str, object]) -> None:
+    """Write ``state_dict`` (and ``metadata``, as text) to a new safetensors file at ``path``,
+    creating its folder; never over an existing file.
+
+    The data goes to a hidden temporary file in the same folder first, which then takes the final
+    name with ``os.link``: that fails when the name exists, atomically (``os.replace`` would
+    overwrite a file that appeared meanwhile). Where the file system has no hard links (FAT,
+    exFAT, some network shares) the final name is created exclusively (``open(path, "xb")``) and
+    the data copied in. A refused, failed or interrupted write leaves neither the temporary file nor
+    a partial checkpoint, and an existing file is never touched.
+
+    Raises ``FileExistsError`` when ``path`` exists (and only then), ``OSError`` when the file
+    system refuses the write, and safetensors' own ``SafetensorError`` when its writer fails."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except FileExistsError:  # a file where the folder should be (FileExistsError: the name is taken)
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder) from None
+    partial = os.path.join(folder, f".fatezero_{uuid.uuid4().hex}.partial")
+    try:
+        save_file(state_dict, partial, metadata={k: str(v) for k, v in metadata.items()})
+        _take_name(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+
+
+def _take_name(written: str, path: str) -> None:
+    """Give the complete file ``written`` the new name ``path``; ``FileExistsError`` if it exists."""
+    try:
+        os.link(written, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system: claim the name, then fill it
+        pass
+    with open(path, "xb") as out:
+        try:
+            with open(written, "rb") as source:
+                shutil.copyfileobj(source, out, 1 << 24)
+        except BaseException:
+            out.close()
+            os.remove(path)  # ours: created exclusively above
+            raise

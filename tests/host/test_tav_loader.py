@@ -707,3 +707,37 @@ def test_unet_alone_loads_through_comfyui_loader(nodes, loader, tav_dir):
     assert len(model.object_patches) == 16 + 52
     assert model.model_options["transformer_options"]["fatezero_key_rule"] == "prev, first"
     assert nodes.clip_runtime.model_group_norm(model) == "clip"
+
+
+# ------------------------------------------------------------------------------------------------
+# The temporal layers leave the device with the model
+# ------------------------------------------------------------------------------------------------
+
+META = torch.device("meta")  # stands in for the offload device: a move there shows on a CPU-only machine
+
+
+def devices(modules) -> set[torch.device]:
+    return {p.device for module in modules for p in module.parameters()}
+
+
+def test_temporal_layers_leave_the_device_with_the_model(nodes, tiny_sd15):
+    """A clone with temporal layers (as Tune-A-Video Train builds its output: it shares its network
+    with the input MODEL) is loaded; another clone of the same network takes its place, so its
+    containers leave the network; ComfyUI unloads everything. The layers must then sit on the
+    offload device with the network. Dropping a clone while another one running the same layers
+    is loaded moves nothing."""
+    import comfy.model_management
+
+    tav = tiny_sd15.clone()
+    nodes.tav_loader.insert_temporal_layers(tav, nodes.tav_train.fresh_layers(tiny_sd15, 8, 4, 0))
+    layers = nodes.clip_runtime.clip_runtime(tav).modules
+    comfy.model_management.load_models_gpu([tav])
+    tav.offload_device = tiny_sd15.offload_device = META
+    sibling = tav.clone()
+    sibling.detach(unpatch_all=False)  # what ComfyUI does when it drops a clone
+    assert devices(layers) == {torch.device("cpu")}  # tav, which runs them, is still loaded
+
+    comfy.model_management.load_models_gpu([tiny_sd15])
+    comfy.model_management.unload_all_models()
+    assert devices([tiny_sd15.model.diffusion_model]) == {META}  # ComfyUI moved its network
+    assert devices(layers) == {META}

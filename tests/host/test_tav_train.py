@@ -7,6 +7,7 @@ background, so frames are related as in a video and the temporal layers have som
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,49 @@ def test_a_tuned_model_and_bad_save_names_are_refused(nodes, train, tiny_sd15, t
         run_train(train, tuned, source)
 
 
+def test_an_unwritable_save_folder_is_refused_before_training(nodes, train, tiny_sd15, tiny_clip, tav_dir, losses):
+    (tav_dir / "clip").write_bytes(b"a file where the folder should be")
+    with pytest.raises(nodes.user_errors.FateZeroNodeError,
+                       match=r"Cannot save the tuned model to .*clip.*tuned\.safetensors: .*clip is a file, not a folder"):
+        run_train(train, tiny_sd15, encode(tiny_clip, PROMPT), save_name="clip/tuned")
+    assert losses == []  # refused before the first step
+    assert [p.name for p in tav_dir.iterdir()] == ["clip"]
+
+
+def in_the_way_of(path: Path, what: str) -> None:
+    if what == "a file at the name":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"someone else's file")
+    else:  # a file where the folder should be
+        path.parent.write_bytes(b"someone else's file")
+
+
+@pytest.mark.parametrize("what", ["a file at the name", "a file at the folder"])
+def test_a_save_that_fails_after_training_keeps_the_model_and_names_the_path(
+        train, tiny_sd15, tiny_clip, tav_dir, losses, monkeypatch, caplog, what):
+    """Something takes the save's place while training runs: the node still outputs the tuned MODEL,
+    warns with the path, and leaves the other file as it is."""
+    import comfy.utils
+
+    path = tav_dir / "clip" / "tuned.safetensors"
+
+    def hook(value, total, preview, node_id=None):
+        if value == 1:
+            in_the_way_of(path, what)
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    with caplog.at_level(logging.WARNING, logger="comfyui-fatezero"):
+        model, curve = run_train(train, tiny_sd15, encode(tiny_clip, PROMPT), steps=2, save_name="clip/tuned").args
+    assert len(losses) == 2 and curve.shape == (1, 256, 512, 3)
+    assert len(model.get_wrappers("diffusion_model", "fatezero_clip")[0].modules) == 68  # the tuned layers
+    blocker = path if what == "a file at the name" else path.parent
+    assert blocker.read_bytes() == b"someone else's file"
+    assert sorted(p.relative_to(tav_dir).as_posix() for p in tav_dir.rglob("*")) == sorted(
+        {blocker.relative_to(tav_dir).as_posix(), "clip"})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"NOT saved to {path}" in w for w in warnings), warnings
+
+
 def test_out_of_memory_says_what_to_change(nodes, train, tiny_sd15, tiny_clip, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -310,7 +354,7 @@ def test_first_step_loss_is_the_objective_on_the_loader_network(nodes, train, ti
     run_train(train, tiny_sd15, source, steps=1, lr=1e-7)
     reference = tiny_sd15.clone()
     nodes.clip_runtime.use_clip_group_norm(reference)
-    for key in nodes.patching.attention_block_keys(reference.get_model_object("diffusion_model")):
+    for key in nodes.patching.attention_block_keys(nodes.patching.unet_resolver(reference)):
         reference.set_model_attn1_replace(reference_prev_first_attn1, *key)
     x0 = tiny_sd15.model.process_latent_in(latent)
     timestep, noise = core.draw_step(torch.Generator().manual_seed(SEED), x0)

@@ -124,18 +124,21 @@ def write_clip(folder: Path, name: str, frames: int = 6) -> str:
     return name
 
 
-def write_tiny_lora(path: Path) -> list[str]:
-    """A kohya-style LoRA (``lora_unet_<diffusers name>``) for a few attention projections of the
-    tiny checkpoint's UNet (320 channels on every level). Returns the LoRA's layer names."""
+TINY_LORA_LAYERS = (
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_v",
+    "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_out_0",
+)
+
+
+def write_tiny_lora(path: Path, layers=TINY_LORA_LAYERS) -> list[str]:
+    """A kohya-style LoRA (``lora_unet_<diffusers name>``) for a few attention projections of 320
+    channels (every level of the tiny checkpoint's UNet; the first level of SD1.5's). Returns the
+    LoRA's layer names."""
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(7)
-    layers = [
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
-        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_v",
-        "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_out_0",
-    ]
     in_dims = {"attn2_to_k": 768}
     tensors = {}
     for layer in layers:
@@ -145,20 +148,22 @@ def write_tiny_lora(path: Path) -> list[str]:
         tensors[f"{layer}.alpha"] = torch.tensor(float(LORA_RANK))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
-    return layers
+    return list(layers)
 
 
-def write_tiny_controlnet(path: Path) -> None:
+def write_tiny_controlnet(path: Path, channel_mult=None) -> None:
     """An SD1.5 ControlNet (``control_model.*`` keys) shaped for the tiny checkpoint's UNet.
 
     ControlNetLoader detects its UNet config from the keys as it does for real SD1.5 ControlNets;
     its zero-conv outputs must match the tiny UNet's channels (320 on every level), so it is built
-    from the same config. Weights are seeded strided views of a few buffers (a few MB on disk).
+    from the same config (``channel_mult``: that of another checkpoint written by ``tiny_models``).
+    Weights are seeded strided views of a few buffers (a few MB on disk).
     """
     import comfy.cldm.cldm
     import tiny_models
 
-    config = tiny_models.sd15_unet_config(320, channel_mult=list(tiny_models.CHECKPOINT_CHANNEL_MULT))
+    channel_mult = tiny_models.CHECKPOINT_CHANNEL_MULT if channel_mult is None else channel_mult
+    config = tiny_models.sd15_unet_config(320, channel_mult=list(channel_mult))
     for key in ("out_channels", "use_temporal_attention", "use_temporal_resblock"):
         config.pop(key, None)
     with torch.device("meta"):
