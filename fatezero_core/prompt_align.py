@@ -294,8 +294,8 @@ def require_word_token_indices(
 ) -> list[int]:
     """:func:`word_token_indices`, raising when the word is not in the prompt.
 
-    Design ("Bad input gets a clear error"): a blend word missing from the prompt is an error, not
-    the official code's silent all-zero (NaN) mask. ``what`` names the setting in the message.
+    A blend word missing from the prompt is an error: the official code gives no tokens for it, so
+    ``SpatialBlender.get_mask`` (``spatial_blend.py``) divides 0 by 0 and silently masks nothing. ``what`` names the setting in the message.
 
     Raises:
         PromptError: naming the word, the prompt and the words that can be used.
