@@ -3,7 +3,8 @@
 FateZero Edit Settings takes these as comma-, semicolon- or newline-separated text;
 they become the ``blend_words``, ``cross_replace_steps`` and ``reweight`` of
 :class:`fatezero_core.edit_spec.EditSpec`, the official configs' ``blend_words``,
-``cross_replace_steps`` dict and ``eq_params`` (reference doc section 3.3). Errors name the node's
+``cross_replace_steps`` dict and ``eq_params`` (read by ``make_controller`` in the official
+``video_diffusion/prompt_attention/attention_util.py``). Errors name the node's
 fields, since that is where the user types them.
 """
 

@@ -10,8 +10,8 @@ class FateZeroError(ValueError):
 
 
 class StoreMismatchError(FateZeroError):
-    """The attention store was captured with settings that differ from the edit (spec: design.md,
-    "Bad input gets a clear error")."""
+    """The attention store was captured with settings that differ from the edit: another model,
+    frame count, size, step count or key-frame setting, so its attention would not line up."""
 
 
 class StoreReleasedError(FateZeroError):

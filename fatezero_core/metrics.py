@@ -1,8 +1,8 @@
 """Numbers for a video edit: temporal consistency, edit accuracy, warp error, structure.
 
-- **Tem-Con** (FateZero paper Table 1; official script ``CLIP/frame_acc_tem_con.py``, reference
-  doc section 7): mean cosine similarity of the L2-normalised CLIP image embeddings of the
-  ``F - 1`` consecutive frame pairs. FateZero reports 0.965 with CLIP ViT-B/32.
+- **Tem-Con** (FateZero paper Table 1; official script ``CLIP/frame_acc_tem_con.py``): mean
+  cosine similarity of the L2-normalised CLIP image embeddings of the ``F - 1`` consecutive frame
+  pairs. FateZero reports 0.965 with CLIP ViT-B/32.
 - **Frame-Acc** (same script): per frame, ``softmax(100 * cos(image, [source, target]))``; a frame
   counts when ``p_target >= p_source`` (ties count). The share of such frames (paper: 0.903).
 - **CLIP-T**: mean cosine of each frame's image embedding with the target prompt's text embedding
@@ -97,9 +97,10 @@ def _rgb(frames: torch.Tensor, name: str) -> torch.Tensor:
 def clip_input(frames: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
     """Frames as the official CLIP script feeds them, still in 0..1: ``[F, size, size, 3]``.
 
-    Reference doc section 7: a portrait frame (h > w) keeps its bottom ``w x w`` square; then the
-    short side goes to ``size`` (bicubic, antialiased like PIL; long side ``int(scale * long)``)
-    and the centre ``size x size`` is cut out (offsets rounded as torchvision's ``CenterCrop``).
+    Official ``CLIP/frame_acc_tem_con.py``: ``crop_read_image_path`` keeps a portrait frame's
+    (h > w) bottom ``w x w`` square; then CLIP's ``preprocess`` sends the short side to ``size``
+    (bicubic, antialiased like PIL; long side ``int(scale * long)``) and cuts out the centre
+    ``size x size`` (offsets rounded as torchvision's ``CenterCrop``).
     CLIP's mean/std normalisation is the encoder's own step (ComfyUI's ``encode_image``).
     """
     x = _image(frames, "frames")

@@ -1,18 +1,19 @@
 """Prompt-to-prompt token alignment between the source and the target prompt.
 
 Everything the cross-attention fusion needs to know about the two prompts, as plain tensors
-(reference doc = ``fatezero-reference-implementation.md``):
+(file names below are in the official repository, github.com/ChenyangQiQi/FateZero at 9b6cb7b,
+under ``video_diffusion/prompt_attention/``, which keeps prompt-to-prompt's code):
 
-- token layout of a prompt and word -> token lookup (reference doc 3.3 "Word -> token lookup";
-  host contract section 5 "Word -> token indices");
-- the replace mapper ``M[77, 77]`` (reference doc 3.3 "Replace"; P2P
-  ``seq_aligner.get_replacement_mapper_``);
-- the refine mapper and alphas (reference doc 3.3 "Refine"; P2P ``seq_aligner.get_mapper``);
-- the reweight equalizer (reference doc 3.3 "Reweight"; FateZero ``get_equalizer``);
-- the per-step, per-token cross-attention schedule (reference doc 3.3 "Token schedule"; P2P
-  ``ptp_utils.get_time_words_attention_alpha``) and the self-attention window (reference doc 3.4
-  "When");
-- replace vs refine selection (reference doc 3.1 "Replace vs refine").
+- token layout of a prompt and word -> token lookup (``ptp_utils.py``: ``get_word_inds``; the
+  layout is ComfyUI's, ``comfy/sd1_clip.py``: ``SDTokenizer.tokenize_with_weights`` at 0.3.64);
+- the replace mapper ``M[77, 77]`` (``seq_aligner.py``: ``get_replacement_mapper_``);
+- the refine mapper and alphas (``seq_aligner.py``: ``get_mapper``);
+- the reweight equalizer (``attention_util.py``: ``get_equalizer``);
+- the per-step, per-token cross-attention schedule (``ptp_utils.py``:
+  ``get_time_words_attention_alpha``) and the self-attention window (``attention_util.py``:
+  ``AttentionControlEdit.__init__``, ``num_self_replace``);
+- replace vs refine selection (``video_diffusion/pipelines/p2p_ddim_spatial_temporal.py``:
+  ``P2pDDIMSpatioTemporalPipeline.p2preplace_edit``, which calls ``make_controller``).
 
 Token positions follow CLIP's 77-token layout: index 0 is BOS, content starts at 1, then EOS, then
 EOS padding up to 77. The tokenizer is a callable ``tokenize(text) -> list[int]`` returning the CLIP
@@ -66,7 +67,8 @@ StepsSpec = Union[float, int, Sequence[float], Mapping[str, Union[float, int, Se
 
 @dataclass(frozen=True)
 class PromptTokens:
-    """One prompt laid out as CLIP's 77 token positions (host contract section 5).
+    """One prompt laid out as CLIP's 77 token positions (ComfyUI ``comfy/sd1_clip.py``:
+    ``SDTokenizer.tokenize_with_weights``).
 
     Attributes:
         prompt: the prompt text as given.
@@ -184,7 +186,8 @@ def is_embedding_id(token_id: int) -> bool:
 def tokenize_prompt(
     prompt: str, tokenize: Tokenize, embedding_length: Optional[EmbeddingLength] = None
 ) -> PromptTokens:
-    """Lay ``prompt`` out on CLIP's 77 token positions (host contract section 5).
+    """Lay ``prompt`` out on CLIP's 77 token positions (ComfyUI ``comfy/sd1_clip.py``:
+    ``SDTokenizer.tokenize_with_weights``).
 
     The prompt is read in ComfyUI's prompt syntax (:func:`fatezero_core.prompt_syntax.read_prompt`;
     ``embedding_length(name)`` gives an embedding's vector count, None for no such file). Each
@@ -256,7 +259,7 @@ def tokenize_prompt(
 def word_token_indices(prompt_tokens: PromptTokens, word: Word) -> list[int]:
     """Token positions of ``word`` in the prompt; empty when it is not there.
 
-    Reference doc 3.3 "Word -> token lookup" (official ``get_word_inds``), made robust:
+    Official ``ptp_utils.py``: ``get_word_inds`` (split on " ", exact match), made robust:
 
     - a string matches whitespace words case-insensitively and ignoring the punctuation around
       them, and returns only the word's own tokens ("countryside" -> the "countryside" token of
@@ -291,8 +294,8 @@ def require_word_token_indices(
 ) -> list[int]:
     """:func:`word_token_indices`, raising when the word is not in the prompt.
 
-    Design ("Bad input gets a clear error"): a blend word missing from the prompt is an error, not
-    the official code's silent all-zero (NaN) mask. ``what`` names the setting in the message.
+    A blend word missing from the prompt is an error: the official code gives no tokens for it, so
+    ``SpatialBlender.get_mask`` (``spatial_blend.py``) divides 0 by 0 and silently masks nothing. ``what`` names the setting in the message.
 
     Raises:
         PromptError: naming the word, the prompt and the words that can be used.
@@ -327,7 +330,7 @@ def _require_equal_word_counts(src: PromptTokens, tgt: PromptTokens) -> None:
 
 
 def choose_mode(src: PromptTokens, tgt: PromptTokens, mode: str = "auto") -> str:
-    """``"replace"`` or ``"refine"`` (reference doc 3.1 "Replace vs refine").
+    """``"replace"`` or ``"refine"`` (official ``p2preplace_edit``, ``is_replace_controller``).
 
     ``auto`` picks replace when both prompts have the same number of whitespace words and refine
     otherwise, as the official ``make_controller`` does with ``is_replace_controller=True``.
@@ -346,7 +349,7 @@ def choose_mode(src: PromptTokens, tgt: PromptTokens, mode: str = "auto") -> str
 
 
 def replacement_mapper(src: PromptTokens, tgt: PromptTokens) -> torch.Tensor:
-    """Word-swap mapper ``M[77, 77]`` (float), ``R(S) = S M`` (reference doc 3.3 "Replace").
+    """Word-swap mapper ``M[77, 77]`` (float), ``R(S) = S M`` (official ``AttentionReplace``).
 
     P2P ``seq_aligner.get_replacement_mapper_``: rows are source positions, columns target
     positions. Words are paired by position (``k``-th source word with ``k``-th target word):
@@ -425,7 +428,7 @@ def _global_alignment(x: Sequence[int], y: Sequence[int]) -> list[Optional[int]]
 
 
 def refinement_mapper(src: PromptTokens, tgt: PromptTokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """Refine mapper and alphas (reference doc 3.3 "Refine"; P2P ``seq_aligner.get_mapper``).
+    """Refine mapper and alphas (``seq_aligner.py``: ``get_mapper``; official ``AttentionRefine``).
 
     The BOS..EOS id sequences of both prompts are globally aligned (:func:`_global_alignment`).
     Returns ``(mapper, alphas)``, a ``LongTensor[77]`` and a ``FloatTensor[77]``:
@@ -460,7 +463,7 @@ def _is_number(value: object) -> bool:
 
 
 def equalizer(tgt_tokens: PromptTokens, weights: Mapping[Word, float]) -> torch.Tensor:
-    """Reweight equalizer ``e[77]`` (reference doc 3.3 "Reweight"; FateZero ``get_equalizer``).
+    """Reweight equalizer ``e[77]`` (official ``attention_util.py``: ``get_equalizer``).
 
     Ones, with ``value`` at the token positions of each word in the **target** prompt; later
     entries win where words overlap. Applied as ``R_eq(S) = e * R(S)`` (no renormalisation).
@@ -511,7 +514,7 @@ def _parse_window(value: object, what: str) -> tuple[float, float]:
 def cross_replace_alphas(
     tgt_tokens: PromptTokens, num_steps: int, cross_replace_steps: StepsSpec
 ) -> torch.Tensor:
-    """Cross-attention schedule ``alpha[num_steps + 1, 77]`` (reference doc 3.3 "Token schedule").
+    """Cross-attention schedule ``alpha[num_steps + 1, 77]`` (official ``ptp_utils.py``).
 
     P2P ``ptp_utils.get_time_words_attention_alpha``: ``cross_replace_steps`` is a float ``c``
     (meaning ``(0, c)``), a pair ``(start, end)``, or a dict ``{"default_": c_or_pair, word:
@@ -547,9 +550,9 @@ def cross_replace_alphas(
 def self_replace_window(num_steps: int, self_replace_steps: Window) -> tuple[int, int]:
     """Self-attention fusion steps ``(start, end)``: step ``i`` fuses when ``start <= i < end``.
 
-    Reference doc 3.4 "When": ``start = int(N * s0)``, ``end = int(N * s1)``; a float ``s`` means
-    ``(0, s)`` (0.6 at N=50 -> steps 0-29). An int 1 is accepted as 1.0 (the official code crashes
-    on it, reference doc 3.1).
+    Official ``AttentionControlEdit.__init__`` (``num_self_replace``): ``start = int(N * s0)``,
+    ``end = int(N * s1)``; a float ``s`` means ``(0, s)`` (0.6 at N=50 -> steps 0-29). An int 1 is
+    accepted as 1.0 (the official code takes only a float as ``(0, s)`` and fails on an int).
 
     Raises:
         PromptError: a window out of ``0 <= start <= end <= 1``.
@@ -601,7 +604,7 @@ def align_prompts(
     reweight: Optional[Mapping[Word, float]] = None,
     embedding_length: Optional[EmbeddingLength] = None,
 ) -> TokenAlignment:
-    """Build the :class:`TokenAlignment` for editing ``src`` into ``tgt`` (reference doc 3.1-3.4).
+    """The :class:`TokenAlignment` for editing ``src`` into ``tgt`` (official ``make_controller``).
 
     Prompt weights (``(word:1.3)``) only change the encoded prompt, as in CLIP Text Encode; the
     attention reweight comes from ``reweight`` alone (see :func:`equalizer`).

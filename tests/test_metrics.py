@@ -5,8 +5,9 @@ whole number of pixels per frame, so frame ``t+1`` is frame ``t`` shifted by exa
 pixels that enter at the border are the only ones frame ``t`` cannot explain; the same texture
 standing still; and frames of independent noise. CLIP-style embeddings come from a seeded random
 projection of 8x8-pooled pixels (a stand-in encoder: similar frames give similar embeddings).
-Expected values are worked out from the definitions (official Frame-Acc/Tem-Con recipe, reference
-doc section 7; warp error of Lai et al. 2018; SSIM of Wang et al. 2004).
+Expected values are worked out from the definitions (Frame-Acc/Tem-Con as the official
+``CLIP/frame_acc_tem_con.py`` computes them; warp error of Lai et al. 2018; SSIM of Wang et al.
+2004).
 """
 
 from __future__ import annotations

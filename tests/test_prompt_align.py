@@ -1,4 +1,4 @@
-"""Prompt alignment against hand-worked token tables (reference doc 3.1-3.4).
+"""Prompt alignment against hand-worked token tables (official ``make_controller`` and its mappers).
 
 The fake tokenizer mimics CLIP BPE: lowercase, punctuation split into separate tokens, and a few
 words that split into several tokens ("porsche" -> 2 tokens, "watercolor" -> 3 tokens). Unknown

@@ -99,9 +99,58 @@ def test_table_defaults_are_the_schema_defaults(node_id):
     assert not wrong, wrong
 
 
-def test_parser_reads_defaults_and_catches_a_drift():
-    text = README.read_text()
-    assert TABLES["FateZero_DDIMInvert"]["steps"] == "50"
-    assert TABLES["FateZero_AttentionBlendSettings"]["target_prompt"] == ""
-    drifted = node_tables(text.replace("| steps | 50 |", "| steps | 20 |"))
-    assert not matches(drifted["FateZero_DDIMInvert"]["steps"], SCHEMAS["FateZero_DDIMInvert"]["steps"])
+SAMPLE = """# pack
+
+## Nodes
+
+### First Node (`FateZero_First`)
+
+| input | default | what it does |
+|---|---|---|
+| steps | 50 | DDIM steps |
+| width / height | 512 | frame size |
+| source_prompt | | the prompt |
+
+### Second Node (`FateZero_Second`)
+| input | default | what it does |
+| --- | --- | --- |
+| enabled | on | switch |
+
+## Benchmarks
+
+### Not a node (`FateZero_Third`)
+| steps | 7 | |
+"""
+
+
+def test_parser_reads_a_readme_like_text():
+    assert node_tables(SAMPLE) == {
+        "FateZero_First": {"steps": "50", "width": "512", "height": "512", "source_prompt": ""},
+        "FateZero_Second": {"enabled": "on"},
+    }
+
+
+@pytest.mark.parametrize("cell, spec, expected", [
+    ("50", {"type": "INT", "default": 50}, True),
+    ("20", {"type": "INT", "default": 50}, False),
+    ("0.8", {"type": "FLOAT", "default": 0.8}, True),
+    ("on", {"type": "BOOLEAN", "default": True}, True),
+    ("off", {"type": "BOOLEAN", "default": True}, False),
+    ("", {"type": "STRING"}, True),
+    ('""', {"type": "STRING", "default": ""}, True),
+    ("auto", {"type": ["auto", "replace"], "default": "auto"}, True),
+    ("replace", {"type": ["auto", "replace"], "default": "auto"}, False),
+    ("anything", {"type": "MODEL"}, True),
+])
+def test_default_cells_compare_as_the_ui_shows_them(cell, spec, expected):
+    assert matches(cell, spec) is expected
+
+
+def test_torch_versions_named_are_the_ci_pin_or_recorded_by_a_run():
+    """A torch version in the README is the one CI installs or one a benchmark run recorded."""
+    recorded = {version.split("+")[0]
+                for path in (REPO / "benchmarks" / "results").glob("*.json")
+                for version in re.findall(r'"torch": "([^"]+)"', path.read_text())}
+    pin = re.search(r"torch==([\d.]+)", (REPO / ".ci" / "run").read_text()).group(1)
+    named = set(re.findall(r"torch(?: |==)(\d+\.\d+(?:\.\d+)?)", README.read_text()))
+    assert named and named <= recorded | {pin}, sorted(named - recorded - {pin})

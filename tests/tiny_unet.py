@@ -3,8 +3,9 @@
 The denoiser is a small UNet on a ``4 x 16 x 16`` latent with real spatial transformers at four
 resolutions (16x16, 8x8, 4x4, 2x2; channels 32/64/64/64; 2 heads): ResBlocks (GroupNorm, SiLU,
 3x3 convs, timestep embedding), stride-2 down convs, a middle block, a nearest-upsampling up path
-with skip connections. Each transformer block is ComfyUI's ``BasicTransformerBlock`` as the host
-calls attention replace patches (``comfyui-host-contract.md`` section 2): ``n = norm1(x)``,
+with skip connections. Each transformer block is ComfyUI's ``BasicTransformerBlock`` as it calls
+attention replace patches (ComfyUI 0.3.64, ``comfy/ldm/modules/attention.py``:
+``BasicTransformerBlock.forward``, ``patches_replace["attn1"/"attn2"]``): ``n = norm1(x)``,
 ``q, k, v = to_q(n), to_k(n), to_v(n)`` (projected, heads merged), ``controller.attn1(q, k, v,
 call)``, ``to_out``, residual; then ``norm2`` and cross-attention with ``k, v = to_k(context),
 to_v(context)`` through ``controller.attn2``; then a feed-forward. Without a controller the block
@@ -40,6 +41,11 @@ random content scores are sharpened by ``QK_GAIN`` and the attention output weig
 
 Weights are initialised explicitly from a seeded generator (fan-in scaled normals, then the
 constructions above).
+
+It lives beside ``tiny_models/`` rather than in it: those are ComfyUI's own UNet classes with
+seeded random weights, for the host tier, while this one is plain PyTorch, so the CPU tier runs
+without ComfyUI, and its attention is built so that an edit's mask and locality have known answers
+(a random SD1.5-topology UNet attends nowhere in particular).
 """
 
 from __future__ import annotations

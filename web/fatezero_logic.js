@@ -1,16 +1,25 @@
 // Pure helpers for the FateZero frontend extension: no DOM, no ComfyUI imports, so node's test
-// runner can import this file directly (tests/js/fatezero_logic.test.mjs).
+// runner can import this file directly (tests/js/).
 //
-// Word rules follow the pack's Python side (fatezero_core/prompt_align.py and
-// fatezero_core/edit_text.py), so what the node shows matches what the node will accept:
-// - a prompt's words are its whitespace-separated parts;
+// Word rules are the pack's Python ones (fatezero_core/prompt_syntax.py, prompt_align.py and
+// edit_text.py), so what the node shows matches what the node will accept; the cases both sides
+// are tested on are in tests/data/word_rules.json:
+// - a prompt is read in ComfyUI's prompt syntax: `(word:1.2)` and `(word)` are the bare word,
+//   `\(` is a literal parenthesis, and `embedding:name` is a word of its own (assumed to exist);
+// - a prompt's words are its whitespace-separated bare words (text joined across a group without
+//   whitespace stays one word: `(jeep:1.2),` is the word `jeep,`);
 // - a word is compared lowercased, without the punctuation around it ("Jeep," == "jeep");
 // - word lists (blend_words, target_blend_words) are separated by commas, semicolons or newlines;
-//   an entry may hold several words ("Wonder Woman") that must appear consecutively;
+//   an entry may hold several words ("Wonder Woman") that must appear consecutively, and holds no
+//   ':' (except in `embedding:name`);
 // - reweight and cross_replace_words are "word: value" lists of target-prompt words.
 
 const ALNUM = /[\p{L}\p{N}]/u;
 const LIST_SEPARATORS = /[,;\n]/;
+const EMBEDDING_PREFIX = "embedding:";
+// Stand-ins for escaped parentheses while groups are read (private-use characters).
+const ESCAPED = [["\\(", "\ue000"], ["\\)", "\ue001"]];
+const FLOAT = /^[+-]?(?:(?:\d+(?:_\d+)*)(?:\.(?:\d+(?:_\d+)*)?)?|\.\d+(?:_\d+)*)(?:[eE][+-]?\d+(?:_\d+)*)?$|^[+-]?(?:inf|infinity|nan)$/i;
 
 /** `text` without the punctuation around it (case kept); all-punctuation text is kept whole. */
 export function stripWord(text) {
@@ -28,10 +37,111 @@ export function wordKey(text) {
   return stripWord(String(text ?? "").toLowerCase());
 }
 
-/** A prompt's words: `[{text, word, key}]` (`text` as typed, `word` stripped, `key` compared). */
+function isFloat(text) {
+  return FLOAT.test(text.trim());
+}
+
+/** Top-level parts of `text`: plain runs and `( ... )` groups, read as ComfyUI reads them. */
+function splitGroups(text) {
+  const parts = [];
+  let start = 0;
+  let depth = 0;
+  for (let i = 0; i < text.length; i += 1) {
+    if (text[i] === "(") {
+      if (depth === 0 && i > start) {
+        parts.push(text.slice(start, i));
+        start = i;
+      }
+      depth += 1;
+    } else if (text[i] === ")") {
+      depth -= 1;
+      if (depth === 0) {
+        parts.push(text.slice(start, i + 1));
+        start = i + 1;
+      }
+    }
+  }
+  if (start < text.length) parts.push(text.slice(start));
+  return parts;
+}
+
+/** The text runs of `text` with the weight syntax removed, each tokenized on its own. */
+function segments(text) {
+  const out = [];
+  for (const part of splitGroups(text)) {
+    if (part.length >= 2 && part[0] === "(" && part[part.length - 1] === ")") {
+      let inner = part.slice(1, -1);
+      const colon = inner.lastIndexOf(":");
+      if (colon > 0 && isFloat(inner.slice(colon + 1))) inner = inner.slice(0, colon);
+      out.push(...segments(inner));
+    } else {
+      out.push(part);
+    }
+  }
+  return out;
+}
+
+function unescape(text) {
+  let out = text;
+  for (const [literal, standIn] of ESCAPED) out = out.split(standIn).join(literal[1]);
+  return out;
+}
+
+/** `"a jeep embedding:x, road"` -> `["a jeep", "embedding:x, road"]` (the separator dropped). */
+function splitEmbeddings(segment) {
+  const runs = [];
+  let start = 0;
+  let i = 0;
+  for (;;) {
+    const found = [segment.indexOf(` ${EMBEDDING_PREFIX}`, i), segment.indexOf(`\n${EMBEDDING_PREFIX}`, i)]
+      .filter((p) => p >= 0);
+    if (found.length === 0) break;
+    const cut = Math.min(...found);
+    runs.push(segment.slice(start, cut));
+    start = cut + 1;
+    i = start;
+  }
+  runs.push(segment.slice(start));
+  return runs.filter((run) => run.length > 0);
+}
+
+/**
+ * The bare words of `prompt` in ComfyUI's prompt syntax, as FateZero aligns them
+ * (fatezero_core/prompt_syntax.py `read_prompt`): weights removed, whitespace-separated, an
+ * embedding a word of its own written `embedding:name`.
+ */
+export function promptWords(prompt) {
+  let escaped = String(prompt ?? "");
+  for (const [literal, standIn] of ESCAPED) escaped = escaped.split(literal).join(standIn);
+  const words = [];
+  let joins = false; // the next text continues the last word (no whitespace in between)
+  const addText = (text) => {
+    const fragments = text.split(/\s+/).filter((f) => f.length > 0);
+    if (fragments.length && joins && !/^\s/.test(text)) words[words.length - 1] += fragments.shift();
+    words.push(...fragments);
+    joins = words.length > 0 && text.length > 0 && !/\s$/.test(text);
+  };
+  for (const segment of segments(escaped)) {
+    for (let run of splitEmbeddings(unescape(segment))) {
+      if (run.startsWith(EMBEDDING_PREFIX)) {
+        const body = run.slice(EMBEDDING_PREFIX.length);
+        const name = body.trim().split(/\s+/)[0];
+        if (name) {
+          words.push(EMBEDDING_PREFIX + name);
+          joins = true;
+          run = body.trimStart().slice(name.length);
+          if (!run) continue;
+        }
+      }
+      addText(run);
+    }
+  }
+  return words;
+}
+
+/** A prompt's words: `[{text, word, key}]` (`text` the bare word, `word` stripped, `key` compared). */
 export function tokenize(prompt) {
-  const parts = String(prompt ?? "").split(/\s+/).filter((part) => part.length > 0);
-  return parts.map((text) => ({ text, word: stripWord(text), key: wordKey(text) }));
+  return promptWords(prompt).map((text) => ({ text, word: stripWord(text), key: wordKey(text) }));
 }
 
 /**
@@ -114,8 +224,20 @@ export function parseList(text) {
     .filter((entry) => entry.length > 0);
 }
 
+/** The keys of an entry's words: an entry is plain words, not prompt syntax. */
+function entryKeys(entry) {
+  return String(entry ?? "").split(/\s+/).filter((w) => w.length > 0).map(wordKey);
+}
+
 function entryKey(entry) {
-  return tokenize(entry).map((w) => w.key).join(" ");
+  return entryKeys(entry).join(" ");
+}
+
+/** Whether a word-list entry holds a ':' the node refuses (`embedding:name` may hold one). */
+function hasValueSeparator(entry) {
+  const bare = entry.toLowerCase().startsWith(EMBEDDING_PREFIX)
+    ? entry.slice(EMBEDDING_PREFIX.length) : entry;
+  return bare.includes(":");
 }
 
 /** Whether the list already names `word` (case and surrounding punctuation ignored). */
@@ -145,7 +267,7 @@ export function removeWord(text, word) {
 
 /** Whether `entry` (one or more words) appears in `prompt` as consecutive words. */
 export function promptHas(prompt, entry) {
-  const keys = tokenize(entry).map((w) => w.key);
+  const keys = entryKeys(entry);
   if (keys.length === 0) return false;
   const words = tokenize(prompt).map((w) => w.key);
   for (let start = 0; start + keys.length <= words.length; start += 1) {
@@ -156,7 +278,7 @@ export function promptHas(prompt, entry) {
 
 /** The entries of the word list `text` that are not in `prompt`. */
 export function missingWords(text, prompt) {
-  return parseList(text).filter((entry) => !entry.includes(":") && !promptHas(prompt, entry));
+  return parseList(text).filter((entry) => !hasValueSeparator(entry) && !promptHas(prompt, entry));
 }
 
 /** The word part of each "word: value" entry (entries without a value are kept whole). */
@@ -203,7 +325,7 @@ export function analyse(values) {
     warn("target_blend_words", word, `target blend word '${word}' is not in the target prompt`);
   }
   for (const field of ["blend_words", "target_blend_words"]) {
-    for (const entry of parseList(v[field]).filter((e) => e.includes(":"))) {
+    for (const entry of parseList(v[field]).filter(hasValueSeparator)) {
       warn(field, entry, `${field}: '${entry}' contains ':'; list plain words separated by commas`);
     }
   }

@@ -2,8 +2,9 @@
 
 The host runs the UNet on a batch laid out as ``(B*F, ...)``: B chunks (e.g. uncond/cond for CFG),
 each holding the F frames of one clip in order. Every layer here takes the frame count explicitly
-and mixes information only along the frame axis, at each spatial position
-(``fatezero-reference-implementation.md`` section 4).
+and mixes information only along the frame axis, at each spatial position (official
+``video_diffusion/models/attention.py`` and ``resnet.py`` in github.com/ChenyangQiQi/FateZero at
+9b6cb7b).
 
 Parameter names match the official checkpoints once the per-block prefix is stripped, so a state
 dict from ``checkpoint.split_tav_state_dict`` loads with ``load_state_dict(strict=True)``:
@@ -68,7 +69,7 @@ class FrameAttention(nn.Module):
 
     The ``CrossAttention`` used as ``attn_temporal`` (``attn_temp`` in the official Tune-A-Video
     release) with ``bias=False`` for q/k/v and a biased output projection ``to_out[0]``
-    (reference doc section 4, "Temporal attention")."""
+    (official ``SpatioTemporalTransformerBlock``, ``video_diffusion/models/attention.py``)."""
 
     def __init__(self, dim: int, heads: int, dim_head: int):
         super().__init__()
@@ -92,7 +93,7 @@ class FrameAttention(nn.Module):
 
 class TemporalAttention(nn.Module):
     """Residual temporal attention with a pre-LayerNorm, run after the feed-forward of a
-    transformer block (reference doc section 4, "Temporal attention").
+    transformer block (official ``SpatioTemporalTransformerBlock.apply_temporal_attention``).
 
     ``x`` is ``(B*F, HW, C)``; each spatial token attends over the F frames of its own chunk:
     ``(B*F, HW, C) -> (B*HW, F, C)``, ``x + attn_temporal(norm_temporal(x))``, and back.
@@ -143,7 +144,8 @@ class TemporalAttention(nn.Module):
 
 def effective_lora_rank(channels: int, rank: int) -> int:
     """Rank actually used by FateZero's ``LoRALinearLayer``: a rank above the channel count
-    becomes ``channels // 2`` (reference doc section 4, "Conv inflation"; conv_out: 4 -> 2)."""
+    becomes ``channels // 2`` (official ``LoRALinearLayer.__init__``,
+    ``video_diffusion/models/lora.py``; conv_out: 4 -> 2)."""
     return channels // 2 if rank > channels else rank
 
 
@@ -163,7 +165,7 @@ class TemporalConv(nn.Module):
     """The temporal half of FateZero's ``PseudoConv3d``, applied after the 2D conv.
 
     ``x`` is ``(B*F, C, H, W)``; at each pixel the C-channel signal over the F frames goes through
-    ``conv_temporal`` (reference doc section 4, "Conv inflation"):
+    ``conv_temporal`` (official ``PseudoConv3d.forward``, ``video_diffusion/models/resnet.py``):
 
     - full form (``lora_rank=None``): ``Conv1d(C, C, 3, padding=1)``; the output is ``conv(x)``
       with no residual, and the dirac/zero initialisation makes it the identity;

@@ -2,8 +2,8 @@
 
 Tune-A-Video (Wu et al., ICCV 2023) tunes a text-to-image UNet on the one clip to be edited, with
 the standard noise-prediction objective, so shape edits keep the clip's motion. FateZero ships its
-own copy of the script (``train_tune_a_video.py``; ``fatezero-reference-implementation.md`` section
-4, "Tuning"), whose settings are the defaults here:
+own copy of the script (``train_tune_a_video.py`` in github.com/ChenyangQiQi/FateZero at 9b6cb7b:
+``train``, with ``config/tune/*.yaml``), whose settings are the defaults here:
 
 - trainable: every module whose name ends in ``.to_q`` (attn1 and attn2 of each transformer block,
   and the temporal attention's own q) or ``attn_temporal``, plus ``conv_temporal`` (the
@@ -105,9 +105,10 @@ def fresh_temporal_checkpoint(block_channels: Dict[str, int], conv_channels: Dic
 
 def fatezero_layout(unet_2d: Dict[str, torch.Tensor], attention: Dict[str, Dict[str, torch.Tensor]],
                     convs: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """One flat diffusers state dict in the FateZero layout (reference doc section 4, "Checkpoint
-    layout"): 2D keys unchanged, ``<block>.attn_temporal.*``, ``<block>.norm_temporal.*`` and
-    ``<conv>.conv_temporal.*``."""
+    """One flat diffusers state dict in the FateZero layout, the one the official
+    ``UNetPseudo3DConditionModel.from_2d_model`` loads (``video_diffusion/models/
+    unet_3d_condition.py``): 2D keys unchanged, ``<block>.attn_temporal.*``,
+    ``<block>.norm_temporal.*`` and ``<conv>.conv_temporal.*``."""
     out = dict(unet_2d)
     for owner, group in list(attention.items()) + list(convs.items()):
         for name, tensor in group.items():
@@ -179,7 +180,7 @@ def tune_clip(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
               scaler: Optional["torch.amp.GradScaler"] = None,
               on_step: Optional[Callable[[int, List[float]], None]] = None,
               before_step: Optional[Callable[[], None]] = None) -> List[float]:
-    """The official one-shot tuning loop (``train_tuneavideo.py``) on one clip; returns every loss.
+    """The official one-shot tuning loop (``train_tune_a_video.py``) on one clip; returns the losses.
 
     Each step draws a timestep and noise (:func:`draw_step`, seeded on the CPU), noises the clip as
     ``x = x0 + sigma(t) * eps`` (the eps parameterisation in the host's VE form), runs ``denoise``

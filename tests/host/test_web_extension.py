@@ -8,7 +8,9 @@ over the DevTools protocol). Checked:
 - on FateZero Attention Blend Settings the word diff of the two prompts is shown, a click on a
   suggested word adds it to ``blend_words`` (a second click removes it), a blend word missing from
   the source prompt shows a warning, and the panel is not sent to the server with the graph;
-- after a run, FateZero Sample shows its mask preview images on the node (``node.imgs``).
+- after a run, FateZero Sample shows its mask preview images on the node (``node.imgs``);
+- the word-rule cases shared with the Python tests (``tests/data/word_rules.json``) give the same
+  words and warnings in the page as the Python node gives.
 
 Screenshots of both go to the test's tmp folder (``fatezero_panel.png``, ``fatezero_sample.png``).
 Without Chromium these tests skip with the reason; ``apt-get install chromium`` provides it.
@@ -16,6 +18,7 @@ Without Chromium these tests skip with the reason; ``apt-get install chromium`` 
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 import time
@@ -31,6 +34,9 @@ from test_server_workflow import N_FRAMES as FRAMES, SIZE, fatezero_graph, write
 EXTENSION = f"/extensions/{PACK_FOLDER}/fatezero.js"
 LOGIC = f"/extensions/{PACK_FOLDER}/fatezero_logic.js"
 SETTINGS = "FateZero_AttentionBlendSettings"
+WORD_RULES = json.loads((Path(__file__).resolve().parents[1] / "data" / "word_rules.json")
+                        .read_text(encoding="utf-8"))
+WORD_RULE_RUNNER = Path(__file__).resolve().parents[1] / "js" / "word_rules_cases.mjs"
 SOURCE = "a silver jeep driving down a curvy road"
 TARGET = "a Porsche car driving down a curvy road"
 
@@ -215,6 +221,19 @@ def test_edit_settings_panel_reads_the_linked_source_prompt(page):
                           "return s.chips.some((c) => c[1] === 'truck') ? s : null; })()",
                           what="the panel to follow the source node")
     assert ["remove", "truck"] in state["diff"]
+
+
+def test_word_rules_in_the_page(page):
+    """The shared word-rule cases, run by the ``fatezero_logic.js`` the server serves, in the page:
+    among them ``a (jeep:1.2) on a road``, whose blend word ``jeep`` the node accepts."""
+    runner = base64.b64encode(WORD_RULE_RUNNER.read_bytes()).decode()
+    outcomes = page.evaluate(f"""(async () => {{
+      const logic = await import({json.dumps(LOGIC)});
+      const runner = await import('data:text/javascript;base64,{runner}');
+      return runner.wordRuleOutcomes(logic, {json.dumps(WORD_RULES)});
+    }})()""")
+    assert outcomes["prompt_words"] == [case["words"] for case in WORD_RULES["prompt_words"]]
+    assert outcomes["word_checks"] == [case["rejected"] for case in WORD_RULES["word_checks"]]
 
 
 def _assert_panel_colours(shot: Path, box) -> None:
