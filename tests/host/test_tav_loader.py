@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fatezero_core import tav as core_tav
+from fatezero_core.tav import checkpoint as core_tav
+from fatezero_core.tav.modules import effective_lora_rank
 
 FRAMES, LATENT, STEPS = 3, 8, 2
 PROMPT = "a silver jeep driving down a curvy road"
@@ -73,7 +74,7 @@ def add_temporal(sd2d: dict, layout: str = "fatezero", conv: str | None = "lora"
     for name in tav.sd1_inflated_convs() if conv else ():
         c = sd2d[f"{name}.weight"].shape[0]
         if conv == "lora":
-            r = tav.effective_lora_rank(c, rank)
+            r = effective_lora_rank(c, rank)
             out[f"{name}.conv_temporal.down.weight"] = rnd(r, c, 3, scale=(3 * c) ** -0.5)
             out[f"{name}.conv_temporal.up.weight"] = torch.zeros(c, r, 3) if identity else rnd(c, r, 3, scale=gain * (3 * r) ** -0.5)
         else:
@@ -626,7 +627,7 @@ def shared_tav_diffusers_file(folder: Path, seed: int = 5) -> str:
         shapes[f"{block}.norm_temporal.bias"] = (c,)
     for name in core_tav.sd1_inflated_convs():
         c = shapes[f"{name}.weight"][0]
-        r = core_tav.effective_lora_rank(c, 8)
+        r = effective_lora_rank(c, 8)
         shapes[f"{name}.conv_temporal.down.weight"] = (r, c, 3)
         shapes[f"{name}.conv_temporal.up.weight"] = (c, r, 3)
     sd = {k: storage.tensor(k, torch.Size(v)) for k, v in sorted(shapes.items())}
