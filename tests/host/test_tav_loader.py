@@ -608,8 +608,10 @@ def test_ui_workflow_is_the_twin_of_the_api_workflow():
                 assert api[node_id]["inputs"][inp["name"]] == [str(src), slot] and str(dst) == node_id
     loader_node = next(n for n in api.values() if n["class_type"] == "FateZero_TuneAVideoLoader")
     assert api[loader_node["inputs"]["base_model"][0]]["class_type"] == "CheckpointLoaderSimple"
-    settings = next(n for n in api.values() if n["class_type"] == "FateZero_AttentionBlendSettings")["inputs"]
-    assert settings["source_prompt"] == "a silver jeep driving down a curvy road in the countryside"
+    settings = next(n for n in api.values() if n["class_type"] == "FateZero_EditSettings")["inputs"]
+    source = api[settings["source_prompt"][0]]
+    assert source["class_type"] == "FateZero_SourcePrompt"
+    assert source["inputs"]["source_prompt"] == "a silver jeep driving down a curvy road in the countryside"
     assert settings["target_prompt"] == "a Porsche car driving down a curvy road in the countryside"
     assert (settings["mode"], settings["cross_replace_steps"], settings["self_replace_steps"],
             settings["blend_threshold"]) == ("replace", 0.5, 0.5, 0.3)
