@@ -5,13 +5,14 @@ pass, ...), each holding the F frames of one clip in order. Layers that mix fram
 and norms get no side information in the UNet's forward, so a shared :class:`FrameContext`, set by
 the host around each UNet call, tells them how many clips the running batch holds.
 
-Clip-level GroupNorm (``fatezero-reference-implementation.md`` section 4, "GroupNorm over the
-clip"): FateZero's ``UNetPseudo3DConditionModel`` and Tune-A-Video's ``UNet3DConditionModel`` apply
-``torch.nn.GroupNorm`` to ``[b, c, f, h, w]`` in every ResNet block (``norm1``, ``norm2`` of
-``ResnetBlockPseudo3D`` / ``ResnetBlock3D``) and at the output (``conv_norm_out``), so mean and
-variance pool over each channel group *and every frame of the clip*. A 2-D UNet with frames as the
-batch normalises each frame alone: a different network. :class:`ClipNormSequential` runs the same
-modules with the leading GroupNorm applied per clip.
+Clip-level GroupNorm: FateZero's ``UNetPseudo3DConditionModel`` and Tune-A-Video's
+``UNet3DConditionModel`` apply ``torch.nn.GroupNorm`` to ``[b, c, f, h, w]`` in every ResNet block
+(``norm1``, ``norm2`` in ``ResnetBlockPseudo3D.forward``, ``video_diffusion/models/resnet.py`` of
+github.com/ChenyangQiQi/FateZero at 9b6cb7b; ``ResnetBlock3D.forward``, ``tuneavideo/models/resnet.py``
+of github.com/showlab/Tune-A-Video) and at the output (``conv_norm_out`` in each UNet's
+``forward``), so mean and variance pool over each channel group *and every frame of the clip*. A
+2-D UNet with frames as the batch normalises each frame alone: a different network.
+:class:`ClipNormSequential` runs the same modules with the leading GroupNorm applied per clip.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Host adapter: turns ComfyUI attention replace patches into :class:`AttnCall` s for a controller.
 
 Patches go on a ``model.clone()`` (never the caller's MODEL), one attn1 and one attn2 replace per
-transformer block, keyed ``(block, number, block_index)`` (``comfyui-host-contract.md`` section 2).
+transformer block, keyed ``(block, number, block_index)``: ``ModelPatcher.set_model_attn1_replace``
+stores the key, and ``BasicTransformerBlock.forward`` looks it up with the block's ``block_index``
+(ComfyUI 0.3.64, ``comfy/model_patcher.py``, ``comfy/ldm/modules/attention.py``).
 The patch functions are closures, so ``ModelPatcher.clone()``'s deep copy of ``model_options``
 shares them instead of duplicating the controller.
 
@@ -76,7 +78,9 @@ def attention_block_keys(resolve: ModuleResolver) -> list[tuple[str, int, int]]:
 
 
 def sampler_step(extra: dict) -> int:
-    """The running sampler's step for this call (host contract section 2): ``step_of_sigma``."""
+    """The running sampler's step for this call: ``step_of_sigma`` of the call's ``sigmas``
+    (``_calc_cond_batch``) in the schedule ``sample_sigmas`` (``CFGGuider.inner_sample``), both put
+    in ``transformer_options`` by ComfyUI (``comfy/samplers.py``, 0.3.64)."""
     return step_of_sigma(extra["sample_sigmas"], extra["sigmas"])
 
 

@@ -1,14 +1,13 @@
 """Tune-A-Video checkpoints: loading, layout detection, validation and the temporal owners
-(reference doc section 4; design decision 8). Checkpoints are synthetic: a scaled SD1.x topology
+(``fatezero_core.tav.checkpoint``). Checkpoints are synthetic: a scaled SD1.x topology
 (model_channels 32, context 16, 2 heads) with small random tensors, written by the tests."""
 
 import pytest
 import torch
 
 from fatezero_core.errors import CheckpointError
-from fatezero_core.tav import (
-    TemporalAttention,
-    TemporalConv,
+from fatezero_core.tav.checkpoint import (
+    TavCheckpoint,
     check_sd1_unet,
     check_tav_checkpoint,
     check_temporal_shapes,
@@ -18,9 +17,10 @@ from fatezero_core.tav import (
     sd1_transformer_blocks,
     sd1_unet_key_shapes,
     split_tav_state_dict,
-    temporal_module_from_state_dict,
     temporal_targets,
+    write_checkpoint,
 )
+from fatezero_core.tav.modules import TemporalAttention, TemporalConv, temporal_module_from_state_dict
 
 MODEL_CHANNELS, CONTEXT, HEADS, LORA_RANK = 32, 16, 2, 16
 
@@ -121,6 +121,12 @@ def save(sd: dict, path) -> None:
         torch.save(dict(sd), str(path))
 
 
+def temporal_key_count(ckpt: TavCheckpoint) -> int:
+    """Temporal tensors of a split checkpoint, attention and convs together."""
+    return (sum(len(group) for group in ckpt.temporal_attention.values())
+            + sum(len(conv.state_dict) for conv in ckpt.temporal_convs.values()))
+
+
 def split_ok(sd: dict):
     ckpt = split_tav_state_dict(sd, source="test.safetensors")
     check_tav_checkpoint(ckpt, context_dim=CONTEXT)
@@ -181,7 +187,7 @@ def test_checkpoint_maps_fully(tmp_path, name, suffix):
     check_tav_checkpoint(ckpt, context_dim=CONTEXT)
 
     assert ckpt.layout == layout
-    assert len(ckpt.unet_2d) + ckpt.temporal_key_count() == len(original)
+    assert len(ckpt.unet_2d) + temporal_key_count(ckpt) == len(original)
     assert ckpt.unet_2d.keys() == sd1_unet_key_shapes(MODEL_CHANNELS, CONTEXT).keys()
     assert sorted(ckpt.temporal_attention) == sorted(sd1_transformer_blocks())
     for block, group in ckpt.temporal_attention.items():
@@ -192,7 +198,7 @@ def test_checkpoint_maps_fully(tmp_path, name, suffix):
     assert {c.form for c in ckpt.temporal_convs.values()} == ({form} if form else set())
 
     targets = temporal_targets(ckpt)
-    assert sum(len(t.state_dict) for t in targets) == ckpt.temporal_key_count()
+    assert sum(len(t.state_dict) for t in targets) == temporal_key_count(ckpt)
     assert [t.owner for t in targets if t.kind == "attention"] == sd1_transformer_blocks()
     assert [t.owner for t in targets if t.kind == "conv"] == (sd1_inflated_convs() if n_convs else [])
 
@@ -438,8 +444,6 @@ def read_back(path):
 
 
 def test_a_checkpoint_is_written_with_its_metadata_and_nothing_else(tmp_path):
-    from fatezero_core.tav import write_checkpoint
-
     state = small_state()
     path = tmp_path / "sub" / "tuned.safetensors"
     write_checkpoint(path, state, {"tuned_steps": 200, "fatezero_layout": "fatezero"})
@@ -453,8 +457,6 @@ def test_a_checkpoint_is_written_with_its_metadata_and_nothing_else(tmp_path):
 def test_an_existing_file_is_never_overwritten(tmp_path, monkeypatch, hard_links):
     """A file that appeared at the name while the data was being written stays as it is, also on
     a file system without hard links (FAT/exFAT: ``os.link`` is not permitted there)."""
-    from fatezero_core.tav import write_checkpoint
-
     if not hard_links:
         def no_links(src, dst, *args, **kwargs):
             raise PermissionError(1, "Operation not permitted", src)
@@ -472,8 +474,6 @@ def test_an_existing_file_is_never_overwritten(tmp_path, monkeypatch, hard_links
 
 
 def test_a_failed_write_leaves_no_file(tmp_path):
-    from fatezero_core.tav import write_checkpoint
-
     path = tmp_path / "tuned.safetensors"
     with pytest.raises(ValueError, match="non contiguous"):  # safetensors refuses it mid-way
         write_checkpoint(path, {"a": torch.randn(4, 6).t()}, {})

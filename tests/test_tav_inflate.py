@@ -1,5 +1,5 @@
 """Inserting temporal layers into an ldm-style UNet without renaming its 2D weights
-(``fatezero_core.tav.inflate``; design decision 8). The UNet here is a small stand-in with the
+(``fatezero_core.tav.inflate``). The UNet here is a small stand-in with the
 same container layout as ComfyUI's openaimodel: TimestepEmbedSequential blocks, ResBlock
 in_layers/out_layers, Downsample.op, Upsample.conv, SpatialTransformer.transformer_blocks, out."""
 

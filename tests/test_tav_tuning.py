@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fatezero_core import tav
 from fatezero_core.attention import attention, clip_self_attention
 from fatezero_core.errors import FateZeroError
+from fatezero_core.tav import checkpoint as tav
 from fatezero_core.tav import train as core
 
 

@@ -1,64 +1,13 @@
-"""Tune-A-Video for a frame-major host: temporal layers and checkpoint mapping
-(``fatezero-reference-implementation.md`` section 4; ``design.md`` decision 8)."""
+"""Tune-A-Video for a frame-major host.
 
-from .checkpoint import (
-    LAYOUT_FATEZERO,
-    LAYOUT_PLAIN,
-    LAYOUT_TUNEAVIDEO,
-    TavCheckpoint,
-    TemporalConvWeights,
-    TemporalTarget,
-    check_sd1_unet,
-    check_tav_checkpoint,
-    check_temporal_shapes,
-    detect_layout,
-    load_state_dict_file,
-    load_tav_checkpoint,
-    resolve_checkpoint_file,
-    sd1_inflated_convs,
-    sd1_transformer_blocks,
-    sd1_unet_key_shapes,
-    sd1_unet_mismatch,
-    split_tav_state_dict,
-    temporal_targets,
-    write_checkpoint,
-)
-from .modules import (
-    FrameAttention,
-    FramewiseTemporalConv,
-    LoraFrameConv,
-    TemporalAttention,
-    TemporalConv,
-    effective_lora_rank,
-    temporal_module_from_state_dict,
-)
+The networks are Tune-A-Video's ``UNet3DConditionModel`` (``tuneavideo/models/unet.py``,
+github.com/showlab/Tune-A-Video) and FateZero's ``UNetPseudo3DConditionModel``
+(``video_diffusion/models/unet_3d_condition.py``, github.com/ChenyangQiQi/FateZero at 9b6cb7b): an
+SD1.x UNet with temporal attention after each transformer block and, in FateZero's, a temporal
+conv after each kernel-3 conv. Import from the module that defines a name:
 
-__all__ = [
-    "LAYOUT_FATEZERO",
-    "LAYOUT_PLAIN",
-    "LAYOUT_TUNEAVIDEO",
-    "TavCheckpoint",
-    "TemporalConvWeights",
-    "TemporalTarget",
-    "check_sd1_unet",
-    "check_tav_checkpoint",
-    "check_temporal_shapes",
-    "detect_layout",
-    "load_state_dict_file",
-    "load_tav_checkpoint",
-    "resolve_checkpoint_file",
-    "sd1_inflated_convs",
-    "sd1_transformer_blocks",
-    "sd1_unet_key_shapes",
-    "sd1_unet_mismatch",
-    "split_tav_state_dict",
-    "temporal_targets",
-    "write_checkpoint",
-    "FrameAttention",
-    "FramewiseTemporalConv",
-    "LoraFrameConv",
-    "TemporalAttention",
-    "TemporalConv",
-    "effective_lora_rank",
-    "temporal_module_from_state_dict",
-]
+- ``checkpoint``: safe loading, layout detection, SD1.x validation, the temporal owners;
+- ``modules``: the temporal layers on a frame-major batch;
+- ``inflate``: the containers that put them into an ldm-style (ComfyUI) UNet;
+- ``train``: one-shot tuning on one clip.
+"""

@@ -1,14 +1,22 @@
 """Tune-A-Video checkpoints: safe loading, layout detection, SD1.x validation and key mapping.
 
 A Tune-A-Video UNet is a diffusers SD1.x ``UNet2DConditionModel`` whose 2D keys keep their names
-and shapes, plus temporal keys (``fatezero-reference-implementation.md`` section 4, "Checkpoint
-layout"; ``design.md`` decision 8):
+and shapes, plus temporal keys. FateZero's loader accepts exactly that: every 2D key of the 3D
+model, nothing else but ``*_temporal*`` keys (``UNetPseudo3DConditionModel.load_2d_state_dict``,
+``video_diffusion/models/unet_3d_condition.py``, github.com/ChenyangQiQi/FateZero at 9b6cb7b).
+The temporal keys come in three layouts:
 
-- ``tuneavideo`` (official release): ``<block>.attn_temp.*`` and ``<block>.norm_temp.*``;
-- ``fatezero``: ``<block>.attn_temporal.*``, ``<block>.norm_temporal.*`` and, optionally,
-  ``<conv>.conv_temporal.{weight,bias}`` (full Conv1d) or ``<conv>.conv_temporal.{down,up}.weight``
-  (LoRA pair);
+- ``tuneavideo`` (official release): ``<block>.attn_temp.*`` and ``<block>.norm_temp.*``, the
+  ``BasicTransformerBlock`` of github.com/showlab/Tune-A-Video (``tuneavideo/models/attention.py``);
+- ``fatezero``: ``<block>.attn_temporal.*``, ``<block>.norm_temporal.*``
+  (``SpatioTemporalTransformerBlock``, FateZero ``video_diffusion/models/attention.py``) and,
+  optionally, ``<conv>.conv_temporal.{weight,bias}`` (full Conv1d) or
+  ``<conv>.conv_temporal.{down,up}.weight`` (``LoRALinearLayer``, ``models/lora.py``): the
+  ``conv_temporal`` of ``PseudoConv3d`` (``models/resnet.py``);
 - ``plain``: no temporal keys (an ordinary SD1.x diffusers UNet).
+
+Official Tune-A-Video files are read with ``attn_temp``/``norm_temp`` renamed to FateZero's names;
+they have no ``conv_temporal``, so their convs stay 2D.
 
 ``<block>`` is one of the 16 ``...attentions.N.transformer_blocks.0`` paths, ``<conv>`` one of the
 52 kernel-3 convs (the SD1.x layout is ``fatezero_core.sd1``). Everything here is pure and in
@@ -35,10 +43,10 @@ import torch
 from ..errors import CheckpointError
 from ..sd1 import (
     CHANNEL_MULT,
-    DOWN_LEVELS_WITH_ATTENTION,
     LAYERS_PER_BLOCK,
     MODEL_CHANNELS,
-    UP_LEVELS_WITH_ATTENTION,
+    AttentionBlock,
+    sd1_attention_blocks,
     sd1_transformer_blocks,
 )
 
@@ -49,6 +57,7 @@ LAYOUT_FATEZERO = "fatezero"
 LAYOUT_PLAIN = "plain"
 
 LATENT_CHANNELS = 4
+MID_BLOCK_RESNETS = 2  # diffusers' UNetMidBlock2DCrossAttn: a resnet on each side of its transformer
 
 UNET_ROOTS = ("conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out")
 
@@ -97,16 +106,20 @@ def _names(keys: Iterable[str], limit: int = 6) -> str:
 # SD1.x topology
 # --------------------------------------------------------------------------------------------------
 
+_ATTENTION_BLOCKS = {block.path: block for block in sd1_attention_blocks()}
+
+
 def sd1_inflated_convs() -> List[str]:
     """The 52 kernel-3 convs that FateZero inflates (conv_in, resnet conv1/conv2, down/up sampler
-    convs, conv_out; not the 1x1 shortcuts), in UNet order (reference doc section 4)."""
+    convs, conv_out; not the 1x1 shortcuts), in UNet order: ``PseudoConv3d`` gets a
+    ``conv_temporal`` only when ``kernel_size > 1`` (FateZero ``video_diffusion/models/resnet.py``)."""
     levels = len(CHANNEL_MULT)
     convs = ["conv_in"]
     for i in range(levels):
         convs += [f"down_blocks.{i}.resnets.{j}.conv{n}" for j in range(LAYERS_PER_BLOCK) for n in (1, 2)]
         if i < levels - 1:
             convs.append(f"down_blocks.{i}.downsamplers.0.conv")
-    convs += [f"mid_block.resnets.{j}.conv{n}" for j in range(2) for n in (1, 2)]
+    convs += [f"mid_block.resnets.{j}.conv{n}" for j in range(MID_BLOCK_RESNETS) for n in (1, 2)]
     for i in range(levels):
         convs += [f"up_blocks.{i}.resnets.{j}.conv{n}" for j in range(LAYERS_PER_BLOCK + 1) for n in (1, 2)]
         if i < levels - 1:
@@ -138,9 +151,11 @@ def _resnet_shapes(prefix: str, c_in: int, c_out: int, c_time: int) -> Dict[str,
     return shapes
 
 
-def _attention_shapes(prefix: str, channels: int, context_dim: int) -> Dict[str, Tuple[int, ...]]:
-    """A ``Transformer2DModel`` with one block, conv proj_in/proj_out, GEGLU feed-forward."""
-    c, block = channels, f"{prefix}.transformer_blocks.0"
+def _attention_shapes(attention: AttentionBlock, model_channels: int, context_dim: int) -> Dict[str, Tuple[int, ...]]:
+    """The ``Transformer2DModel`` holding ``attention`` (one block, conv proj_in/proj_out, GEGLU
+    feed-forward)."""
+    c, block = attention.channels(model_channels), attention.path
+    prefix = block.rsplit(".transformer_blocks.", 1)[0]
     shapes = {**_norm_shapes(f"{prefix}.norm", c), **_conv_shapes(f"{prefix}.proj_in", c, c, 1),
               **_conv_shapes(f"{prefix}.proj_out", c, c, 1)}
     for norm in ("norm1", "norm2", "norm3"):
@@ -155,15 +170,22 @@ def _attention_shapes(prefix: str, channels: int, context_dim: int) -> Dict[str,
     return shapes
 
 
-def _level_shapes(prefix: str, resnet_inputs: List[int], c: int, attention: bool, sampler: Optional[str],
+def _attention_after(resnet: str, model_channels: int, context_dim: int) -> Dict[str, Tuple[int, ...]]:
+    """The transformer that follows resnet ``<prefix>.resnets.<j>`` (``<prefix>.attentions.<j>``)
+    where ``sd1`` places one, else nothing."""
+    prefix, j = resnet.rsplit(".resnets.", 1)
+    attention = _ATTENTION_BLOCKS.get(f"{prefix}.attentions.{j}.transformer_blocks.0")
+    return _attention_shapes(attention, model_channels, context_dim) if attention else {}
+
+
+def _level_shapes(prefix: str, resnet_inputs: List[int], c: int, model_channels: int, sampler: Optional[str],
                   context_dim: int, c_time: int) -> Dict[str, Tuple[int, ...]]:
-    """One down/up level: a resnet per input width (each followed by a transformer when the level
-    has attention), then its down/up sampler conv."""
+    """One down/up level: a resnet per input width (each followed by its transformer where the
+    level has attention), then its down/up sampler conv."""
     shapes = {}
     for j, c_in in enumerate(resnet_inputs):
         shapes.update(_resnet_shapes(f"{prefix}.resnets.{j}", c_in, c, c_time))
-        if attention:
-            shapes.update(_attention_shapes(f"{prefix}.attentions.{j}", c, context_dim))
+        shapes.update(_attention_after(f"{prefix}.resnets.{j}", model_channels, context_dim))
     if sampler:
         shapes.update(_conv_shapes(f"{prefix}.{sampler}.0.conv", c, c, 3))
     return shapes
@@ -174,7 +196,7 @@ def _down_shapes(model_channels: int, context_dim: int, c_time: int) -> Dict[str
     for i, mult in enumerate(CHANNEL_MULT):
         c = model_channels * mult
         inputs = [c_prev] + [c] * (LAYERS_PER_BLOCK - 1)
-        shapes.update(_level_shapes(f"down_blocks.{i}", inputs, c, i in DOWN_LEVELS_WITH_ATTENTION,
+        shapes.update(_level_shapes(f"down_blocks.{i}", inputs, c, model_channels,
                                     "downsamplers" if i < last else None, context_dim, c_time))
         c_prev = c
     return shapes
@@ -188,7 +210,7 @@ def _up_shapes(model_channels: int, context_dim: int, c_time: int) -> Dict[str, 
         c_skip_last = reversed_c[min(i + 1, last)]
         inputs = [(c_prev if j == 0 else c) + (c_skip_last if j == LAYERS_PER_BLOCK else c)
                   for j in range(LAYERS_PER_BLOCK + 1)]
-        shapes.update(_level_shapes(f"up_blocks.{i}", inputs, c, i in UP_LEVELS_WITH_ATTENTION,
+        shapes.update(_level_shapes(f"up_blocks.{i}", inputs, c, model_channels,
                                     "upsamplers" if i < last else None, context_dim, c_time))
         c_prev = c
     return shapes
@@ -201,9 +223,9 @@ def sd1_unet_key_shapes(model_channels: int = MODEL_CHANNELS, context_dim: int =
               **_linear_shapes("time_embedding.linear_1", c_time, c0),
               **_linear_shapes("time_embedding.linear_2", c_time, c_time)}
     shapes.update(_down_shapes(model_channels, context_dim, c_time))
-    for j in range(2):
+    for j in range(MID_BLOCK_RESNETS):
         shapes.update(_resnet_shapes(f"mid_block.resnets.{j}", c_mid, c_mid, c_time))
-    shapes.update(_attention_shapes("mid_block.attentions.0", c_mid, context_dim))
+    shapes.update(_attention_after("mid_block.resnets.0", model_channels, context_dim))
     shapes.update(_up_shapes(model_channels, context_dim, c_time))
     shapes.update(_norm_shapes("conv_norm_out", c0))
     shapes.update(_conv_shapes("conv_out", LATENT_CHANNELS, c0, 3))
@@ -225,22 +247,18 @@ class TemporalConvWeights:
 
 @dataclass
 class TavCheckpoint:
-    """A checkpoint split for loading (reference doc section 4, "Loader mapping").
+    """A checkpoint split for loading.
 
-    ``unet_2d``: every non-temporal key, diffusers names unchanged. ``temporal_attention``:
-    transformer-block path -> state dict with ``attn_temporal.*``/``norm_temporal.*`` names.
-    ``temporal_convs``: conv path (e.g. ``down_blocks.0.resnets.0.conv1``) -> weights with
-    ``conv_temporal.*`` names."""
+    ``unet_2d``: every non-temporal key, diffusers names unchanged (what an SD1.x loader takes).
+    ``temporal_attention``: transformer-block path -> state dict with ``attn_temporal.*``/
+    ``norm_temporal.*`` names (official Tune-A-Video names renamed). ``temporal_convs``: conv path
+    (e.g. ``down_blocks.0.resnets.0.conv1``) -> weights with ``conv_temporal.*`` names."""
 
     layout: str
     unet_2d: StateDict
     temporal_attention: Dict[str, StateDict] = field(default_factory=dict)
     temporal_convs: Dict[str, TemporalConvWeights] = field(default_factory=dict)
     source: str = "checkpoint"
-
-    def temporal_key_count(self) -> int:
-        return sum(map(len, self.temporal_attention.values())) + sum(
-            len(c.state_dict) for c in self.temporal_convs.values())
 
 
 class TemporalTarget(NamedTuple):
@@ -367,8 +385,8 @@ def _conv_weights(conv: str, group: StateDict, source: str) -> TemporalConvWeigh
 
 def split_tav_state_dict(sd: StateDict, source: str = "checkpoint") -> TavCheckpoint:
     """Split a diffusers (Tune-A-Video / FateZero / plain SD1.x) UNet state dict into its 2D part
-    and its temporal parts, with the layout detected from the keys (reference doc section 4,
-    "Checkpoint layout" and "Loader mapping"). Raises ``CheckpointError`` naming offending keys."""
+    and its temporal parts, with the layout detected from the keys (see the module docstring).
+    Raises ``CheckpointError`` naming offending keys."""
     sd = strip_unet_prefix(sd)
     _check_unet_roots(sd.keys(), source)
     temporal_keys = [k for k in sd if _temporal_name(k)]
@@ -570,8 +588,8 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> StateDict:
 
 def load_state_dict_file(path: "str | os.PathLike") -> StateDict:
     """Load a UNet state dict safely: ``.safetensors``, or ``.bin/.pt/.ckpt/.pth`` with
-    ``torch.load(weights_only=True)``, or a diffusers folder (``design.md`` decision 8). Never
-    unpickles arbitrary objects. Raises ``CheckpointError`` for missing, corrupt or foreign files."""
+    ``torch.load(weights_only=True)``, or a diffusers folder (``resolve_checkpoint_file``). Never
+    unpickles arbitrary objects: a pickle can run code when loaded. Raises ``CheckpointError`` for missing, corrupt or foreign files."""
     file = resolve_checkpoint_file(path)
     suffix = file.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fatezero_core import tav as core_tav
+from fatezero_core.tav import checkpoint as core_tav
+from fatezero_core.tav.modules import effective_lora_rank
 
 FRAMES, LATENT, STEPS = 3, 8, 2
 PROMPT = "a silver jeep driving down a curvy road"
@@ -73,7 +74,7 @@ def add_temporal(sd2d: dict, layout: str = "fatezero", conv: str | None = "lora"
     for name in tav.sd1_inflated_convs() if conv else ():
         c = sd2d[f"{name}.weight"].shape[0]
         if conv == "lora":
-            r = tav.effective_lora_rank(c, rank)
+            r = effective_lora_rank(c, rank)
             out[f"{name}.conv_temporal.down.weight"] = rnd(r, c, 3, scale=(3 * c) ** -0.5)
             out[f"{name}.conv_temporal.up.weight"] = torch.zeros(c, r, 3) if identity else rnd(c, r, 3, scale=gain * (3 * r) ** -0.5)
         else:
@@ -103,6 +104,16 @@ def save(sd: dict, path: Path) -> str:
 @pytest.fixture
 def loader(nodes):
     return nodes.tav_loader
+
+
+@pytest.fixture
+def folder(nodes):
+    return nodes.tav_folder
+
+
+@pytest.fixture
+def network(nodes):
+    return nodes.tav_network
 
 
 @pytest.fixture
@@ -156,7 +167,7 @@ def test_tuneavideo_folder_is_registered(loader):
     assert default in folder_paths.get_folder_paths("tuneavideo")
 
 
-def test_lists_weight_files_and_diffusers_folders(loader, tav_dir, tmp_path, monkeypatch):
+def test_lists_weight_files_and_diffusers_folders(loader, folder, tav_dir, tmp_path, monkeypatch):
     import folder_paths
 
     for rel in ("jeep.safetensors", "sub/man_skate.bin", "old.ckpt", "weights.pt", "notes.txt",
@@ -170,17 +181,17 @@ def test_lists_weight_files_and_diffusers_folders(loader, tav_dir, tmp_path, mon
     (extra / "swan_150" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "tuneavideo", ([str(tav_dir), str(extra)], set()))
 
-    names = loader.list_checkpoints()
+    names = folder.list_checkpoints()
     assert names == ["jeep.safetensors", "old.ckpt", "pipeline", "sub/man_skate.bin", "swan_150",
                      "unet_only", "weights.pt"]
     options = loader.FateZeroTuneAVideoLoader.GET_NODE_INFO_V1()["input"]["required"]["checkpoint"][1]["options"]
     assert options == names
-    assert loader.resolve_checkpoint("swan_150") == str(extra / "swan_150")
-    assert loader.resolve_checkpoint("sub/man_skate.bin") == str(tav_dir / "sub" / "man_skate.bin")
+    assert folder.resolve_checkpoint("swan_150") == str(extra / "swan_150")
+    assert folder.resolve_checkpoint("sub/man_skate.bin") == str(tav_dir / "sub" / "man_skate.bin")
     (tmp_path / "outside.safetensors").write_bytes(b"x")
     for bad in ("../outside.safetensors", "empty_folder", "nothing.safetensors"):
         with pytest.raises(ValueError, match="was not found"):
-            loader.resolve_checkpoint(bad)
+            folder.resolve_checkpoint(bad)
 
 
 def test_schema(loader, comfy_nodes):
@@ -240,30 +251,30 @@ for _j in range(2):
     CONV_PATHS[f"mid_block.resnets.{_j}.conv2"] = f"middle_block.{2 * _j}.out_layers.3"
 
 
-def test_owner_paths_come_from_comfyui_conversion(loader, tiny_sd15):
+def test_owner_paths_come_from_comfyui_conversion(network, tiny_sd15):
     """Every temporal owner the core names maps, through ComfyUI's unet_to_diffusers, to the ldm
     module the layout says, and that module is a transformer block or a 3x3 conv of the UNet."""
     from comfy.ldm.modules.attention import BasicTransformerBlock
 
     assert sorted(core_tav.sd1_transformer_blocks()) == sorted(BLOCK_PATHS)
     assert sorted(core_tav.sd1_inflated_convs()) == sorted(CONV_PATHS)
-    key_map = loader.diffusers_key_map(tiny_sd15.model.model_config.unet_config)
+    key_map = network.diffusers_key_map(tiny_sd15.model.model_config.unet_config)
     unet = tiny_sd15.model.diffusion_model
     for block, path in BLOCK_PATHS.items():
-        assert loader.module_path(block, key_map) == path, block
+        assert network.module_path(block, key_map) == path, block
         assert isinstance(unet.get_submodule(path), BasicTransformerBlock)
     for conv, path in CONV_PATHS.items():
-        assert loader.module_path(conv, key_map) == path, conv
+        assert network.module_path(conv, key_map) == path, conv
         assert isinstance(unet.get_submodule(path), torch.nn.Conv2d) and unet.get_submodule(path).kernel_size == (3, 3)
 
 
 @pytest.mark.parametrize("owner", ["up_blocks.0.attentions.0.transformer_blocks.0",
                                    "down_blocks.3.attentions.0.transformer_blocks.0",
                                    "down_blocks.0.attentions.0.transformer_blocks.1", "mid_block.resnets.2.conv1"])
-def test_owners_outside_the_unet_are_refused(loader, tiny_sd15, owner):
-    key_map = loader.diffusers_key_map(tiny_sd15.model.model_config.unet_config)
+def test_owners_outside_the_unet_are_refused(network, tiny_sd15, owner):
+    key_map = network.diffusers_key_map(tiny_sd15.model.model_config.unet_config)
     with pytest.raises(ValueError, match=rf"no single module for {owner}"):
-        loader.module_path(owner, key_map)
+        network.module_path(owner, key_map)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,11 +372,11 @@ def test_cond_and_uncond_clips_stay_separate(loader, tav_dir, tiny_sd15, tiny_2d
     assert float((as_one_clip - both).abs().max()) > 1e-4
 
 
-def test_diffusers_folders_and_bin_files_load(loader, tav_dir, tiny_sd15, tiny_2d):
+def test_diffusers_folders_and_bin_files_load(loader, folder, tav_dir, tiny_sd15, tiny_2d):
     sd = add_temporal(tiny_2d, "official", None)
     save(sd, tav_dir / "jeep_tuned" / "unet" / "diffusion_pytorch_model.bin")
     save({f"unet.{k}": v for k, v in sd.items()}, tav_dir / "unet_only" / "diffusion_pytorch_model.safetensors")
-    assert loader.list_checkpoints() == ["jeep_tuned", "unet_only"]
+    assert folder.list_checkpoints() == ["jeep_tuned", "unet_only"]
     for name in ("jeep_tuned", "unet_only"):
         model = load(loader, name, tiny_sd15)
         assert len(model.object_patches) == 16 + 45  # official layout: attention only, and the norms
@@ -597,8 +608,10 @@ def test_ui_workflow_is_the_twin_of_the_api_workflow():
                 assert api[node_id]["inputs"][inp["name"]] == [str(src), slot] and str(dst) == node_id
     loader_node = next(n for n in api.values() if n["class_type"] == "FateZero_TuneAVideoLoader")
     assert api[loader_node["inputs"]["base_model"][0]]["class_type"] == "CheckpointLoaderSimple"
-    settings = next(n for n in api.values() if n["class_type"] == "FateZero_AttentionBlendSettings")["inputs"]
-    assert settings["source_prompt"] == "a silver jeep driving down a curvy road in the countryside"
+    settings = next(n for n in api.values() if n["class_type"] == "FateZero_EditSettings")["inputs"]
+    source = api[settings["source_prompt"][0]]
+    assert source["class_type"] == "FateZero_SourcePrompt"
+    assert source["inputs"]["source_prompt"] == "a silver jeep driving down a curvy road in the countryside"
     assert settings["target_prompt"] == "a Porsche car driving down a curvy road in the countryside"
     assert (settings["mode"], settings["cross_replace_steps"], settings["self_replace_steps"],
             settings["blend_threshold"]) == ("replace", 0.5, 0.5, 0.3)
@@ -626,7 +639,7 @@ def shared_tav_diffusers_file(folder: Path, seed: int = 5) -> str:
         shapes[f"{block}.norm_temporal.bias"] = (c,)
     for name in core_tav.sd1_inflated_convs():
         c = shapes[f"{name}.weight"][0]
-        r = core_tav.effective_lora_rank(c, 8)
+        r = effective_lora_rank(c, 8)
         shapes[f"{name}.conv_temporal.down.weight"] = (r, c, 3)
         shapes[f"{name}.conv_temporal.up.weight"] = (c, r, 3)
     sd = {k: storage.tensor(k, torch.Size(v)) for k, v in sorted(shapes.items())}
@@ -729,7 +742,7 @@ def test_temporal_layers_leave_the_device_with_the_model(nodes, tiny_sd15):
     import comfy.model_management
 
     tav = tiny_sd15.clone()
-    nodes.tav_loader.insert_temporal_layers(tav, nodes.tav_train.fresh_layers(tiny_sd15, 8, 4, 0))
+    nodes.tav_network.insert_temporal_layers(tav, nodes.tav_network.fresh_layers(tiny_sd15, 4, 0))
     layers = nodes.clip_runtime.clip_runtime(tav).modules
     comfy.model_management.load_models_gpu([tav])
     tav.offload_device = tiny_sd15.offload_device = META

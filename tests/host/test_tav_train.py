@@ -169,6 +169,28 @@ def test_saved_file_reloads_to_the_same_network_bit_for_bit(nodes, train, tiny_s
     assert not torch.equal(unet_out(tiny_sd15, x, 0.5, source), unet_out(model, x, 0.5, source))
 
 
+def test_a_save_puts_every_tensor_under_its_own_owner_whatever_the_layer_order(
+        nodes, comfy_nodes, train, tiny_sd15, tiny_clip, tav_dir, monkeypatch):
+    """Fresh temporal layers listed in another order than the UNet's (here: reversed) are still
+    saved each under the block or conv it runs at: the file reloads to the tuned network."""
+    tuning = comfy_nodes.fatezero_core.tav.train
+    fresh = tuning.fresh_temporal_checkpoint
+
+    def reversed_order(*args, **kwargs):
+        ckpt = fresh(*args, **kwargs)
+        ckpt.temporal_attention = dict(reversed(ckpt.temporal_attention.items()))
+        ckpt.temporal_convs = dict(reversed(ckpt.temporal_convs.items()))
+        return ckpt
+
+    monkeypatch.setattr(tuning, "fresh_temporal_checkpoint", reversed_order)
+    source = encode(tiny_clip, PROMPT)
+    model, _ = run_train(train, tiny_sd15, source, steps=1, save_name="reordered").args
+    reloaded = nodes.tav_loader.FateZeroTuneAVideoLoader.execute(checkpoint="reordered.safetensors",
+                                                                  base_model=tiny_sd15).args[0]
+    x = clip_latent()
+    assert torch.equal(unet_out(reloaded, x, 0.5, source), unet_out(model, x, 0.5, source))
+
+
 def test_cancel_mid_training_saves_nothing_and_outputs_nothing(train, tiny_sd15, tiny_clip, tav_dir, monkeypatch):
     import comfy.model_management
     import comfy.utils
@@ -309,7 +331,7 @@ def test_out_of_memory_says_what_to_change(nodes, train, tiny_sd15, tiny_clip, m
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(train.TuneRun, "loop", oom)
+    monkeypatch.setattr(nodes.tav_tuning.TuneRun, "loop", oom)
     with pytest.raises(nodes.user_errors.FateZeroNodeError, match="fewer frames.*smaller size") as info:
         run_train(train, tiny_sd15, encode(tiny_clip, PROMPT), gradient_checkpointing=False, precision="fp32")
     assert "gradient_checkpointing on" in str(info.value) and "bf16" in str(info.value)
