@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .edit_inputs import edit_widget_inputs, target_prompt_input
+from .edit_inputs import edit_widget_inputs, source_prompt_inputs, target_prompt_input
 from .prompt_encoding import edit_spec, encode_source
 from .sockets import BlendSettings
 from .user_errors import reports_user_errors
@@ -32,15 +32,7 @@ class FateZeroAttentionBlendSettings(io.ComfyNode):
                 "Encode) and bundles the word-level edit settings for FateZero Sample. SD1.x only."
             ),
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP of the SD1.x checkpoint used for inversion and editing."),
-                io.String.Input(
-                    "source_prompt", multiline=True, dynamic_prompts=False,
-                    tooltip=(
-                        "Describes the input video, e.g. 'a silver jeep driving down a curvy road'. "
-                        "Use the same prompt as for FateZero DDIM Invert (connect the source output). "
-                        "ComfyUI prompt syntax works as in CLIP Text Encode."
-                    ),
-                ),
+                *source_prompt_inputs(),
                 target_prompt_input(),
                 *edit_widget_inputs(),
             ],

@@ -1,5 +1,5 @@
-"""The widgets of one edit, shared by FateZero Edit Settings and the deprecated FateZero Attention
-Blend Settings (same names, order and defaults, so saved workflows keep their values)."""
+"""The inputs of the prompt nodes, shared by FateZero Source Prompt, FateZero Edit Settings and the
+deprecated FateZero Attention Blend Settings (same names, order and defaults, so saved workflows keep their values)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,20 @@ from comfy_api.latest import io
 from ..fatezero_core.prompt_align import MODES
 
 MODE_OPTIONS = ["auto"] + [m for m in MODES if m != "auto"]
+
+
+def source_prompt_inputs() -> list:
+    """The CLIP and the source prompt: FateZero Source Prompt's inputs, first on the deprecated node."""
+    return [
+        io.Clip.Input("clip", tooltip="The CLIP of the SD1.x checkpoint used for inversion and editing."),
+        io.String.Input(
+            "source_prompt", multiline=True, dynamic_prompts=False,
+            tooltip=(
+                "Describes the input video, e.g. 'a silver jeep driving down a curvy road'. "
+                "At most 75 tokens; ComfyUI prompt syntax works as in CLIP Text Encode."
+            ),
+        ),
+    ]
 
 
 def target_prompt_input() -> io.String.Input:
@@ -101,4 +115,4 @@ def edit_widget_inputs() -> list:
     ]
 
 
-__all__ = ["MODE_OPTIONS", "edit_widget_inputs", "target_prompt_input"]
+__all__ = ["MODE_OPTIONS", "edit_widget_inputs", "source_prompt_inputs", "target_prompt_input"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from .edit_inputs import source_prompt_inputs
 from .prompt_encoding import encode_source
 from .sockets import SourcePromptSocket
 from .user_errors import reports_user_errors
@@ -28,14 +29,7 @@ class FateZeroSourcePrompt(io.ComfyNode):
                 "Encodes exactly as CLIP Text Encode. SD1.x only."
             ),
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP of the SD1.x checkpoint used for inversion and editing."),
-                io.String.Input(
-                    "source_prompt", multiline=True, dynamic_prompts=False,
-                    tooltip=(
-                        "Describes the input video, e.g. 'a silver jeep driving down a curvy road'. "
-                        "At most 75 tokens; ComfyUI prompt syntax works as in CLIP Text Encode."
-                    ),
-                ),
+                *source_prompt_inputs(),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="source",

@@ -25,7 +25,7 @@ from host_server import execution_error
 from test_group_norm import chunk_spy, max_rel
 from test_invert_sample import SOURCE, TARGET, empty, invert, moving_latent, sample, settings
 from test_workflows import load_api
-from test_workflows_host import shrink, write_clip
+from test_workflows_host import sd15_shape_checkpoint, shrink, write_clip
 
 # The shipped style edit reweights "watercolor": every target here keeps that word.
 NEW_TARGET = "watercolor painting of a silver jeep driving down a snowy road in the countryside"
@@ -212,12 +212,7 @@ def test_changing_the_target_reruns_only_the_edit(comfy_server):
 
 
 def test_changing_the_target_keeps_the_tuned_model(comfy_server):
-    import tiny_models
-
-    base_name = "fatezero_sd15_shape.ckpt"
-    base_path = comfy_server.base / "models" / "checkpoints" / base_name
-    if not base_path.exists():
-        tiny_models.write_tiny_sd15_checkpoint(base_path, channel_mult=tiny_models.SD15_CHANNEL_MULT)
+    base_name = sd15_shape_checkpoint(comfy_server)
     video = write_clip(comfy_server.input_dir, "many_train.avi")
     prompt = shrink(load_api("shape_edit_train"), comfy_server, video, prefix=f"many_train_{uuid.uuid4().hex[:6]}")
     prompt[ids_of(prompt, "CheckpointLoaderSimple")[0]]["inputs"]["ckpt_name"] = base_name

@@ -288,17 +288,24 @@ def test_controlnet_workflow_runs_end_to_end(comfy_server, tiny_controlnet):
     assert all(len(entry["outputs"][i]["images"]) == FRAMES for i in hint_previews)
 
 
+def sd15_shape_checkpoint(server) -> str:
+    """A checkpoint of the real SD1.5 UNet shape (random weights) in the server's checkpoints, by
+    name: the trainer and the Tune-A-Video Loader need the SD1.x topology."""
+    import tiny_models
+
+    name = "fatezero_sd15_shape.ckpt"
+    path = server.base / "models" / "checkpoints" / name
+    if not path.exists():
+        tiny_models.write_tiny_sd15_checkpoint(path, channel_mult=tiny_models.SD15_CHANNEL_MULT)
+    return name
+
+
 def test_shape_edit_train_workflow_trains_saves_and_edits(comfy_server):
     """Load -> encode -> train -> invert -> sample -> decode -> save, with 2 training steps, on a
     checkpoint of the real SD1.5 UNet shape (the trainer, like the Tune-A-Video Loader, needs the
     SD1.x topology; random weights, a few MB on disk); the tuned UNet lands in models/tuneavideo
     and the loss curve is previewed."""
-    import tiny_models
-
-    base_name = "fatezero_sd15_shape.ckpt"
-    base_path = comfy_server.base / "models" / "checkpoints" / base_name
-    if not base_path.exists():
-        tiny_models.write_tiny_sd15_checkpoint(base_path, channel_mult=tiny_models.SD15_CHANNEL_MULT)
+    base_name = sd15_shape_checkpoint(comfy_server)
     video = write_clip(comfy_server.input_dir, "wf_shape_edit_train.avi")
     prompt = shrink(load_api("shape_edit_train"), comfy_server, video, prefix=f"wf_train_{uuid.uuid4().hex[:6]}")
     next(n for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple")["inputs"]["ckpt_name"] = base_name
