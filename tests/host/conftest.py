@@ -7,7 +7,7 @@ Run with ComfyUI's own Python, for example::
 Without ``COMFYUI_PATH`` every test in this folder is skipped with the reason; a ``COMFYUI_PATH``
 that the running Python cannot import stops the run with the reason (never silent skips).
 
-Set-up done here before anything imports ``comfy`` (host contract section 9): ComfyUI's folder
+Set-up done here before anything imports ``comfy`` (as ComfyUI's ``main.py`` does before its imports): ComfyUI's folder
 goes first on ``sys.path`` (its ``nodes``/``server``/``utils`` modules must win over same-named
 folders elsewhere), its command line is parsed as ``--cpu``, and the pack is imported the way
 ComfyUI imports a custom node: by file path, as a package, so the relative imports in ``nodes/``
