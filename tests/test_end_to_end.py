@@ -85,7 +85,7 @@ def batch_context(embeddings, frames):
 
 def spec(source: str, target: str, **options) -> EditSpec:
     """What FateZero Edit Settings emits for these prompts (the tiny encoder's tokenizer)."""
-    return EditSpec(source, target, tokenize, **options)
+    return EditSpec.from_prompts(source, target, tokenize, **options)
 
 
 def host_model(model, context, chunks, sample_sigmas, step_offset=0, cfg=1.0, on_eval=None):
