@@ -11,6 +11,7 @@ import latent_preview
 from comfy_api.latest import io, ui
 
 from ..fatezero_core.controller import EditController
+from ..fatezero_core.ddim import ve_to_vp
 from ..fatezero_core.edit_maps import EditMaps, preview_image
 from ..fatezero_core.edit_spec import EditSpec
 from ..fatezero_core.errors import FateZeroError, StoreMismatchError
@@ -149,5 +150,9 @@ class FateZeroSample(io.ComfyNode):
                                 disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
         finally:
             store.end_edit()  # the step read last (disk, recompute) is not kept between edits
+        # Every sampler, the built-in DDIM and an override alike, returns x at sigmas[-1]
+        # (k-diffusion's contract); the edited latent is the VP latent there: x itself at the
+        # default end (sigma 0), the latent the official code decodes at its end (alphas_cumprod[0]).
+        out = ve_to_vp(out, sigmas[-1])
         preview = preview_image(maps, samples.shape[0], tuple(samples.shape[-2:]))
         return io.NodeOutput({"samples": out}, preview, ui=ui.PreviewImage(preview, cls=cls))

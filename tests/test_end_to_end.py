@@ -205,7 +205,8 @@ def edit(model, encoder, inversion: Inversion, edit_spec: EditSpec, cfg: float =
     model.controller = controller
     try:
         with torch.no_grad():
-            z = sample_ddim(guided, inversion.x_T, sigmas, after_step=after_step)
+            # the sampler's x at the schedule end as the VP latent, as FateZero Sample outputs it
+            z = ve_to_vp(sample_ddim(guided, inversion.x_T, sigmas, after_step=after_step), sigmas[-1])
     finally:
         model.controller = None
         store.end_edit()
