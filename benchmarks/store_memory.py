@@ -10,7 +10,11 @@ Columns of the table (bytes in decimal units, 1 MB = 1e6 B):
   1 for ``mid``, f-1 for ``prev, first``).
 - ``steps``: DDIM steps N.
 - ``official/step``, ``official total``: the official map store, ``s*f*H*sum_l q_l*(77 + K*q_l)``
-  (reference doc section 2; fp16), times N. Its latents and running sum are not counted.
+  (fp16), times N: every cross map ``q x 77`` and self map ``q x K*q`` of the layers with
+  ``q <= 32*32``, per frame and head (FateZero ``video_diffusion/prompt_attention/
+  attention_store.py``, ``AttentionStore.forward`` and ``between_steps``). Its latents and running
+  sum are not counted. For f=8, H=8 this is 777,265,152 B per step for K=1 and 1,490,821,120 B for
+  K=2.
 - ``compact/step``, ``compact total``: our ``gpu``, ``cpu`` and ``disk`` placements (same bytes;
   they live in GPU memory, host RAM or one file per step): source queries, key-frame keys and
   cross probabilities in fp16, plus one float32 inversion latent per step; the total is
@@ -38,19 +42,37 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fatezero_core.keyframes import key_frame_table, key_frames_used, parse_key_rule  # noqa: E402
-from fatezero_core.memory import (  # noqa: E402
-    SD1_HEADS,
-    compact_store_bytes_per_step,
-    official_map_store_bytes_per_step,
-    recompute_store_bytes_per_step,
-    sd1_stored_layers,
-)
-from tiny_models.store_probe import LATENT, measure_one_step  # noqa: E402
+from fatezero_core.sd1 import HEADS as SD1_HEADS  # noqa: E402
+from tiny_models.store_probe import LATENT, measure_one_step, sd1_stored_layers  # noqa: E402
 
 FRAMES = (8, 16, 32, 64)
 RULES = (("mid", 1), ("prev, first", 2))
 STEPS = (10, 50)
 TARGETS = {"compact_vs_official": 0.2, "recompute_vs_official": 0.01}
+TEXT_TOKENS = 77
+
+
+def official_map_store_bytes_per_step(frames: int, heads: int, layers, key_frames: int,
+                                      bytes_per_value: int = 2) -> int:
+    """``s * f * H * sum_l q_l * (77 + K * q_l)``; ``layers`` are the stored query lengths ``q_l``
+    (at 512 px: five of 1024, five of 256, one of 64), ``key_frames`` is K (1 for ``[mid]``, 2 for
+    ``[-1, first]``)."""
+    total = sum(q * (TEXT_TOKENS + key_frames * q) for q in layers)
+    return bytes_per_value * frames * heads * total
+
+
+def compact_store_bytes_per_step(frames: int, layers, key_frames_kept: int, bytes_per_value: int = 2) -> int:
+    """Attention bytes our store keeps per inversion step: per stored layer ``(q, C, H)``,
+    ``f*q*C`` (source queries) + ``K_kept*q*C`` (source keys of the key frames in use) +
+    ``f*H*q*77`` (cross-attention probabilities)."""
+    values = sum(frames * q * c + key_frames_kept * q * c + frames * h * q * TEXT_TOKENS
+                 for q, c, h in layers)
+    return bytes_per_value * values
+
+
+def recompute_store_bytes_per_step(frames: int, latent_h: int, latent_w: int) -> int:
+    """One float32 inversion latent ``[f, 4, h, w]``: all a ``recompute`` store keeps per step."""
+    return frames * 4 * latent_h * latent_w * 4
 
 
 def kept_key_frames(rule: str, frames: int) -> int:

@@ -1,4 +1,4 @@
-"""Attention kernels for capture and fusion (paper eqs. 5-8; design decision 4).
+"""Attention kernels for capture and fusion (paper eqs. 5-8).
 
 Tensors arrive as the host projects them: ``[B, N, heads*dim_head]`` with heads merged. Self-
 attention never materialises a ``q x Kq`` map: the blended self-attention of eq. 7,
@@ -7,8 +7,11 @@ attention never materialises a ``q x Kq`` map: the blended self-attention of eq.
         = M * softmax(Qe Ke^T) Ve + (1 - M) * softmax(Qs Ks^T) Ve,
 
 is a per-query-row mix of two scaled-dot-product attentions over the edit values ``Ve``, because
-the mask ``M`` is one value per query row (reference doc section 3.4). Cross-attention maps are
-small (``q x 77``) and are materialised for prompt-to-prompt control (section 3.3).
+the mask ``M`` is one value per query row (FateZero ``video_diffusion/prompt_attention/
+attention_util.py``, ``AttentionControlEdit.forward``: the mask is reshaped to ``[f, 1, q, 1]``
+and applied in ``replace_self_attention``). So no ``q x Kq`` self-attention map is ever stored or
+materialised; cross-attention maps are small (``q x 77``) and are materialised for
+prompt-to-prompt control (``replace_cross_attention`` of ``AttentionReplace``/``AttentionRefine``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Attention blending masks from the source cross-attention (paper eqs. 6-7; reference doc 3.4).
+"""Attention blending masks from the source cross-attention (paper eqs. 6-7; FateZero
+``video_diffusion/prompt_attention/spatial_blend.py``, ``SpatialBlender.get_mask``).
 
 The mask marks the query rows whose self-attention keeps the *edit* map (M = 1); elsewhere the
 source map is copied. Built from the stored source cross-attention of the blend words at the

@@ -2,13 +2,16 @@
 
 The host calls ``controller.attn1(q, k, v, call)`` for self-attention and ``controller.attn2`` for
 cross-attention with projected, head-merged tensors ``[B, N, heads*dim_head]`` where the batch is
-made of equal frame-major chunks named by ``call.chunks`` (ComfyUI: ``[uncond F | cond F]``;
-``comfyui-host-contract.md`` sections 2-3). Both return the attention output before ``to_out``.
+made of equal frame-major chunks named by ``call.chunks`` (ComfyUI: one chunk of F frames per
+entry of ``cond_or_uncond``, as ``comfy/samplers.py`` ``_calc_cond_batch`` batches them; the
+tensors are what ``comfy/ldm/modules/attention.py`` ``BasicTransformerBlock.forward`` hands an
+attn1/attn2 replace patch). Both return the attention output before ``to_out``.
 
 - :class:`CaptureController` (inversion): spatio-temporal self-attention; records source queries,
   key-frame keys and cross-attention probabilities of the ``cond`` chunk into the store.
 - :class:`EditController` (editing): fuses the ``cond`` chunk only, as the official code does;
-  ``uncond`` keeps its own attention; ``source`` chunks (``recompute`` store) are captured into the
+  ``uncond`` keeps its own attention (FateZero ``attention_store.py``, ``AttentionControl.__call__``
+  passes only ``attn[h // 2:]``); ``source`` chunks (``recompute`` store) are captured into the
   store's scratch for the current step. Masks and maps derived from attention live in its
   :class:`fatezero_core.edit_maps.EditMaps`, which ``attn2`` feeds (``maps.observe_cross``).
 """
@@ -39,10 +42,6 @@ class _Controller:
         self.config = store.config
         self.layer_set = LayerSet(self.config.layer_set)
         self._tables: dict[tuple, torch.Tensor] = {}
-
-    def __deepcopy__(self, memo):
-        # Hosts deep-copy patch containers; a controller is shared state and must stay one object.
-        return self
 
     def _table(self, layer: LayerInfo, frames: int) -> torch.Tensor:
         rule = rule_for_channels(self.config.key_rule, layer.channels, self.config.min_st_channels)
@@ -119,7 +118,8 @@ class CaptureController(_Controller):
 
 @dataclass(frozen=True)
 class EditSettings:
-    """Everything the fusion needs besides the store (reference doc sections 3.1-3.5).
+    """Everything the fusion needs besides the store (FateZero ``attention_util.py``,
+    ``make_controller``: the replace/refine/reweight controller, its windows and blenders).
 
     ``mode``: ``"replace"`` or ``"refine"``; ``mapper``: ``[77, 77]`` float (replace) or ``[77]``
     long (refine); ``refine_alphas``: ``[77]`` (refine); ``equalizer``: ``[77]`` or None;
@@ -164,19 +164,31 @@ class EditSettings:
 
 
 class SourcePassComplete(Exception):
-    """Raised by a ``recompute`` source pass right after the step's last stored layer is captured
-    (``EditController.stop_source_pass_early``): the rest of that UNet call cannot change what the
-    step keeps, and its output is never used, so the host catches this and skips it."""
+    """The end of a ``recompute`` source pass, not an error: every stored layer of the step is
+    captured, and the rest of the UNet call (the full-resolution decoder blocks) can change neither
+    what the step keeps nor anything else, since the pass's output is never used.
+
+    Raised only by an :class:`EditController` built with ``end_source_pass_after_last_stored_layer``,
+    from the attention call of the step's last stored layer; whoever runs the source pass catches
+    it (the host offers no other way to leave a UNet forward early). Skipping those blocks made a
+    ``recompute`` edit step 1.48x a plain sampling step instead of 1.63x (``benchmarks/NOTES.md``).
+    """
 
 
 class EditController(_Controller):
     """Editing (eq. 5): fuse the stored source attention into the ``cond`` chunk.
 
     ``call.step`` is the edit step index ``i`` (descending noise); it reads inversion step
-    ``j = N - 1 - i``, which ran the UNet at the same timestep (reference doc section 3.2).
+    ``j = N - 1 - i``, which ran the UNet at the same timestep (FateZero ``attention_util.py``,
+    ``AttentionControlEdit.forward``: ``len(attention_store_all_step) - cur_step - 1``).
+
+    ``end_source_pass_after_last_stored_layer``: a source-only pass (``recompute``) ends with
+    :class:`SourcePassComplete` right after its last stored layer; the caller of that pass must
+    catch it. Off, every pass runs whole.
     """
 
-    def __init__(self, store: AttentionStore, settings: EditSettings, maps: EditMaps | None = None):
+    def __init__(self, store: AttentionStore, settings: EditSettings, maps: EditMaps | None = None,
+                 end_source_pass_after_last_stored_layer: bool = False):
         super().__init__(store)
         store.check_files()  # before the first step: a store whose files are gone stops here
         self.settings = settings
@@ -184,9 +196,7 @@ class EditController(_Controller):
         # Blend masks, preview map and latent-blend target map: fed from attn2, read by the
         # sampling loop and the preview.
         self.maps = maps if maps is not None else EditMaps(store, settings)
-        # Host option: end a source-only pass with SourcePassComplete once its last stored layer is
-        # captured (the host must catch it); off by default so a plain driver runs whole passes.
-        self.stop_source_pass_early = False
+        self.end_source_pass_after_last_stored_layer = end_source_pass_after_last_stored_layer
         self._last_stored = store.last_stored_layer()
 
     def inversion_step(self, edit_step: int) -> int:
@@ -213,7 +223,7 @@ class EditController(_Controller):
         return torch.cat(outs)
 
     def _maybe_end_source_pass(self, call: AttnCall, kind: str) -> None:
-        if (self.stop_source_pass_early and (call.layer.name, kind) == self._last_stored
+        if (self.end_source_pass_after_last_stored_layer and (call.layer.name, kind) == self._last_stored
                 and all(c == "source" for c in call.chunks)):
             raise SourcePassComplete(call.layer.name)
 

@@ -1,4 +1,6 @@
-"""Prompt-to-prompt cross-attention fusion (paper eq. 5; reference doc section 3.3).
+"""Prompt-to-prompt cross-attention fusion (paper eq. 5; FateZero
+``video_diffusion/prompt_attention/attention_util.py``, ``AttentionControlEdit.forward`` with the
+``replace_cross_attention`` of ``AttentionReplace``, ``AttentionRefine`` and ``AttentionReweight``).
 
 For unchanged words the edit's cross-attention map is replaced by the source map captured during
 inversion; a per-token, per-step schedule ``alpha`` decides where:

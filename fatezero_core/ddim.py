@@ -55,8 +55,10 @@ def inversion_step_for_edit_step(i: int, num_steps: int) -> int:
     """Inversion step whose captured data belongs to denoise (edit) step i: ``N - 1 - i``.
 
     Denoise step i runs the model at ``timesteps[i]`` (descending), the timestep at which
-    inversion step N - 1 - i ran it, so the timesteps match exactly (reference doc 3.2: store
-    index ``len(store) - 1 - i``), although the inversion model input was the less noisy latent.
+    inversion step N - 1 - i ran it, so the timesteps match exactly (FateZero
+    ``video_diffusion/prompt_attention/attention_util.py``, ``AttentionControlEdit.forward``:
+    ``len(attention_store_all_step) - cur_step - 1``), although the inversion model input was the
+    less noisy latent.
     """
     if not 0 <= i < num_steps:
         raise FateZeroError(

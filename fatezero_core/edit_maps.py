@@ -1,7 +1,8 @@
 """The maps an edit derives from attention: blend masks, the preview map, the latent-blend target.
 
 :class:`EditMaps` owns everything the edit computes *from* attention rather than *as* attention
-(paper eqs. 6-7, reference doc sections 3.4-3.5):
+(paper eqs. 6-7; FateZero ``video_diffusion/prompt_attention/spatial_blend.py``, ``SpatialBlender``,
+and ``attention_util.py``, ``AttentionControlEdit.step_callback``):
 
 - the eq. 6 self-attention blend masks, built from the stored source cross-attention of the blend
   words and cached for one inversion step;
@@ -22,22 +23,22 @@ import torch.nn.functional as F
 from . import blend_mask as bm
 from .ddim import inversion_step_for_edit_step
 from .errors import FateZeroError
-from .layers import MASK_LEVEL, LayerInfo
+from .layers import VAE_SCALE, LayerInfo, LayerSet
 from .store import AttentionStore
-
-VAE_SCALE = 8  # SD1 VAE: one latent cell is 8x8 pixels
 
 
 class EditMaps:
     """Masks and maps of one edit, from ``store`` (source attention) and the edit's settings.
 
     ``settings`` is the :class:`fatezero_core.controller.EditSettings` of the edit; edit step ``i``
-    reads inversion step ``j = N - 1 - i`` (reference doc section 3.2).
+    reads inversion step ``j = N - 1 - i`` (official ``AttentionControlEdit.forward``:
+    ``len(attention_store_all_step) - cur_step - 1``).
     """
 
     def __init__(self, store: AttentionStore, settings):
         self.store = store
         self.settings = settings
+        self.layer_set = LayerSet(store.config.layer_set)
         self.num_steps = store.config.num_steps
         self._masks: dict[tuple, torch.Tensor] = {}
         self.target_map: torch.Tensor | None = None
@@ -47,7 +48,7 @@ class EditMaps:
     def observe_cross(self, i: int, j: int, layer: LayerInfo, edit_probs: torch.Tensor) -> None:
         """Take the ``cond`` chunk's fused-layer cross-attention ``[F, H, h*w, T]`` of edit step i
         (inversion step j): the mask layers add to the target map and fix the preview map."""
-        if layer.level != MASK_LEVEL:
+        if not self.layer_set.is_mask_layer(layer):
             return
         if self.settings.latent_blend:
             self._accumulate_target_map(i, layer, edit_probs)
@@ -74,7 +75,7 @@ class EditMaps:
         return tuple(changed[:8]) or (1,)
 
     def _mask_layers(self) -> list[LayerInfo]:
-        layers = [info for info in self.store.layers("cross") if info.level == MASK_LEVEL]
+        layers = [info for info in self.store.layers("cross") if self.layer_set.is_mask_layer(info)]
         if not layers:
             raise FateZeroError(
                 "Blend words need the source cross-attention at 1/4 of the latent size, which this "
@@ -105,7 +106,8 @@ class EditMaps:
 
     # ------------------------------------------------------ local latent blend
     def _accumulate_target_map(self, i, layer, edit_probs):
-        """Running sum over steps of the edit's own target-word attention (reference doc 3.5).
+        """Running sum over steps of the edit's own target-word attention (official
+        ``AttentionStore.between_steps``' ``attention_store``, read by ``step_callback``).
 
         The official mask takes the layer mean of per-layer sums over steps; summing each layer's
         map divided by the number of mask layers is the same quantity. Each (step, layer) counts

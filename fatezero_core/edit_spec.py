@@ -1,18 +1,21 @@
-"""The user's edit request, independent of the step count (design decision 7).
+"""The user's edit request, independent of the step count: plain data from the edit's node to
+FateZero Sample.
 
-An :class:`EditSpec` is what FateZero Edit Settings emits: the prompts as typed (in
-ComfyUI's prompt syntax), the tokenizer that encoded them and the fusion options. The step count is only known once the store is
-at hand, so :meth:`EditSpec.edit_settings` builds the per-step tensors then.
+An :class:`EditSpec` is what FateZero Edit Settings emits: both prompts laid out on CLIP's token
+positions (laid out once, with the CLIP's own tokenizer, by :meth:`EditSpec.from_prompts`) and the
+fusion options. It holds no tokenizer or other live object. The step count is only known once the
+store is at hand, so :meth:`EditSpec.edit_settings` builds the per-step tensors then.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from .controller import EditSettings
 from .errors import PromptError
-from .prompt_align import align_prompts, require_word_token_indices, tokenize_prompt
+from .prompt_align import PromptTokens, Tokenize, align_tokens, require_word_token_indices, tokenize_prompt
+from .prompt_syntax import EmbeddingLength
 
 
 @dataclass(frozen=True)
@@ -27,16 +30,18 @@ class SourcePrompt:
 
 @dataclass(frozen=True)
 class EditSpec:
-    """Prompts and fusion options (reference doc sections 3.1-3.5; official defaults).
+    """Prompts and fusion options (FateZero ``video_diffusion/prompt_attention/attention_util.py``,
+    ``make_controller``; official defaults).
 
-    ``blend_words``: source-prompt words whose cross-attention makes the blend mask (empty: full
-    self-attention replacement). ``target_blend_words``: target-prompt words added to the local
-    latent blend mask. ``blend_threshold >= 1`` means full replacement.
+    ``source_tokens``/``target_tokens``: the prompts as typed (in ComfyUI's prompt syntax), laid
+    out by :func:`fatezero_core.prompt_align.tokenize_prompt`. ``blend_words``: source-prompt words
+    whose cross-attention makes the blend mask (empty: full self-attention replacement).
+    ``target_blend_words``: target-prompt words added to the local latent blend mask.
+    ``blend_threshold >= 1`` means full replacement.
     """
 
-    source_prompt: str
-    target_prompt: str
-    tokenize: Callable[[str], list[int]] = field(compare=False, repr=False)
+    source_tokens: PromptTokens
+    target_tokens: PromptTokens
     mode: str = "auto"
     cross_replace_steps: object = 0.8
     self_replace_steps: object = 0.6
@@ -49,24 +54,32 @@ class EditSpec:
     latent_blend_aligned: bool = False
     source_fingerprint: str = ""  # host hash of the encoded source prompt, checked against the store
     target_fingerprint: str = ""  # host hash of the encoded target prompt, checked against 'positive'
-    # vectors of a textual-inversion embedding by name (None: no such file); None: no embeddings
-    embedding_length: Callable[[str], int | None] | None = field(default=None, compare=False, repr=False)
 
-    def __deepcopy__(self, memo):
-        return self  # immutable; the tokenizer must not be copied
+    @classmethod
+    def from_prompts(cls, source_prompt: str, target_prompt: str, tokenize: Tokenize,
+                     embedding_length: EmbeddingLength | None = None, **options) -> "EditSpec":
+        """Lay both prompts out with ``tokenize`` (``text -> content token ids``, the CLIP's own)
+        and ``embedding_length`` (``name -> vectors`` of a textual-inversion embedding, None for
+        no such file; None: no embeddings); ``options`` are the other fields."""
+        return cls(tokenize_prompt(source_prompt, tokenize, embedding_length),
+                   tokenize_prompt(target_prompt, tokenize, embedding_length), **options)
 
-    def source_token_ids(self) -> tuple[int, ...]:
-        return tuple(tokenize_prompt(self.source_prompt, self.tokenize, self.embedding_length).ids)
+    @property
+    def source_prompt(self) -> str:
+        return self.source_tokens.prompt
+
+    @property
+    def target_prompt(self) -> str:
+        return self.target_tokens.prompt
 
     def check(self) -> None:
-        """Validate words and prompts now, so the settings node fails early with a clear message."""
+        """Validate words and windows now, so the settings node fails early with a clear message."""
         self.edit_settings(num_steps=50)
 
     def edit_settings(self, num_steps: int, fuse: bool = True) -> EditSettings:
-        alignment = align_prompts(self.source_prompt, self.target_prompt, self.tokenize, num_steps,
-                                  mode=self.mode, cross_replace_steps=self.cross_replace_steps,
-                                  self_replace_steps=self.self_replace_steps, reweight=self.reweight,
-                                  embedding_length=self.embedding_length)
+        alignment = align_tokens(self.source_tokens, self.target_tokens, num_steps, mode=self.mode,
+                                 cross_replace_steps=self.cross_replace_steps,
+                                 self_replace_steps=self.self_replace_steps, reweight=self.reweight)
         blend = _token_positions(alignment.source, self.blend_words, "blend word")
         target_blend = _token_positions(alignment.target, self.target_blend_words, "target blend word")
         if self.latent_blend and not blend:

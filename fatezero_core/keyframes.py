@@ -1,4 +1,4 @@
-"""Spatio-temporal key selection for self-attention (paper eq. 8; design decision 6).
+"""Spatio-temporal key selection for self-attention (paper eq. 8).
 
 Each frame's queries attend to the keys and values of a list of *key frames*. The list is a rule
 drawn from:
@@ -11,9 +11,13 @@ drawn from:
 
 The official FateZero code uses ``["mid"]`` for Stable Diffusion (every frame attends only to the
 middle frame, K=1) and ``[-1, "first"]`` (previous then first frame, K=2) for Tune-A-Video models;
-the current frame is only included when the rule lists it (reference doc section 4). The paper's
-eq. 8 is ``["self", "mid"]``. Layers whose channel count is below ``min_channels`` (the official
-``least_sc_channel``) use ordinary per-frame self-attention.
+the current frame is only included when the rule lists it (FateZero
+``video_diffusion/models/attention.py``, ``SparseCausalAttention.forward``, and its copy
+``prompt_attention/attention_register.py``, ``spatial_temporal_forward``). The paper's eq. 8 is
+``["self", "mid"]``. Layers whose channel count is below ``min_channels`` (the official
+``least_sc_channel``, ``SpatioTemporalTransformerBlock.__init__``) use ordinary per-frame
+self-attention. The rule is recorded in the store, so an edit always uses the rule its inversion
+used.
 """
 
 from __future__ import annotations
@@ -82,7 +86,9 @@ def format_key_rule(rule: KeyRule) -> str:
 
 
 def key_frame_index(entry: str | int, frame: int, num_frames: int) -> int:
-    """Index of the key frame that ``entry`` selects for ``frame`` (reference doc section 4)."""
+    """Index of the key frame that ``entry`` selects for ``frame``, as ``SparseCausalAttention.forward``
+    reads ``SparseCausalAttention_index``: ``first`` 0, ``last`` f-1, ``mid`` (f-1)//2, an offset d
+    ``clip(frame + d, 0, f-1)``."""
     if entry == "first":
         return 0
     if entry == "last":

@@ -1,10 +1,13 @@
 """What the controller knows about one attention call, and which layers the store keeps.
 
 The host describes each attention call with an :class:`AttnCall`. Layers are selected by their
-resolution relative to the latent (design decision 5): the official code keeps the layers whose
-query length is at most 32*32 = 1024 tokens, which at 512 px (64x64 latent) are the layers at 1/2,
-1/4 and 1/8 of the latent side; the blend mask is made from the 1/4-resolution cross-attention
-(reference doc sections 2 and 3.4).
+resolution relative to the latent: the official code keeps the layers whose query length is at
+most 32*32 = 1024 tokens (FateZero ``video_diffusion/prompt_attention/attention_store.py``,
+``AttentionStore.forward``: ``attn.shape[-2] <= 32 ** 2``), which at 512 px (64x64 latent) are the
+layers at 1/2, 1/4 and 1/8 of the latent side; its blend mask is made from the 1/4-resolution
+cross-attention (``spatial_blend.py``, ``SpatialBlender.__call__``: ``down_cross[2:4] +
+up_cross[:3]``, the 16x16 maps at 512 px). The relative rule picks the same layers at 512 px and
+is defined at every size.
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ CHUNK_KINDS = ("uncond", "cond", "source")
 
 LAYER_SETS = ("relative", "relative+full", "official")
 MASK_LEVEL = 2  # 1/4 of the latent side: the official 16x16 maps at 512 px
+VAE_SCALE = 8  # SD1 VAE: one latent cell is 8x8 pixels
+MAX_LEVEL = 16
+
+
+def downsampled_side(side: int, level: int) -> int:
+    """A latent side after ``level`` UNet downsamplings: a stride-2 conv with padding 1 maps a
+    side s to ceil(s / 2), so this holds for any size that is a multiple of 8 pixels."""
+    for _ in range(level):
+        side = -(-side // 2)
+    return side
 
 
 @dataclass(frozen=True)
@@ -43,16 +56,12 @@ class LayerInfo:
 
     @property
     def level(self) -> int:
-        """Downsampling level: 0 at full latent resolution, 1 at 1/2, 2 at 1/4, ...
-
-        A stride-2 conv with padding 1 maps a side s to ceil(s/2), so level d has side
-        ceil(latent / 2**d); this holds for any size that is a multiple of 8 pixels.
-        """
-        side, level = self.latent_height, 0
-        while side > self.height and level < 16:
-            side = -(-side // 2)
+        """Downsampling level: 0 at full latent resolution, 1 at 1/2, 2 at 1/4, ...: the level
+        whose :func:`downsampled_side` of the latent height is this layer's grid height."""
+        level = 0
+        while downsampled_side(self.latent_height, level) > self.height and level < MAX_LEVEL:
             level += 1
-        if side != self.height:
+        if downsampled_side(self.latent_height, level) != self.height:
             raise FateZeroError(
                 f"Layer {self.name} has a {self.height}x{self.width} token grid that is not a "
                 f"downsampling of the {self.latent_height}x{self.latent_width} latent."
@@ -80,12 +89,12 @@ class AttnCall:
 
 @dataclass(frozen=True)
 class LayerSet:
-    """Which layers are stored and fused (design decision 5).
+    """Which layers are stored and fused.
 
     - ``relative`` (default): layers at 1/2, 1/4 and 1/8 of the latent side; identical to the
       official choice at 512 px and well defined at any size.
     - ``relative+full``: also the full-resolution layers (more memory, beyond the official code).
-    - ``official``: the official absolute rule, query length <= 1024 tokens.
+    - ``official``: the official absolute rule, query length <= 1024 tokens (``AttentionStore.forward``).
     """
 
     rule: str = "relative"  # one of LAYER_SETS: the node's combo (the host refuses other values)
@@ -97,5 +106,6 @@ class LayerSet:
         return 1 <= level <= 3 or (self.rule == "relative+full" and level == 0)
 
     def is_mask_layer(self, layer: LayerInfo) -> bool:
-        """Cross-attention layers the blend mask is made from (the 1/4-resolution ones)."""
+        """Stored cross-attention layers the blend masks are made from: the 1/4-resolution ones
+        (:class:`fatezero_core.edit_maps.EditMaps`)."""
         return layer.level == MASK_LEVEL and self.stores(layer)

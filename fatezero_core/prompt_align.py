@@ -598,11 +598,8 @@ def align_prompts(
     tgt: str,
     tokenize: Tokenize,
     num_steps: int,
-    mode: str = "auto",
-    cross_replace_steps: StepsSpec = 0.8,
-    self_replace_steps: Window = 0.6,
-    reweight: Optional[Mapping[Word, float]] = None,
     embedding_length: Optional[EmbeddingLength] = None,
+    **options,
 ) -> TokenAlignment:
     """The :class:`TokenAlignment` for editing ``src`` into ``tgt`` (official ``make_controller``).
 
@@ -614,6 +611,24 @@ def align_prompts(
     """
     source = tokenize_prompt(src, tokenize, embedding_length)
     target = tokenize_prompt(tgt, tokenize, embedding_length)
+    return align_tokens(source, target, num_steps, **options)
+
+
+def align_tokens(
+    source: PromptTokens,
+    target: PromptTokens,
+    num_steps: int,
+    mode: str = "auto",
+    cross_replace_steps: StepsSpec = 0.8,
+    self_replace_steps: Window = 0.6,
+    reweight: Optional[Mapping[Word, float]] = None,
+) -> TokenAlignment:
+    """The :class:`TokenAlignment` of two prompts already laid out by :func:`tokenize_prompt`
+    (plain data: no tokenizer needed); :func:`align_prompts` lays them out first.
+
+    Raises:
+        PromptError: any bad mode, word or window, with what to change.
+    """
     chosen = choose_mode(source, target, mode)
     if chosen == "replace":
         mapper, refine_alphas = replacement_mapper(source, target), None
@@ -641,6 +656,7 @@ __all__ = [
     "PromptTokens",
     "TokenAlignment",
     "align_prompts",
+    "align_tokens",
     "choose_mode",
     "cross_replace_alphas",
     "embedding_token_ids",

@@ -1,22 +1,31 @@
-"""FateZero's schedule and sampling loops, as k-diffusion-style sampler functions.
+"""FateZero's schedule and sampling loops, as k-diffusion sampler functions.
 
-Each loop has the signature ``sampler(model, x, sigmas, extra_args, callback, disable, ...)`` that
-ComfyUI's ``KSAMPLER`` calls, so the host's machinery (CFG, LoRA, ControlNet, previews, progress,
-interrupt) runs around it. ``model(x, sigma, **extra_args)`` returns the denoised VE latent; the
-host's sampler state is the VE latent ``x = z * sqrt(1 + sigma^2)``, the DDIM equations use the VP
-``z`` (``ddim`` module docstring).
+Each loop has the signature and contract of k-diffusion's samplers (``comfy/k_diffusion/sampling.py``,
+e.g. ``sample_euler``): ``sampler(model, x, sigmas, extra_args, callback, disable, ...)``, called by
+ComfyUI's ``KSAMPLER.sample`` (``comfy/samplers.py``), so the host's machinery (CFG, LoRA, ControlNet,
+previews, progress, interrupt) runs around it. ``model(x, sigma, **extra_args)`` returns the
+denoised VE latent; the host's sampler state is the VE latent ``x = z * sqrt(1 + sigma^2)``, the
+DDIM equations use the VP ``z`` (``ddim`` module docstring). Like every k-diffusion sampler, each
+loop returns ``x`` at ``sigmas[-1]`` and shows its steps with tqdm's ``trange(..., disable=disable)``.
 
 - :func:`official_sigmas`: the official DDIM timesteps ``1 + k * (1000 // N)`` as sigmas of the
   model's table, with the clean end at sigma 0 (``comfy``) or at ``alphas_cumprod[0]``
   (``official``, sigma ~0.029, as diffusers' ``set_alpha_to_one=False``).
 - :func:`sample_ddim_inversion`: paper eq. 3 over ascending sigmas.
 - :func:`sample_ddim`: paper eq. 2 (eta 0) over descending sigmas.
-- :func:`latent_blend_step`: the local latent blend after each edit step (reference doc 3.5).
+- :func:`latent_blend_step`: the local latent blend after each edit step (FateZero
+  ``attention_util.py``, ``AttentionControlEdit.step_callback``).
 """
 
 from __future__ import annotations
 
 import torch
+
+try:
+    from tqdm.auto import trange
+except ImportError:  # tqdm comes with ComfyUI (its requirements.txt); the bare core runs without a bar
+    def trange(n, disable=None):
+        return range(n)
 
 from .ddim import alphas_cumprod_from_sigmas, ddim_invert_step, ve_to_vp, vp_to_ve
 from .edit_maps import latent_blend
@@ -57,15 +66,15 @@ def sample_ddim_inversion(model, x, sigmas, extra_args=None, callback=None, disa
 
     ``x`` is the clean VP latent at ``sigmas[0]``. Step j runs the model on ``z_j`` at the *next*
     sigma, as the official ``next_clean2noise_step`` does, and moves
-    ``z_{j+1} = sqrt(a') (z_j - sqrt(1 - a) eps) / sqrt(a) + sqrt(1 - a') eps``. Returns the VE
-    latent at the last sigma, ready for DDIM sampling with no added noise.
+    ``z_{j+1} = sqrt(a') (z_j - sqrt(1 - a) eps) / sqrt(a) + sqrt(1 - a') eps``. Returns ``x`` at
+    the last sigma (the VE latent), ready for DDIM sampling with no added noise.
     """
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
     # alpha_bar on the CPU in float64: some devices (MPS) have no float64.
     alpha_bars = alphas_cumprod_from_sigmas(sigmas.detach().to("cpu", torch.float64))
     z = x
-    for j in range(len(sigmas) - 1):
+    for j in trange(len(sigmas) - 1, disable=disable):
         sigma_next = sigmas[j + 1]
         x_in = vp_to_ve(z, sigma_next)
         denoised = model(x_in, sigma_next * s_in, **extra_args)
@@ -83,12 +92,13 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     """DDIM (eta 0, paper eq. 2) over descending sigmas; ``after_step(i, x, sigma_next) -> x``.
 
     In VE form eq. 2 is ``x + (x - denoised) / sigma * (sigma_next - sigma)``, the arithmetic of
-    k-diffusion's ``ddim``/``euler``. Returns the VP latent at the last sigma, so the official end
-    point (sigma ~0.029) decodes like the official code's output.
+    k-diffusion's ``sample_euler`` (ComfyUI's ``ddim`` sampler). Returns ``x`` at the last sigma,
+    as every k-diffusion sampler does; ``ddim.ve_to_vp(x, sigmas[-1])`` is the VP latent there
+    (the same latent at the default end, sigma 0).
     """
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
+    for i in trange(len(sigmas) - 1, disable=disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
         if callback is not None:
@@ -96,7 +106,7 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         x = x + (x - denoised) / sigma * (sigma_next - sigma)
         if after_step is not None:
             x = after_step(i, x, sigma_next)
-    return ve_to_vp(x, sigmas[-1])
+    return x
 
 
 def step_of_sigma(sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
@@ -118,7 +128,8 @@ def step_of_sigma(sigmas: torch.Tensor, sigma: torch.Tensor) -> int:
 
 def latent_blend_step(masks, store):
     """``after_step`` for :func:`sample_ddim`: the local latent blend ``z_src + M (z - z_src)``
-    (reference doc 3.5) in VP space, with ``masks`` the edit's ``edit_maps.EditMaps`` (its
+    (official ``AttentionControlEdit.step_callback`` and ``SpatialBlender.__call__``) in VP space,
+    with ``masks`` the edit's ``edit_maps.EditMaps`` (its
     ``latent_blend_mask`` / ``latent_blend_source_index``) and the store's inversion latents."""
 
     def after_step(i, x, sigma_next):

@@ -3,7 +3,8 @@ SD1.4/SD1.5: ``block_out_channels`` (320, 640, 1280, 1280), ``layers_per_block``
 down blocks 0-2 and up blocks 1-3, 8 heads).
 
 One definition for everything that needs the layout: Tune-A-Video checkpoints (which blocks carry
-temporal layers) and the attention-store size formulas (``memory``).
+temporal layers) and the SD1.x attention shapes the store benchmarks and tests use
+(``tiny_models/store_probe.py``).
 """
 
 from __future__ import annotations

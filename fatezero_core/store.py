@@ -1,8 +1,10 @@
-"""The compact attention store (paper eq. 4; design decision 4).
+"""The compact attention store (paper eq. 4).
 
 The official code stores every softmax map (``q x K*q`` per head for self-attention) at every
-inversion step: about 0.78 GB per step for 8 frames at 512 px (reference doc section 2). This store
-keeps what *recomputing* those maps needs instead:
+inversion step (FateZero ``video_diffusion/prompt_attention/attention_store.py``,
+``AttentionStore.forward`` and ``between_steps``): ``2 f H sum_l q_l (77 + K q_l)`` bytes in fp16,
+about 0.78 GB per step for 8 frames at 512 px. This store keeps what *recomputing* those maps
+needs instead:
 
 - self-attention layers: the source queries ``q`` of every frame (``[F, N, C]``) and the source
   keys ``k`` of the key frames only (``[F_key, N, C]``; one frame for the ``mid`` rule);
@@ -21,8 +23,9 @@ Placements:
 - ``recompute``: nothing but the latents; at edit time the source pass runs again on the stored
   inversion latent and its attention is held for the current step only (``scratch``).
 
-A store is usable for editing only after :meth:`AttentionStore.finish`; an interrupted capture is
-never reused (its disk files go away with the object).
+A store is usable for editing only after :meth:`AttentionStore.finish`, which also takes the
+:class:`InversionRecord`; an interrupted capture is never reused (its disk files go away with the
+object).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 
 from .errors import StoreMismatchError, StoreReleasedError, FateZeroError
 from .keyframes import KeyRule, format_key_rule
+from .layers import VAE_SCALE
 
 PLACEMENTS = ("gpu", "cpu", "disk", "recompute")
 FIELDS = ("q", "k", "probs")
@@ -45,7 +49,8 @@ STORE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    """Everything an edit must agree with to reuse a capture (design.md, "Bad input")."""
+    """Everything an edit must agree with to reuse a capture: a store made for other frames, another
+    size or another model is refused with what to change (:meth:`check_edit`)."""
 
     num_frames: int
     latent_size: tuple[int, int]
@@ -72,10 +77,9 @@ class CaptureConfig:
                 "DDIM Invert node"
             )
         if tuple(latent_size) != tuple(self.latent_size):
-            h, w = self.latent_size
             problems.append(
-                f"the latent is {latent_size[0]*8}x{latent_size[1]*8} px but the store was "
-                f"captured at {h*8}x{w*8} px: use the same frame size for inversion and editing"
+                f"the latent is {_pixels(latent_size)} px but the store was captured at "
+                f"{_pixels(self.latent_size)} px: use the same frame size for inversion and editing"
             )
         if model_fingerprint and self.model_fingerprint and model_fingerprint != self.model_fingerprint:
             problems.append(
@@ -93,12 +97,17 @@ class CaptureConfig:
             )
 
     def describe(self) -> str:
-        h, w = self.latent_size
         return (
-            f"{self.num_frames} frames at {w*8}x{h*8} px, {self.num_steps} steps, key frames "
-            f"[{format_key_rule(self.key_rule)}], layers '{self.layer_set}', GroupNorm over the "
-            f"{self.group_norm}"
+            f"{self.num_frames} frames at {_pixels(self.latent_size)} px, {self.num_steps} steps, "
+            f"key frames [{format_key_rule(self.key_rule)}], layers '{self.layer_set}', GroupNorm "
+            f"over the {self.group_norm}"
         )
+
+
+def _pixels(latent_size) -> str:
+    """``WxH`` in pixels of a latent ``(h, w)``, the way frame sizes are written everywhere else."""
+    h, w = latent_size
+    return f"{w * VAE_SCALE}x{h * VAE_SCALE}"
 
 
 @dataclass
@@ -129,8 +138,11 @@ class AttentionStore:
     """Step-indexed source attention, in one of four placements.
 
     Capture API (inversion): :meth:`put`, :meth:`end_step`, :meth:`set_latents`, :meth:`finish`.
-    Read API (edit): :meth:`get`, :meth:`has`, :meth:`latent`. Accounting: :attr:`nbytes`,
-    :meth:`nbytes_by_step`, :meth:`nbytes_by_layer`. Lifetime: :meth:`release`.
+    Read API (edit): :meth:`check_files`, :meth:`get`, :meth:`latent`, :attr:`record`, and for
+    ``recompute`` :meth:`begin_regeneration`; :meth:`end_edit` when the edit ends. Accounting:
+    :attr:`nbytes`, :meth:`nbytes_by_step`, :meth:`nbytes_by_layer`, :attr:`reading_nbytes`.
+    Lifetime: :meth:`release`. ``directory`` is the private folder of a ``disk`` store (None
+    otherwise).
 
     Steps are *inversion* step indices ``j`` (0 = the first, least noisy step).
     """
@@ -152,15 +164,15 @@ class AttentionStore:
         self._cached_step: tuple[int, dict[str, torch.Tensor]] | None = None
         self.complete = False
         self.released = False
-        self.record = InversionRecord()
-        self._dir = None
+        self.record = InversionRecord()  # set by finish()
+        self.directory: str | None = None
         self._finalizer = None
         if placement == "disk":
             base = disk_dir or tempfile.gettempdir()
             os.makedirs(base, exist_ok=True)
-            self._dir = tempfile.mkdtemp(prefix="fatezero_store_", dir=base)
+            self.directory = tempfile.mkdtemp(prefix="fatezero_store_", dir=base)
             # Runs on release, on garbage collection and at interpreter exit.
-            self._finalizer = weakref.finalize(self, shutil.rmtree, self._dir, True)
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self.directory, True)
 
     # ---------------------------------------------------------------- capture
     @property
@@ -212,7 +224,7 @@ class AttentionStore:
             return
         from safetensors.torch import save_file
 
-        path = os.path.join(self._dir, f"step_{step:04d}.safetensors")
+        path = os.path.join(self.directory, f"step_{step:04d}.safetensors")
         save_file({k: v.contiguous() for k, v in self._steps.pop(step).tensors.items()}, path)
         self._files[step] = path
 
@@ -221,8 +233,9 @@ class AttentionStore:
         self._check_alive()
         self._latents = [z.detach().float().cpu() for z in latents]
 
-    def finish(self) -> "AttentionStore":
-        """Mark the capture complete; the store becomes readable. Checks nothing is missing."""
+    def finish(self, record: InversionRecord | None = None) -> "AttentionStore":
+        """Mark the capture complete with what the inversion hands the edit besides the attention
+        (``record``); the store becomes readable. Checks nothing is missing."""
         self._check_alive()
         n = self.config.num_steps
         if len(self._latents) != n + 1:
@@ -236,6 +249,7 @@ class AttentionStore:
                 raise FateZeroError(
                     f"Capture incomplete: steps {missing[:5]} recorded no attention; invert again."
                 )
+        self.record = record if record is not None else InversionRecord()
         self.complete = True
         return self
 
@@ -247,7 +261,8 @@ class AttentionStore:
             )
 
     def check_readable(self):
-        """Raise unless the capture finished and the store was not released."""
+        """Raise unless the capture finished and the store was not released: the one check every
+        reader makes (FateZero Sample, the edit controller, each read)."""
         self._check_alive()
         if not self.complete:
             raise StoreReleasedError(
@@ -266,7 +281,7 @@ class AttentionStore:
 
     def _files_gone(self, what: str) -> StoreReleasedError:
         return StoreReleasedError(
-            f"This attention store's files in '{self._dir}' were deleted or damaged ({what}); run "
+            f"This attention store's files in '{self.directory}' were deleted or damaged ({what}); run "
             "FateZero DDIM Invert again. ComfyUI reuses its cached DDIM Invert output, so first "
             "click 'Free model and node cache' (or change a DDIM Invert setting), then queue again."
         )
@@ -292,14 +307,6 @@ class AttentionStore:
                 raise self._files_gone(f"step {step}: {exc}") from None
         return self._cached_step[1]
 
-    def has(self, step: int, layer: str, name: str) -> bool:
-        self.check_readable()
-        if self.placement == "recompute":
-            return step in self._scratch and _key(layer, name) in self._scratch[step].tensors
-        if self.placement == "disk":
-            return step in self._files and _key(layer, name) in self._step_tensors(step)
-        return step in self._steps and _key(layer, name) in self._steps[step].tensors
-
     def get(self, step: int, layer: str, name: str, device=None, dtype=None) -> torch.Tensor:
         """The stored tensor, moved to ``device``/``dtype``."""
         self.check_readable()
@@ -324,16 +331,12 @@ class AttentionStore:
         self._scratch = {step: _StepData()}
 
     @property
-    def scratch_nbytes(self) -> int:
-        """Bytes held for the current regenerated step (``recompute`` only)."""
-        return sum(s.nbytes() for s in self._scratch.values())
-
-    @property
     def reading_nbytes(self) -> int:
         """Bytes an edit's reads hold beyond :attr:`nbytes`: the step last read from its file
         (``disk``) or regenerated (``recompute``). Zero after :meth:`end_edit`."""
         cached = self._cached_step[1].values() if self._cached_step is not None else ()
-        return sum(t.numel() * t.element_size() for t in cached) + self.scratch_nbytes
+        scratch = sum(s.nbytes() for s in self._scratch.values())
+        return sum(t.numel() * t.element_size() for t in cached) + scratch
 
     def end_edit(self) -> None:
         """The edit reading this store ended (finished, failed or cancelled): drop what its
@@ -362,12 +365,8 @@ class AttentionStore:
         return dict(self._layer_bytes)
 
     def files(self) -> list[str]:
-        """Paths of the per-step files (``disk`` only)."""
+        """Paths of the per-step files (``disk`` only), the ones :meth:`check_files` looks for."""
         return [self._files[j] for j in sorted(self._files)]
-
-    @property
-    def directory(self) -> str | None:
-        return self._dir
 
     # -------------------------------------------------------------- lifetime
     def release(self) -> None:
@@ -384,10 +383,6 @@ class AttentionStore:
             self._finalizer()
         self.complete = False
         self.released = True
-
-    def __deepcopy__(self, memo):
-        # A store is shared state by design: hosts that deep-copy options must not duplicate it.
-        return self
 
     def __repr__(self):
         state = "released" if self.released else ("complete" if self.complete else "capturing")

@@ -41,7 +41,7 @@ class FateZeroAttentionBlendSettings(io.ComfyNode):
                 io.Conditioning.Output(display_name="target", tooltip="The encoded target prompt."),
                 BlendSettings.Output(
                     display_name="blend_settings",
-                    tooltip="Prompts, tokenizer and fusion settings for FateZero Sample.",
+                    tooltip="Prompts, their tokens and fusion settings for FateZero Sample.",
                 ),
             ],
         )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 import comfy.samplers
 import comfy.utils
 import latent_preview
@@ -13,12 +11,12 @@ from comfy_api.latest import io
 
 from ..fatezero_core.controller import CaptureController
 from ..fatezero_core.ddim import SCHEDULE_ENDS
-from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.keyframes import SD_KEY_RULE, parse_key_rule
 from ..fatezero_core.layers import LAYER_SETS
 from ..fatezero_core.sampling import official_sigmas, sample_ddim_inversion
 from ..fatezero_core.store import PLACEMENTS, STORE_DTYPES, AttentionStore, CaptureConfig, InversionRecord
 from .clip_runtime import GROUP_NORMS, with_group_norm
+from .latents import frames_latent, latent_fingerprint
 from .patching import conditioning_fingerprint, model_fingerprint, model_key_rule, patched_clone
 from .samplers import FateZeroGuider, zero_noise
 from .sockets import AttnStore
@@ -43,29 +41,6 @@ def resolve_min_channels(value: int, model) -> int:
     if value >= 0:
         return value
     return 0 if model_key_rule(model) else OFFICIAL_MIN_CHANNELS
-
-
-def frames_latent(latent: dict) -> torch.Tensor:
-    samples = latent["samples"]
-    if samples.ndim != 4:
-        raise FateZeroError(
-            f"FateZero expects an image latent batch [frames, 4, h, w], got shape {list(samples.shape)}; "
-            "encode the frames with a plain VAE Encode."
-        )
-    if samples.shape[0] < 1:
-        raise FateZeroError("The latent holds no frames; load at least one frame.")
-    return samples
-
-
-def latent_fingerprint(samples: torch.Tensor) -> dict:
-    """Cheap identity of a latent tensor: its shape, sum and sum of absolute values (float64).
-
-    FateZero Sample compares it with the latent it receives, so a latent from another inversion
-    (another video, step count or schedule end) is refused instead of silently mis-edited.
-    """
-    values = samples.detach().to(device="cpu", dtype=torch.float64)  # MPS has no float64
-    return {"shape": tuple(samples.shape), "sum": float(values.sum()),
-            "abs_sum": float(values.abs().sum())}
 
 
 class FateZeroDDIMInvert(io.ComfyNode):
@@ -137,9 +112,8 @@ class FateZeroDDIMInvert(io.ComfyNode):
         out = guider.sample(zero_noise(samples), samples, comfy.samplers.KSAMPLER(capture), sigmas,
                             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
         store.set_latents(latents)
-        store.record = InversionRecord(source_conditioning=source,
-                                       source_fingerprint=conditioning_fingerprint(source),
-                                       inverted_latent=latent_fingerprint(out))
-        store.finish()
+        store.finish(InversionRecord(source_conditioning=source,
+                                     source_fingerprint=conditioning_fingerprint(source),
+                                     inverted_latent=latent_fingerprint(out)))
         log.info("FateZero: %r", store)  # what the store holds until ComfyUI drops it
         return io.NodeOutput({"samples": out}, store)

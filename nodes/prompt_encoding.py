@@ -121,14 +121,12 @@ def edit_spec(clip, source: SourcePrompt, target_prompt: str, *, blend_words, cr
               target_blend_words="", cross_replace_words="", reweight=""):
     """``(target conditioning, EditSpec)`` of one edit of ``source``, the widgets as typed.
 
-    The words are checked against both prompts first (the core's messages name the fields), so a
-    wrong word fails here rather than in FateZero Sample."""
+    Both prompts are laid out with this CLIP's tokenizer here, once: the spec carries the token
+    layouts, not the CLIP. The words are checked against both prompts first (the core's messages
+    name the fields), so a wrong word fails here rather than in FateZero Sample."""
     require_text("target_prompt", target_prompt)
-    tokenize = clip_tokenizer(clip)
-    spec = EditSpec(
-        source_prompt=source.text,
-        target_prompt=target_prompt,
-        tokenize=tokenize,
+    spec = EditSpec.from_prompts(
+        source.text, target_prompt, clip_tokenizer(clip), embedding_lookup(clip),
         mode=mode,
         cross_replace_steps=cross_replace_setting(cross_replace_steps, cross_replace_words),
         self_replace_steps=float(self_replace_steps),
@@ -138,11 +136,10 @@ def edit_spec(clip, source: SourcePrompt, target_prompt: str, *, blend_words, cr
         soft_mask=bool(soft_mask),
         reweight=parse_reweight(reweight),
         latent_blend=bool(local_latent_blend),
-        embedding_length=embedding_lookup(clip),
         source_fingerprint=source.fingerprint,
     )
     spec.check()
-    target = encode_prompt(clip, target_prompt, "target")
+    target = encode(clip, target_prompt, "target", spec.target_tokens)
     return target, dataclasses.replace(spec, target_fingerprint=conditioning_fingerprint(target))
 
 

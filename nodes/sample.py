@@ -11,12 +11,13 @@ import latent_preview
 from comfy_api.latest import io, ui
 
 from ..fatezero_core.controller import EditController
+from ..fatezero_core.ddim import ve_to_vp
 from ..fatezero_core.edit_maps import EditMaps, preview_image
 from ..fatezero_core.edit_spec import EditSpec
-from ..fatezero_core.errors import FateZeroError, StoreMismatchError, StoreReleasedError
+from ..fatezero_core.errors import FateZeroError, StoreMismatchError
 from ..fatezero_core.store import AttentionStore
 from .clip_runtime import with_group_norm
-from .invert import frames_latent, latent_fingerprint
+from .latents import frames_latent, latent_fingerprint
 from .patching import conditioning_fingerprint, model_fingerprint, patched_clone
 from .samplers import FateZeroGuider, edit_ksampler, zero_noise
 from .sockets import AttnStore, BlendSettings
@@ -28,13 +29,7 @@ log = logging.getLogger("comfyui-fatezero")
 def check_store(store, samples, model) -> None:
     if not isinstance(store, AttentionStore):
         raise FateZeroError("'attention_store' must come from FateZero DDIM Invert.")
-    if store.released:
-        raise StoreReleasedError(
-            "This attention store was released; run FateZero DDIM Invert again.")
-    if not store.complete:
-        raise StoreReleasedError(
-            "This attention store is incomplete (its inversion was interrupted or failed); run "
-            "FateZero DDIM Invert again.")
+    store.check_readable()
     frames, _, h, w = samples.shape
     store.config.check_edit(num_frames=frames, latent_size=(h, w), model_fingerprint=model_fingerprint(model))
     check_inverted_latent(store, samples)
@@ -129,16 +124,19 @@ class FateZeroSample(io.ComfyNode):
 
         # The network the inversion ran: its GroupNorm choice comes with the store.
         controller, maps, patched = None, None, with_group_norm(model, store.config.group_norm)
+        regenerate = fusion and store.placement == "recompute"
         if fusion:
             maps = EditMaps(store, settings)
-            controller = EditController(store, settings, maps)
+            # The recompute source pass ends after its last stored layer: FateZeroGuider catches
+            # SourcePassComplete.
+            controller = EditController(store, settings, maps,
+                                        end_source_pass_after_last_stored_layer=regenerate)
             patched = patched_clone(patched, controller, step_offset=0)
         guider = FateZeroGuider(patched, store if fusion else None)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
-        if fusion and store.placement == "recompute":
+        if regenerate:
             guider.set_source(store.record.source_conditioning)
-            controller.stop_source_pass_early = True  # FateZeroGuider catches SourcePassComplete
 
         if sampler is None:
             sampler = edit_ksampler(maps if settings.latent_blend else None, store)
@@ -152,5 +150,9 @@ class FateZeroSample(io.ComfyNode):
                                 disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
         finally:
             store.end_edit()  # the step read last (disk, recompute) is not kept between edits
+        # Every sampler, the built-in DDIM and an override alike, returns x at sigmas[-1]
+        # (k-diffusion's contract); the edited latent is the VP latent there: x itself at the
+        # default end (sigma 0), the latent the official code decodes at its end (alphas_cumprod[0]).
+        out = ve_to_vp(out, sigmas[-1])
         preview = preview_image(maps, samples.shape[0], tuple(samples.shape[-2:]))
         return io.NodeOutput({"samples": out}, preview, ui=ui.PreviewImage(preview, cls=cls))

@@ -1,8 +1,9 @@
 """The guider and sampler objects that run FateZero's loops through ComfyUI's machinery.
 
 The loops themselves are core k-diffusion-style functions (``fatezero_core.sampling``); wrapped in
-``KSAMPLER`` they get previews, progress, interrupt, LoRA patches and ControlNet conditioning as in
-any KSampler (design decision 3).
+``KSAMPLER`` (``comfy/samplers.py``) they get previews, progress, interrupt, LoRA patches and
+ControlNet conditioning as in any KSampler, and return what every k-diffusion sampler returns: ``x``
+at ``sigmas[-1]``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ class FateZeroGuider(comfy.samplers.CFGGuider):
     """CFG guider that, for a ``recompute`` store, runs the source pass before every edit step.
 
     The source pass evaluates the model on the stored inversion latent with the source prompt at
-    the step's own sigma, flagged as ``source`` so the controller captures its attention for this step
-    only (design decision 4). Its output is never used, so the controller may end it with
-    ``SourcePassComplete`` after the last stored layer (the full-resolution decoder blocks after
-    it are skipped). Everything else is plain CFG.
+    the step's own sigma, flagged as ``source`` so the controller captures its attention for this
+    step only: the store keeps latents, not attention, and the attention of inversion step j is
+    regenerated when edit step i = N - 1 - j needs it. Its output is never used: an
+    ``EditController`` built with ``end_source_pass_after_last_stored_layer`` ends it with
+    ``SourcePassComplete`` after the last stored layer (the full-resolution decoder blocks after it
+    are skipped), which this guider catches. Everything else is plain CFG
+    (``comfy/samplers.py`` ``CFGGuider.predict_noise``).
     """
 
     def __init__(self, model_patcher, store=None):

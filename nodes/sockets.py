@@ -9,7 +9,8 @@ AttnStore = io.Custom("FATEZERO_ATTN_STORE")
 """Attention captured by FateZero DDIM Invert, consumed by FateZero Sample."""
 
 BlendSettings = io.Custom("FATEZERO_BLEND_SETTINGS")
-"""A ``fatezero_core.edit_spec.EditSpec``: both prompts, the tokenizer and the fusion options."""
+"""A ``fatezero_core.edit_spec.EditSpec``: both prompts laid out on their token positions and the
+fusion options (plain data)."""
 
 
 SourcePromptSocket = io.Custom("FATEZERO_SOURCE_PROMPT")

@@ -1,8 +1,10 @@
 """A naive FateZero controller written straight from the spec, for equality tests.
 
-It does what the official code does (reference doc sections 2-4): it materialises every softmax map,
-stores full maps during inversion, and at edit time blends *maps* (``M * A_edit + (1 - M) * S``)
-before multiplying by the values. Nothing here is shared with ``fatezero_core`` except the
+It does what the official code does (FateZero ``video_diffusion/prompt_attention/``:
+``attention_store.py`` ``AttentionStore.forward``, ``attention_util.py`` ``AttentionControlEdit.forward``,
+``spatial_blend.py`` ``SpatialBlender``; ``models/attention.py`` ``SparseCausalAttention.forward``):
+it materialises every softmax map, stores full maps during inversion, and at edit time blends
+*maps* (``M * A_edit + (1 - M) * S``) before multiplying by the values. Nothing here is shared with ``fatezero_core`` except the
 :class:`AttnCall`/``LayerInfo`` descriptions and the token-alignment tensors it is handed.
 """
 

@@ -67,7 +67,7 @@ def test_inversion_and_edit_loops_are_the_official_ddim(end):
     for j, (z, z_ref) in enumerate(zip(seen, expected)):
         torch.testing.assert_close(z.double(), z_ref, rtol=0, atol=1e-5, msg=f"inversion step {j}")
     torch.testing.assert_close(ve_to_vp(x_T, sigmas[0]).double(), expected[-1], rtol=0, atol=1e-5)
-    edited = sample_ddim(model, x_T, sigmas)
+    edited = ve_to_vp(sample_ddim(model, x_T, sigmas), sigmas[-1])  # x at sigmas[-1] -> VP
     expected_edit = ref.sample(smooth_eps, expected[-1], steps, end)
     torch.testing.assert_close(edited.double(), expected_edit, rtol=0, atol=1e-5)
 
@@ -90,7 +90,8 @@ def test_edit_loop_with_the_true_noise_walks_the_forward_process(end):
     assert len(latents) == 5
     for i, z in enumerate(latents):
         torch.testing.assert_close(z, a[i + 1].sqrt() * z0 + (1 - a[i + 1]).sqrt() * eps, rtol=0, atol=1e-10)
-    gap = (out - z0).abs().max().item()
+    torch.testing.assert_close(ve_to_vp(out, sigmas[-1]), latents[-1], rtol=0, atol=0)
+    gap = (ve_to_vp(out, sigmas[-1]) - z0).abs().max().item()
     assert gap > 1e-3 if end == "official" else gap < 1e-10
 
 
@@ -105,7 +106,7 @@ def test_round_trip_error_is_first_order_in_the_step_size(end):
     def round_trip_error(steps):
         sigmas = official_sigmas(ref.SIGMA_TABLE, steps, end).double()
         back = sample_ddim(model, sample_ddim_inversion(model, z0, sigmas.flip(0)), sigmas)
-        return (back - z0).abs().max().item()
+        return (ve_to_vp(back, sigmas[-1]) - z0).abs().max().item()
 
     err50, err100 = round_trip_error(50), round_trip_error(100)
     assert 1e-3 < err50 <= 0.045

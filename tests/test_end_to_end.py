@@ -85,7 +85,7 @@ def batch_context(embeddings, frames):
 
 def spec(source: str, target: str, **options) -> EditSpec:
     """What FateZero Edit Settings emits for these prompts (the tiny encoder's tokenizer)."""
-    return EditSpec(source, target, tokenize, **options)
+    return EditSpec.from_prompts(source, target, tokenize, **options)
 
 
 def host_model(model, context, chunks, sample_sigmas, step_offset=0, cfg=1.0, on_eval=None):
@@ -205,7 +205,8 @@ def edit(model, encoder, inversion: Inversion, edit_spec: EditSpec, cfg: float =
     model.controller = controller
     try:
         with torch.no_grad():
-            z = sample_ddim(guided, inversion.x_T, sigmas, after_step=after_step)
+            # the sampler's x at the schedule end as the VP latent, as FateZero Sample outputs it
+            z = ve_to_vp(sample_ddim(guided, inversion.x_T, sigmas, after_step=after_step), sigmas[-1])
     finally:
         model.controller = None
         store.end_edit()

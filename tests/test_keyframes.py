@@ -1,4 +1,5 @@
-"""Key-frame rules (design decision 6) and layer levels / layer sets (design decision 5)."""
+"""Key-frame rules (paper eq. 8; FateZero ``SparseCausalAttention.forward``) and layer levels /
+layer sets (which layers are stored, fused and make the blend mask)."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ddim_reference import SIGMA_TABLE as TABLE, eps_denoiser
+from fatezero_core.ddim import ve_to_vp
 from fatezero_core.errors import FateZeroError
 from fatezero_core.sampling import latent_blend_step, official_sigmas, sample_ddim, sample_ddim_inversion, step_of_sigma
 
@@ -59,7 +60,30 @@ def test_inversion_follows_eq3_and_sampling_eq2_walks_back():
         assert torch.allclose(seen[j].double(), z, atol=1e-5), j
     assert torch.allclose(x_T.double(), z / math.sqrt(alpha(sigmas[-1])), atol=1e-4)  # VE out
     back = sample_ddim(model, x_T, sigmas.flip(0))
-    assert torch.allclose(back, z0, atol=1e-4)  # a content-independent eps inverts exactly
+    assert torch.allclose(ve_to_vp(back, sigmas[0]), z0, atol=1e-4)  # a content-independent eps inverts exactly
+
+
+@pytest.mark.parametrize("end", ["comfy", "official"])
+def test_both_loops_return_x_at_the_last_sigma_as_every_k_diffusion_sampler(end):
+    """k-diffusion's contract (ComfyUI ``comfy/k_diffusion/sampling.py``, e.g. ``sample_euler``): a
+    sampler returns the state ``x`` at ``sigmas[-1]``, whatever the path; the edit loop's state is
+    the Euler step ``x + (x - D(x, s)) / s * (s' - s)`` written here from that definition, the
+    inversion's the VE form ``z * sqrt(1 + s^2)`` of its last latent. With the official end
+    (sigma ~0.029) x and the VP latent differ by sqrt(1 + s^2), 1.00042."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 4, 8, 8, generator=g)
+    model = eps_denoiser(lambda z, t: base * (1 + 0.01 * t))
+    sigmas = official_sigmas(TABLE, 5, end)
+    x = torch.randn(2, 4, 8, 8, generator=g) * float(sigmas[0])
+    expected = x
+    for i in range(5):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        expected = expected + (expected - model(expected, s.reshape(1))) / s * (s_next - s)
+    assert torch.equal(sample_ddim(model, x, sigmas), expected)
+    seen = []
+    inverted = sample_ddim_inversion(model, x, sigmas.flip(0), on_step=lambda j, z: seen.append(z))
+    scale = math.sqrt(1 + float(sigmas[0]) ** 2)
+    torch.testing.assert_close(inverted, seen[-1] * scale, rtol=1e-6, atol=0)
 
 
 def test_latent_blend_keeps_the_source_outside_the_mask():

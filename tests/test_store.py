@@ -21,7 +21,7 @@ from fatezero_core.controller import CaptureController, EditController, EditSett
 from fatezero_core.errors import FateZeroError, StoreMismatchError, StoreReleasedError
 from fatezero_core.keyframes import parse_key_rule
 from fatezero_core.layers import AttnCall, LayerInfo
-from fatezero_core.store import AttentionStore, CaptureConfig
+from fatezero_core.store import AttentionStore, CaptureConfig, InversionRecord
 from ids import placement_id
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +130,9 @@ def test_exact_byte_accounting(rule, placement, tmp_path):
             held += sum(t.numel() * t.element_size() for t in (q, k, probs))
         for layer in LAYERS:
             if layer not in STORED:
-                assert not store.has(j, layer.name, "q") and not store.has(j, layer.name, "probs")
+                for f in ("q", "probs"):
+                    with pytest.raises(FateZeroError, match="has no"):
+                        store.get(j, layer.name, f)
     held += sum(store.latent(i).numel() * store.latent(i).element_size() for i in range(STEPS + 1))
     assert held == store.nbytes
     # DDIM Invert logs this line: the attention it holds (on the GPU for ``gpu``) and the latents.
@@ -163,6 +165,24 @@ def test_only_the_cond_chunk_is_captured():
     two = capture(AttentionStore(make_config(), "cpu"), chunks=("uncond", "cond"))
     assert one.nbytes == two.nbytes
     assert one.nbytes_by_step() == two.nbytes_by_step()
+
+
+def test_finish_takes_the_inversion_record():
+    """What the inversion hands the edit besides the attention is given to ``finish`` with the
+    capture, never set on the store afterwards; a released store forgets it."""
+    store = AttentionStore(make_config(), "cpu")
+    assert store.record == InversionRecord()  # nothing before the capture finishes
+    record = InversionRecord(source_conditioning="cond", source_fingerprint="abc",
+                             inverted_latent={"shape": (FRAMES, 4, LATENT, LATENT), "sum": 1.0, "abs_sum": 2.0})
+    controller = CaptureController(store)
+    for j in range(STEPS):
+        unet_pass(controller, j, FRAMES)
+        store.end_step(j)
+    store.set_latents(latents())
+    assert store.finish(record) is store
+    assert store.complete and store.record == record
+    store.release()
+    assert store.record == InversionRecord()
 
 
 def test_release_frees_accounting():
@@ -215,7 +235,7 @@ def test_disk_deleted_at_interpreter_exit(tmp_path):
 import sys, torch
 sys.path.insert(0, {str(REPO)!r})
 from fatezero_core.keyframes import parse_key_rule
-from fatezero_core.store import AttentionStore, CaptureConfig
+from fatezero_core.store import AttentionStore, CaptureConfig, InversionRecord
 cfg = CaptureConfig(num_frames=2, latent_size=(8, 8), sigmas=(0.0, 1.0, 2.0),
                     key_rule=parse_key_rule('mid'), min_st_channels=8, layer_set='relative')
 store = AttentionStore(cfg, 'disk', disk_dir={str(tmp_path)!r})
@@ -250,7 +270,7 @@ def test_interrupted_capture_is_unreadable(tmp_path):
     with pytest.raises(StoreReleasedError, match=re.compile("invert again", re.I)):
         store.get(0, "in_1", "q")
     with pytest.raises(StoreReleasedError, match=re.compile("invert again", re.I)):
-        store.has(0, "in_1", "q")
+        store.latent(0)
     with pytest.raises(StoreReleasedError):
         EditController(store, settings())
     # no latents were kept: finish refuses
@@ -303,7 +323,7 @@ def test_released_store_refuses_reads_and_writes(placement, tmp_path):
     for call in (lambda: store.get(0, "in_1", "q"),
                  lambda: store.put(0, "in_1", "q", torch.zeros(FRAMES, 64, 16)),
                  lambda: store.latent(0),
-                 lambda: store.has(0, "in_1", "q"),
+                 lambda: store.check_files(),
                  lambda: store.finish(),
                  lambda: store.set_latents(latents())):
         with pytest.raises(StoreReleasedError, match="released"):
@@ -328,7 +348,7 @@ def test_check_edit_passes_on_equal_settings():
 
 @pytest.mark.parametrize("change, words", [
     (dict(num_frames=FRAMES + 1), ["5 frames", "captured on 4", "same DDIM Invert"]),
-    (dict(latent_size=(LATENT, 2 * LATENT)), ["128x256 px", "captured at 128x128 px", "same frame size"]),
+    (dict(latent_size=(LATENT, 2 * LATENT)), ["256x128 px", "captured at 128x128 px", "same frame size"]),
     (dict(model_fingerprint="model-b"), ["different model", "invert again"]),
 ])
 def test_check_edit_names_each_mismatch(change, words):
@@ -372,7 +392,7 @@ def test_recompute_holds_latents_and_one_step_of_scratch():
     store = capture(AttentionStore(make_config(), "recompute", dtype="fp16"))
     assert store.nbytes == store.latent_nbytes == latent_bytes()
     assert store.nbytes_by_step() == {} and store.nbytes_by_layer() == {}
-    assert store.scratch_nbytes == 0
+    assert store.reading_nbytes == 0
     assert len(store.layers("cross")) == len(STORED)  # the manifest is still recorded
 
     editor = EditController(store, settings())
@@ -381,14 +401,14 @@ def test_recompute_holds_latents_and_one_step_of_scratch():
     for i in range(STEPS):
         j = editor.inversion_step(i)
         store.begin_regeneration(j)
-        assert store.scratch_nbytes == 0
+        assert store.reading_nbytes == 0
         if j + 1 < STEPS:
-            assert not store.has(j + 1, "in_1", "q")  # the previous step is gone
             with pytest.raises(FateZeroError, match="No regenerated source attention"):
-                store.get(j + 1, "in_1", "q")
+                store.get(j + 1, "in_1", "q")  # the previous step is gone
         unet_pass(editor, j, FRAMES, ("source",), call_step=i)
-        assert store.scratch_nbytes == one_step
-        assert store.has(j, "in_1", "q") and store.has(j, "mid", "probs")
+        assert store.reading_nbytes == one_step
+        assert store.get(j, "in_1", "q").shape == (FRAMES, 64, 16)
+        assert store.get(j, "mid", "probs").shape == (FRAMES, HEADS, 4, TOKENS)
         assert store.nbytes == latent_bytes()  # the scratch is not counted as stored
 
 
@@ -421,14 +441,14 @@ class CallLog:
 
 
 def test_recompute_source_pass_ends_after_the_last_stored_layer():
-    """With ``stop_source_pass_early`` a source-only pass raises ``SourcePassComplete`` right after
-    the last stored layer (out_1's cross-attention), the layers after it never run, and the step's
-    regenerated tensors are the ones a cpu store captured; edit passes are never cut short."""
+    """Built with ``end_source_pass_after_last_stored_layer``, the controller ends a source-only
+    pass with ``SourcePassComplete`` right after the last stored layer (out_1's cross-attention),
+    the layers after it never run, and the step's regenerated tensors are the ones a cpu store
+    captured; edit passes are never cut short."""
     ref = capture(AttentionStore(make_config(), "cpu", dtype="fp32"))
     store = capture(AttentionStore(make_config(), "recompute", dtype="fp32"))
     assert store.last_stored_layer() == ("out_1", "cross")
-    editor = EditController(store, settings())
-    editor.stop_source_pass_early = True
+    editor = EditController(store, settings(), end_source_pass_after_last_stored_layer=True)
     log = CallLog(editor)
     j = 1
     i = editor.num_steps - 1 - j
@@ -534,9 +554,9 @@ def test_end_edit_drops_the_regenerated_recompute_step():
     store.begin_regeneration(0)
     unet_pass(editor, 0, FRAMES, ("source",), call_step=editor.num_steps - 1)
     one_step = sum(expected_step_bytes("mid", FRAMES, 4).values())
-    assert store.reading_nbytes == store.scratch_nbytes == one_step
+    assert store.reading_nbytes == one_step
     store.end_edit()
-    assert store.reading_nbytes == store.scratch_nbytes == 0
+    assert store.reading_nbytes == 0
     assert store.complete and store.nbytes == latent_bytes()
 
 

@@ -1,10 +1,10 @@
-"""One synthetic SD1.x inversion step captured into a real ``AttentionStore``.
+"""The SD1.x UNet's attention layers as the host describes them, and one synthetic inversion step
+captured into a real ``AttentionStore``.
 
 Random tensors of the real SD1.x attention shapes stand in for the UNet: what the store keeps
-depends only on those shapes, so its accounting can be checked against the byte formulas of
-``fatezero_core.memory`` without building a model (``benchmarks/store_memory.py`` and
-``tests/test_memory.py``). Imports the top-level ``fatezero_core`` (the repository root on
-``sys.path``), never ComfyUI.
+depends only on those shapes, so its accounting can be checked against byte counts worked out from
+the shapes without building a model (``benchmarks/store_memory.py`` and ``tests/test_memory.py``).
+Imports the top-level ``fatezero_core`` (the repository root on ``sys.path``), never ComfyUI.
 """
 
 from __future__ import annotations
@@ -16,11 +16,29 @@ import torch
 
 from fatezero_core.controller import CaptureController
 from fatezero_core.keyframes import parse_key_rule
-from fatezero_core.layers import AttnCall
-from fatezero_core.memory import sd1_layer_infos
+from fatezero_core.layers import AttnCall, LayerInfo, LayerSet, downsampled_side
+from fatezero_core.sd1 import HEADS, sd1_attention_blocks
 from fatezero_core.store import AttentionStore, CaptureConfig
 
 LATENT = 64  # 512 px
+
+
+def sd1_layer_infos(latent_side: int | tuple[int, int] = LATENT) -> list[LayerInfo]:
+    """The 16 SD1.x attention layers (named by diffusers block path; token grids, 8 heads,
+    channels) in call order, for a latent of ``latent_side``."""
+    lh, lw = (latent_side, latent_side) if isinstance(latent_side, int) else latent_side
+    return [LayerInfo(block.path, downsampled_side(lh, block.level), downsampled_side(lw, block.level),
+                      lh, lw, HEADS, block.channels())
+            for block in sd1_attention_blocks()]
+
+
+def sd1_stored_layers(latent_side: int | tuple[int, int] = LATENT,
+                      layer_set: str = "relative") -> list[tuple[int, int, int]]:
+    """``(q, C, heads)`` of the SD1.x layers the store keeps under ``layer_set``, in call order
+    (:class:`fatezero_core.layers.LayerSet`'s own rule)."""
+    rule = LayerSet(layer_set)
+    return [(info.tokens, info.channels, info.heads)
+            for info in sd1_layer_infos(latent_side) if rule.stores(info)]
 
 
 def measure_one_step(rule: str, frames: int = 8) -> dict:

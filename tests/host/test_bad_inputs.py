@@ -1,4 +1,4 @@
-"""Bad input gets a clear node error, and nothing is lost (design.md, "Bad input").
+"""Bad input gets a clear node error, and nothing is lost.
 
 Each case drives the nodes in-process on the tiny SD1.5-topology model inside a real ComfyUI and
 checks that the node raises one of the pack's user errors (``FateZeroError`` from the core, or

@@ -1,6 +1,7 @@
 """FateZero Attention Blend Settings, driven in-process with a tiny CLIP and ComfyUI's real tokenizer."""
 
 import copy
+import pickle
 import types
 
 import pytest
@@ -91,19 +92,31 @@ def test_spec_carries_prompts_words_and_options(comfy_nodes, node, tiny_clip):
     assert spec.self_replace_steps == pytest.approx(0.7)
     assert spec.blend_threshold == pytest.approx(0.4)
     assert spec.mode == "replace" and spec.latent_blend and spec.soft_mask
-    assert copy.deepcopy(spec) is spec
 
     settings = spec.edit_settings(num_steps=10)
     assert settings is not None
 
 
-def test_tokenizer_is_the_clip_models_own(node, tiny_clip):
-    _, _, spec = run(node, tiny_clip).args
-    assert spec.tokenize("cat") == [2368]
+def test_spec_is_plain_data(node, tiny_clip):
+    """The blend settings carry the prompts' token layouts, not the CLIP or a closure over it:
+    they pickle and copy like any data, and a copy aligns the prompts exactly as the original."""
+    _, _, spec = run(node, tiny_clip, reweight="Porsche: 2").args
+    for copied in (pickle.loads(pickle.dumps(spec)), copy.deepcopy(spec)):
+        assert copied == spec and copied is not spec
+        got, ref = copied.edit_settings(num_steps=10), spec.edit_settings(num_steps=10)
+        for name in ("mapper", "cross_alphas", "equalizer"):
+            assert torch.equal(getattr(got, name), getattr(ref, name)), name
+        assert got.blend_tokens == ref.blend_tokens == (3,)
+
+
+def test_tokenizer_is_the_clip_models_own(comfy_nodes, node, tiny_clip):
+    tokenize = comfy_nodes.nodes.prompt_encoding.clip_tokenizer(tiny_clip)
+    assert tokenize("cat") == [2368]
     hf = tiny_clip.tokenizer.clip_l.tokenizer
-    assert spec.tokenize("countryside,") == hf("countryside,")["input_ids"][1:-1]
+    assert tokenize("countryside,") == hf("countryside,")["input_ids"][1:-1]
+    _, _, spec = run(node, tiny_clip).args
     encoded = [t[0] for t in tiny_clip.tokenize(SOURCE)["l"][0]]
-    assert list(spec.source_token_ids()) == encoded
+    assert list(spec.source_tokens.ids) == encoded
 
 
 def test_empty_blend_words_mean_full_replacement(node, tiny_clip):
@@ -256,7 +269,7 @@ def test_syntax_prompts_encode_as_clip_text_encode(node, tiny_clip, prompt):
                                blend_words="").args
     assert_same_conditioning(source, clip_text_encode(tiny_clip, prompt))
     assert_same_conditioning(target, clip_text_encode(tiny_clip, prompt))
-    assert list(spec.source_token_ids()) == comfy_token_ids(tiny_clip, prompt)
+    assert list(spec.source_tokens.ids) == comfy_token_ids(tiny_clip, prompt)
 
 
 def test_weighted_prompts_align_like_their_bare_words(node, tiny_clip):
@@ -274,7 +287,7 @@ def test_weighted_prompts_align_like_their_bare_words(node, tiny_clip):
     assert got.target_blend_tokens == ref.target_blend_tokens
     for name in ("mapper", "cross_alphas", "equalizer"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
-    assert spec.source_token_ids() == plain.source_token_ids()
+    assert spec.source_tokens.ids == plain.source_tokens.ids
 
 
 def test_a_prompt_weight_scales_the_embedding_and_is_not_a_reweight(node, tiny_clip):

@@ -120,6 +120,43 @@ def test_fusion_off_equals_core_ddim_ksampler(nodes, tiny_sd15, tiny_clip):
     assert torch.equal(ours["samples"], core["samples"])
 
 
+@pytest.mark.parametrize("end", ["comfy", "official"])
+def test_every_sampler_gives_the_latent_in_one_space(nodes, tiny_sd15, tiny_clip, end):
+    """The built-in DDIM and a sampler override return the same thing (x at sigmas[-1], as every
+    k-diffusion sampler), so FateZero Sample's latent does not depend on the path: with fusion off
+    the built-in loop and ComfyUI's own ``ddim`` sampler (an Euler step, the same arithmetic) give
+    the same latent, bit for bit, at either schedule end."""
+    import comfy.samplers
+
+    latent = moving_latent()
+    src, tgt, spec = settings(nodes, tiny_clip)
+    neg = empty(tiny_clip)
+    inverted, store = invert(nodes, tiny_sd15, src, latent, schedule_end=end)
+    ours, _ = sample(nodes, tiny_sd15, tgt, neg, inverted, store, spec, cfg=7.5, fusion=False)
+    host, _ = sample(nodes, tiny_sd15, tgt, neg, inverted, store, spec, cfg=7.5, fusion=False,
+                     sampler=comfy.samplers.sampler_object("ddim"))
+    assert torch.equal(ours["samples"], host["samples"])
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_loops_show_the_console_progress_bar_like_any_sampler(nodes, tiny_sd15, tiny_clip, capfd,
+                                                              monkeypatch, enabled):
+    """DDIM Invert and FateZero Sample pass ComfyUI's progress-bar setting to their loops, which
+    show tqdm's bar as k-diffusion's samplers do (``trange(..., disable=disable)``), and none when
+    ComfyUI's bar is off (``--disable-progress-bars`` / ``comfy.utils.PROGRESS_BAR_ENABLED``)."""
+    import comfy.utils
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_ENABLED", enabled)
+    src, tgt, spec = settings(nodes, tiny_clip)
+    capfd.readouterr()
+    inverted, store = invert(nodes, tiny_sd15, src, moving_latent())
+    inversion_err = capfd.readouterr().err
+    sample(nodes, tiny_sd15, tgt, empty(tiny_clip), inverted, store, spec, cfg=7.5)
+    edit_err = capfd.readouterr().err
+    bar = f"{STEPS}/{STEPS}"
+    assert (bar in inversion_err, bar in edit_err) == (enabled, enabled), (inversion_err, edit_err)
+
+
 @pytest.mark.parametrize("steps", [10, 50, 30])
 def test_official_schedule_against_the_host_ddim_uniform(comfy_nodes, tiny_sd15, steps):
     """On the model's own sigma table ComfyUI's ``ddim_uniform`` runs the official timesteps
