@@ -143,13 +143,17 @@ def test_runner_with_comfyui_starts_runs_and_stops_a_server(comfyui_path, tiny_c
         check_video(videos[0])
     assert sorted(p.name for p in (base / "output" / "fatezero").glob("*.mp4")) == [
         "bear b_style_watercolor_00001_.mp4", "bear_a_style_watercolor_00001_.mp4"]
+    assert not answers(port), "the server the runner started is still running"
+    assert not (base / "temp").exists()  # ComfyUI's own clean-up on Ctrl-C (main.py cleanup_temp) ran
+
+
+def answers(port: int) -> bool:
+    """Does a ComfyUI answer on ``port``?"""
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=5)
-        answered = True
+        return True
     except (urllib.error.URLError, ConnectionError, OSError):
-        answered = False
-    assert not answered, "the server the runner started is still running"
-    assert not (base / "temp").exists()  # ComfyUI's own clean-up on Ctrl-C (main.py cleanup_temp) ran
+        return False
 
 
 def kill_leftover_server(port: int) -> None:
@@ -199,9 +203,4 @@ def test_a_closed_terminal_stops_the_comfyui_the_runner_started(comfyui_path, ti
     assert "Stopped server" in log.read_text(errors="replace")
     log.unlink()
     assert not (base / "temp").exists()
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/system_stats", timeout=5)
-        answered = True
-    except (urllib.error.URLError, ConnectionError, OSError):
-        answered = False
-    assert not answered, "the server the runner started is still running"
+    assert not answers(port), "the server the runner started is still running"
