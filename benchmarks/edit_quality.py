@@ -42,7 +42,7 @@ COLUMNS = (("warp error", "warp_error"), ("Tem-Con", "tem_con"), ("Frame-Acc", "
            ("CLIP-T", "clip_t"), ("SSIM to source", "ssim"))
 
 
-def synthetic_clip(frames: int, size: int, seed: int = tiny_models.SEED):
+def synthetic_video(frames: int, size: int, seed: int = tiny_models.SEED):
     """``[F, size, size, 3]`` in 0..1: seeded sinusoids panning by (2, 1) px per frame and a
     bright disc crossing the frame by ``size / (2 F)`` px per frame."""
     import torch
@@ -123,7 +123,7 @@ def main() -> int:
     import torch
 
     from comfyui_fatezero.fatezero_core.metrics import measure_video
-    from comfyui_fatezero.fatezero_core.clip_loading import load_frames
+    from comfyui_fatezero.fatezero_core.video_loading import load_frames
 
     model, clip, vae, clip_vision, metrics_clip, models_used = load_models(args)
     print(f"models: {models_used}", flush=True)
@@ -131,7 +131,7 @@ def main() -> int:
         source_frames, _ = load_frames(args.video, frame_load_cap=args.frames, size=size)
         clip_name = Path(args.video).name
     else:
-        source_frames = synthetic_clip(args.frames, size)
+        source_frames = synthetic_video(args.frames, size)
         clip_name = "synthetic: panning sinusoids (2, 1) px/frame and a crossing disc"
     order = shuffled_order(source_frames.shape[0])
 

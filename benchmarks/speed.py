@@ -112,10 +112,10 @@ def main() -> int:
     def plain_ksampler():
         _calls.core_ddim(model, target, negative, inverted[placements[0]], steps, args.cfg)
 
-    clip_norm_model = nodes.clip_runtime.with_group_norm(model, "clip")
+    video_norm_model = nodes.video_runtime.with_group_norm(model, "clip")
 
     def plain_ksampler_clip_norm():
-        _calls.core_ddim(clip_norm_model, target, negative, inverted[placements[0]], steps, args.cfg)
+        _calls.core_ddim(video_norm_model, target, negative, inverted[placements[0]], steps, args.cfg)
 
     def sample(p):
         return lambda: _calls.fatezero_sample(nodes, model, target, negative, inverted[p], stores[p],

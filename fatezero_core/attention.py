@@ -78,7 +78,7 @@ def spatio_temporal_attention(q, k, v, heads: int, table: torch.Tensor) -> torch
     return attention(q, gather_key_frames(k, table), gather_key_frames(v, table), heads)
 
 
-def clip_self_attention(q, k, v, heads: int, rule, chunks: int = 1) -> torch.Tensor:
+def video_self_attention(q, k, v, heads: int, rule, chunks: int = 1) -> torch.Tensor:
     """Spatio-temporal self-attention (eq. 8) of a frame-major batch of ``chunks`` clips, each
     over its own frames: ``q, k, v`` are ``[chunks*F, N, C]``; ``rule`` a key-frame rule
     (``keyframes``), e.g. Tune-A-Video's ``(-1, "first")``. This is the network's own

@@ -12,7 +12,7 @@ github.com/ChenyangQiQi/FateZero at 9b6cb7b; ``ResnetBlock3D.forward``, ``tuneav
 of github.com/showlab/Tune-A-Video) and at the output (``conv_norm_out`` in each UNet's
 ``forward``), so mean and variance pool over each channel group *and every frame of the clip*. A
 2-D UNet with frames as the batch normalises each frame alone: a different network.
-:class:`ClipNormSequential` runs the same modules with the leading GroupNorm applied per clip.
+:class:`VideoNormSequential` runs the same modules with the leading GroupNorm applied per clip.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class FrameContext:
         return self
 
 
-def clip_group_norm(norm: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
+def video_group_norm(norm: nn.Module, x: torch.Tensor, frames: int) -> torch.Tensor:
     """``norm`` (a GroupNorm module) on the frame-major batch ``x`` ``(B*F, C, ...)``, with
     statistics over each clip of ``frames`` frames.
 
@@ -87,10 +87,10 @@ def clip_group_norm(norm: nn.Module, x: torch.Tensor, frames: int) -> torch.Tens
     return norm(clips).transpose(1, 2).flatten(0, 1)
 
 
-class ClipNormSequential(nn.Sequential):
+class VideoNormSequential(nn.Sequential):
     """The same modules as a ResNet block's ``in_layers`` / ``out_layers`` or the UNet's ``out``
-    (GroupNorm first, as :func:`clip_norm_paths` finds them), with that GroupNorm computed over each
-    clip (:func:`clip_group_norm`).
+    (GroupNorm first, as :func:`video_norm_paths` finds them), with that GroupNorm computed over each
+    clip (:func:`video_group_norm`).
 
     The modules are the host's own objects under their own indices, so every weight keeps its
     state-dict key and weight patches (LoRA) still find it; anything appended after them (a
@@ -103,7 +103,7 @@ class ClipNormSequential(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, *rest = self
-        x = clip_group_norm(norm, x, self.frames(x.shape[0]))
+        x = video_group_norm(norm, x, self.frames(x.shape[0]))
         for module in rest:
             x = module(x)
         return x
@@ -114,22 +114,22 @@ class ClipNormSequential(nn.Sequential):
         if isinstance(index, slice):
             modules = list(self._modules.values())[index]
             if modules and modules[0] is self[0]:
-                return ClipNormSequential(*modules, frames=self.frames)
+                return VideoNormSequential(*modules, frames=self.frames)
             return nn.Sequential(*modules)
         return super().__getitem__(index)
 
 
-def clip_norm_paths(resolve: ModuleResolver) -> list[str]:
+def video_norm_paths(resolve: ModuleResolver) -> list[str]:
     """Paths (inside an ldm-style SD UNet, as ComfyUI builds it, read through ``resolve``) of the
     containers whose leading GroupNorm the official UNet applies over the clip: every ResNet block's
     ``in_layers`` and ``out_layers`` (``norm1``, ``norm2``) and the output ``out``
     (``conv_norm_out``). The transformers' input norms stay per frame, as in the official code."""
     paths = []
     for path, module in resolved_modules(resolve):
-        clip_level = path == "out" or path.rsplit(".", 1)[-1] in ("in_layers", "out_layers")
-        if clip_level and isinstance(module, nn.Sequential) and len(module) and isinstance(module[0], nn.GroupNorm):
+        video_level = path == "out" or path.rsplit(".", 1)[-1] in ("in_layers", "out_layers")
+        if video_level and isinstance(module, nn.Sequential) and len(module) and isinstance(module[0], nn.GroupNorm):
             paths.append(path)
     return paths
 
 
-__all__ = ["ClipNormSequential", "FrameContext", "clip_group_norm", "clip_norm_paths", "frames_per_chunk"]
+__all__ = ["VideoNormSequential", "FrameContext", "video_group_norm", "video_norm_paths", "frames_per_chunk"]

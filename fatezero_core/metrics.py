@@ -36,7 +36,7 @@ from kornia.metrics import ssim as kornia_ssim
 from kornia.geometry import create_meshgrid
 
 from .errors import MetricsError
-from .clip_loading import scaled_size
+from .video_loading import scaled_size
 
 __all__ = [
     "FLOW_METHODS",

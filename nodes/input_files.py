@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 
-from ..fatezero_core.clip_loading import clip_source
+from ..fatezero_core.video_loading import video_source
 from .user_errors import FateZeroNodeError
 
 _HASH_CHUNK = 1 << 20
@@ -92,7 +92,7 @@ def frames_fingerprint(path: str | os.PathLike, digests: FileDigests, **params) 
     serialised as sorted JSON (``repr`` for other types). Raises
     :class:`~fatezero_core.errors.VideoError` for a path the loader would refuse.
     """
-    src = clip_source(path)
+    src = video_source(path)
     digest = hashlib.sha256(b"fatezero-frames-v2\0")
     digest.update(f"{src.kind}:{len(src.files)}\0".encode())
     for file in src.files:

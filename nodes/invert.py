@@ -15,7 +15,7 @@ from ..fatezero_core.keyframes import SD_KEY_RULE, parse_key_rule
 from ..fatezero_core.layers import LAYER_SETS
 from ..fatezero_core.sampling import official_sigmas, sample_ddim_inversion
 from ..fatezero_core.store import PLACEMENTS, STORE_DTYPES, AttentionStore, CaptureConfig, InversionRecord
-from .clip_runtime import GROUP_NORMS, with_group_norm
+from .video_runtime import GROUP_NORMS, with_group_norm
 from .latents import frames_latent, latent_fingerprint
 from .patching import conditioning_fingerprint, model_fingerprint, model_key_rule, patched_clone
 from .samplers import FateZeroGuider, zero_noise

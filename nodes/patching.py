@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from ..fatezero_core.attention import clip_self_attention
+from ..fatezero_core.attention import video_self_attention
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.layers import AttnCall, LayerInfo
 from ..fatezero_core.module_paths import ModuleResolver, resolved_children
@@ -141,7 +141,7 @@ def patched_clone(model, controller, step_offset: int):
     return clone
 
 
-def add_clip_self_attention(patcher, rule, on_call=None) -> None:
+def add_video_self_attention(patcher, rule, on_call=None) -> None:
     """attn1 replace patches on ``patcher`` (a clone the caller owns) that run every transformer
     block's self-attention spatio-temporally with key-frame ``rule``, per clip of the batch, with
     nothing captured or fused: the network a Tune-A-Video model is (tuned as). ``on_call()`` runs
@@ -151,7 +151,7 @@ def add_clip_self_attention(patcher, rule, on_call=None) -> None:
         if on_call is not None:
             on_call()
         chunks = len(extra.get("cond_or_uncond") or ()) or 1
-        return clip_self_attention(q, k, v, int(extra["n_heads"]), rule, chunks)
+        return video_self_attention(q, k, v, int(extra["n_heads"]), rule, chunks)
 
     for key in attention_block_keys(unet_resolver(patcher)):
         patcher.set_model_attn1_replace(attn1, *key)

@@ -16,7 +16,7 @@ from ..fatezero_core.edit_maps import EditMaps, preview_image
 from ..fatezero_core.edit_spec import EditSpec
 from ..fatezero_core.errors import FateZeroError, StoreMismatchError
 from ..fatezero_core.store import AttentionStore
-from .clip_runtime import with_group_norm
+from .video_runtime import with_group_norm
 from .latents import frames_latent, latent_fingerprint
 from .patching import conditioning_fingerprint, model_fingerprint, patched_clone
 from .samplers import FateZeroGuider, edit_ksampler, zero_noise

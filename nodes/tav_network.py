@@ -12,7 +12,7 @@ sampler work as with any SD1.x model:
 - temporal convs after each inflated conv: the Sequential holding the conv (or the Downsample /
   Upsample ending with it) is replaced by one holding the same modules plus the temporal conv.
 
-The clip runtime (``clip_runtime``) tells the layers how many clips the running batch holds and
+The clip runtime (``video_runtime``) tells the layers how many clips the running batch holds and
 keeps them on the UNet's device; the ResNet and output GroupNorms pool over the clip, as in the
 Tune-A-Video UNet the layers belong to. The model also carries the Tune-A-Video key-frame rule
 (previous and first frame: ``SparseCausalAttention.forward`` in ``tuneavideo/models/attention.py``,
@@ -43,7 +43,7 @@ from ..fatezero_core.tav.checkpoint import (
 )
 from ..fatezero_core.tav.inflate import block_list_patch, conv_patch
 from ..fatezero_core.tav.modules import FramewiseTemporalConv, TemporalAttention, temporal_module_from_state_dict
-from .clip_runtime import clip_runtime, use_clip_group_norm
+from .video_runtime import video_runtime, use_video_group_norm
 from .patching import KEY_RULE_KEY, unet_resolver
 
 
@@ -138,7 +138,7 @@ class TemporalBlockAdapter(nn.Module):
 def insert_temporal_layers(patcher, ckpt: TavCheckpoint, dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
     """Object patches for every temporal layer of ``ckpt`` and for clip-level GroupNorms, the clip
     runtime, the key-frame rule. The layers take ``dtype`` (default: the UNet's compute dtype) and
-    are listed, in ``temporal_targets`` order, in ``clip_runtime(patcher).modules``.
+    are listed, in ``temporal_targets`` order, in ``video_runtime(patcher).modules``.
 
     Returns each inserted layer under its owner's diffusers path, in that order (empty for a plain
     SD1.x checkpoint)."""
@@ -148,7 +148,7 @@ def insert_temporal_layers(patcher, ckpt: TavCheckpoint, dtype: torch.dtype | No
     resolve = unet_resolver(patcher)
     heads = attention_heads(patcher)
     dtype = dtype or compute_dtype(patcher)
-    runtime = clip_runtime(patcher)
+    runtime = video_runtime(patcher)
     key_map = diffusers_key_map(patcher.model.model_config.unet_config)
     layers: dict[str, nn.Module] = {}
     for target in targets:
@@ -162,7 +162,7 @@ def insert_temporal_layers(patcher, ckpt: TavCheckpoint, dtype: torch.dtype | No
         else:
             path, container = conv_patch(resolve, owner, FramewiseTemporalConv(layer, runtime.frames))
         patcher.add_object_patch(f"diffusion_model.{path}", container)
-    use_clip_group_norm(patcher)  # it was tuned with clip-level ResNet statistics
+    use_video_group_norm(patcher)  # it was tuned with clip-level ResNet statistics
     nbytes = sum(p.numel() * p.element_size() for layer in layers.values() for p in layer.parameters())
     patcher.size = patcher.model_size() + nbytes  # so ComfyUI reserves memory for them too
     patcher.model_options.setdefault("transformer_options", {})[KEY_RULE_KEY] = format_key_rule(TAV_KEY_RULE)

@@ -19,7 +19,7 @@ from comfy_api.latest import io
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.store import STORE_DTYPES
 from ..fatezero_core.tav import train as core
-from .clip_runtime import model_group_norm
+from .video_runtime import model_group_norm
 from .patching import model_key_rule, refuse_context_windows
 from .tav_folder import save_path
 from .tav_network import sd1_unet_problem
@@ -101,7 +101,7 @@ class FateZeroTuneAVideoTrain(io.ComfyNode):
     def execute(cls, model, latent, source, steps, learning_rate, seed, gradient_checkpointing, precision,
                 trainable, lora_rank, save_name) -> io.NodeOutput:
         samples = latent["samples"]
-        frames = core.check_clip_latent(samples)
+        frames = core.check_video_latent(samples)
         check_base_model(model)
         path = save_path(save_name)
         rank = lora_rank if trainable == "official" else None

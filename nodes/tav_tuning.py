@@ -3,9 +3,9 @@
 The network tuned is exactly the one the Tune-A-Video Loader builds (``tav_network``): temporal
 attention after every transformer block and temporal-conv LoRA after every inflated conv, inserted
 as object patches on a clone of the input MODEL; clip-level ResNet/output GroupNorm
-(``clip_runtime``); and spatio-temporal self-attention with the Tune-A-Video keys (previous + first
+(``video_runtime``); and spatio-temporal self-attention with the Tune-A-Video keys (previous + first
 frame), which FateZero's own nodes apply through their attn1 patches and the trainer through
-:func:`~.patching.add_clip_self_attention`. The objective and optimiser are
+:func:`~.patching.add_video_self_attention`. The objective and optimiser are
 ``fatezero_core.tav.train`` (the official settings).
 
 What is trained and how the result is carried:
@@ -38,7 +38,7 @@ import comfy.samplers
 from ..fatezero_core.keyframes import TAV_KEY_RULE
 from ..fatezero_core.tav import train as tuning
 from ..fatezero_core.tav.checkpoint import write_checkpoint
-from .patching import add_clip_self_attention, model_object, unet_resolver
+from .patching import add_video_self_attention, model_object, unet_resolver
 from .tav_network import compute_dtype, diffusers_state_dict, fresh_layers, insert_temporal_layers
 from .training_progress import show_text
 from .unet_training import TrainedWeight, freeze_weights, gradient_checkpointing, query_weight_keys
@@ -70,7 +70,7 @@ class TuneRun:
     # ---- setup -----------------------------------------------------------------------------------
     def training_clone(self):
         trainer = self.output.clone()
-        add_clip_self_attention(trainer, TAV_KEY_RULE,
+        add_video_self_attention(trainer, TAV_KEY_RULE,
                                 on_call=comfy.model_management.throw_exception_if_processing_interrupted)
         if self.dtype != compute_dtype(self.model):
             trainer.set_model_compute_dtype(self.dtype)
@@ -97,7 +97,7 @@ class TuneRun:
         scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device.type == "cuda" else None
         sampling = model_wrap.inner_model.model_sampling
         with gradient_checkpointing(self.trainer, self.checkpointing):
-            self.losses = tuning.tune_clip(
+            self.losses = tuning.tune_video(
                 lambda x, sigma: model_wrap(x, sigma, **extra_args),
                 lambda timestep: sampling.sigma(torch.tensor([float(timestep)])),
                 x0, self.params(), steps, tuning.OptimizerSettings(lr=lr), self.seed, scaler,

@@ -1,6 +1,6 @@
 """FateZero Load Video Frames: a clip from ComfyUI's input folder as an IMAGE batch and its sound.
 
-Thin adapter over ``fatezero_core.clip_loading`` and ``clip_audio``: the node lists and resolves
+Thin adapter over ``fatezero_core.video_loading`` and ``video_audio``: the node lists and resolves
 files in the input folder (``input_files``; or takes a core VIDEO), reports decoding progress to
 ComfyUI, and lets the core do the reading, resizing and audio cutting. AUDIO follows ComfyUI's
 convention (``comfy_extras`` ``nodes_audio``): ``{"waveform": [1, C, S] float, "sample_rate":
@@ -15,8 +15,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import InputImpl, io
 
-from ..fatezero_core.clip_audio import crop_audio, read_audio, selection_audio_span
-from ..fatezero_core.clip_loading import RESIZE_MODES, load_frames, select_frames
+from ..fatezero_core.video_audio import crop_audio, read_audio, selection_audio_span
+from ..fatezero_core.video_loading import RESIZE_MODES, load_frames, select_frames
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.media_types import is_image_file, is_video_file, natural_sort_key
 from .input_files import FileDigests, frames_fingerprint, safe_input_path

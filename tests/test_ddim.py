@@ -16,7 +16,7 @@ from fatezero_core.sampling import official_sigmas, sample_ddim, sample_ddim_inv
 ENDS = ("comfy", "official")
 
 
-def clip_latent(seed=0, shape=(2, 4, 8, 8)):
+def video_latent(seed=0, shape=(2, 4, 8, 8)):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
@@ -36,7 +36,7 @@ def test_alpha_and_vp_ve_conversions():
     a = alphas_cumprod_from_sigmas(((1 - ref.ALPHAS_CUMPROD) / ref.ALPHAS_CUMPROD).sqrt())
     torch.testing.assert_close(a, ref.ALPHAS_CUMPROD)
     assert alphas_cumprod_from_sigmas(torch.tensor(0.0)).item() == 1.0
-    z = clip_latent()
+    z = video_latent()
     for sigma in (0.0, 0.0292, 3.0, torch.tensor(14.6)):
         torch.testing.assert_close(ve_to_vp(vp_to_ve(z, sigma), sigma), z)
     sigma = ref.SIGMA_TABLE[600].double()
@@ -44,7 +44,7 @@ def test_alpha_and_vp_ve_conversions():
 
 
 def test_invert_step_is_eq3_in_the_latent_dtype():
-    z, eps = clip_latent(1).double(), clip_latent(2).double()
+    z, eps = video_latent(1).double(), video_latent(2).double()
     a_prev, a_t = 0.9, 0.4
     expected = (math.sqrt(a_t) * (z - math.sqrt(1 - a_prev) * eps) / math.sqrt(a_prev)
                 + math.sqrt(1 - a_t) * eps)
@@ -58,7 +58,7 @@ def test_inversion_and_edit_loops_are_the_official_ddim(end):
     timestep on the current latent while inverting; the clean end of ``end``). Measured max abs
     difference (float32 loops vs float64 reference): inversion 6.6e-7, edit 1.7e-6."""
     steps = 10
-    z0 = clip_latent()
+    z0 = video_latent()
     model = ref.eps_denoiser(smooth_eps)
     sigmas = official_sigmas(ref.SIGMA_TABLE, steps, end)
     seen = [z0]
@@ -76,7 +76,7 @@ def test_inversion_and_edit_loops_are_the_official_ddim(end):
 def test_edit_loop_with_the_true_noise_walks_the_forward_process(end):
     """With the true eps every latent after edit step i is ``sqrt(a) z_0 + sqrt(1 - a) eps`` at the
     next sigma; the official end stops at alphas_cumprod[0] = 0.99915, short of z_0."""
-    z0, eps = clip_latent(1).double(), clip_latent(2).double()
+    z0, eps = video_latent(1).double(), video_latent(2).double()
     sigmas = official_sigmas(ref.SIGMA_TABLE, 5, end).double()
     a = 1 / (1 + sigmas ** 2)
     x = vp_to_ve(a[0].sqrt() * z0 + (1 - a[0]).sqrt() * eps, sigmas[0])
@@ -100,7 +100,7 @@ def test_round_trip_error_is_first_order_in_the_step_size(end):
     """Inversion step j evaluates eps at (z_j, t_{j+1}), the less noisy latent, the matching edit
     step at (z_{j+1}, t_{j+1}); when eps depends on z the round trip is off by O(1/N).
     Measured max abs error (|z0| up to 4.1): N=50 0.036, N=100 0.019."""
-    z0 = clip_latent().double()
+    z0 = video_latent().double()
     model = ref.eps_denoiser(smooth_eps)
 
     def round_trip_error(steps):

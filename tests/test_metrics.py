@@ -33,18 +33,18 @@ def texture(h: int, w: int, seed: int = 0, cell: int = 4) -> torch.Tensor:
     return fine[0, :, :h, :w].clamp(0, 1).permute(1, 2, 0).contiguous()
 
 
-def moving_clip(frames: int = 6, shift=SHIFT, seed: int = 0) -> torch.Tensor:
+def moving_video(frames: int = 6, shift=SHIFT, seed: int = 0) -> torch.Tensor:
     """Frame ``k`` is the window at ``(8 + dx*k, 8 + dy*k)``: ``frame[k+1](x) = frame[k](x + s)``."""
     dx, dy = shift
     big = texture(H + 16 + dy * frames, W + 16 + dx * frames, seed)
     return torch.stack([big[8 + dy * k:8 + dy * k + H, 8 + dx * k:8 + dx * k + W] for k in range(frames)])
 
 
-def still_clip(frames: int = 4) -> torch.Tensor:
+def still_video(frames: int = 4) -> torch.Tensor:
     return texture(H, W, seed=3).expand(frames, -1, -1, -1).clone()
 
 
-def noise_clip(frames: int = 6, seed: int = 1) -> torch.Tensor:
+def noise_video(frames: int = 6, seed: int = 1) -> torch.Tensor:
     return torch.rand(frames, H, W, 3, generator=torch.Generator().manual_seed(seed))
 
 
@@ -89,7 +89,7 @@ def test_tem_con_of_hand_made_embeddings():
 
 
 def test_identical_frames_give_tem_con_one():
-    mean, pairs = metrics.tem_con(embed(still_clip()))
+    mean, pairs = metrics.tem_con(embed(still_video()))
     assert mean == pytest.approx(1.0, abs=1e-6)
     assert torch.allclose(pairs, torch.ones(3), atol=1e-6)
 
@@ -154,7 +154,7 @@ def test_occlusion_test_keeps_consistent_flow_and_drops_the_rest():
 
 @pytest.mark.parametrize("method", metrics.FLOW_METHODS)
 def test_known_shift_is_recovered_and_explains_the_frames(method):
-    clip = moving_clip()
+    clip = moving_video()
     forward, backward = metrics.optical_flows(clip, method)
     assert forward.shape == backward.shape == (5, 2, H, W)
     dx, dy = SHIFT
@@ -175,13 +175,13 @@ def test_known_shift_is_recovered_and_explains_the_frames(method):
 
 @pytest.mark.parametrize("method", metrics.FLOW_METHODS)
 def test_identical_frames_give_zero_warp_error(method):
-    m = metrics.measure_video(still_clip(), flow_method=method)
+    m = metrics.measure_video(still_video(), flow_method=method)
     assert m.kept_pixels == 1.0
     assert m.warp_error == pytest.approx(0.0, abs=1e-4)  # flow ~0: bilinear rounding only
 
 
 def test_independent_noise_scores_clearly_worse_than_a_moving_clip():
-    smooth, noise = moving_clip(), noise_clip()
+    smooth, noise = moving_video(), noise_video()
     ms = metrics.measure_video(smooth, edit_embeds=embed(smooth))
     mn = metrics.measure_video(noise, edit_embeds=embed(noise))
     assert mn.warp_error > 20 * ms.warp_error, (mn.warp_error, ms.warp_error)
@@ -191,7 +191,7 @@ def test_independent_noise_scores_clearly_worse_than_a_moving_clip():
 
 
 def test_shuffled_frames_have_more_warp_error_than_the_clip():
-    clip = moving_clip(frames=8)
+    clip = moving_video(frames=8)
     order = torch.tensor([3, 7, 0, 5, 2, 6, 1, 4])
     a = metrics.measure_video(clip, clip)
     b = metrics.measure_video(clip[order], clip[order])
@@ -201,12 +201,12 @@ def test_shuffled_frames_have_more_warp_error_than_the_clip():
 def test_flow_comes_from_the_source_frames():
     """An edit that keeps the source's motion has the source's low warp error; the same edit
     measured against a still source (a flow of zero) does not."""
-    source = moving_clip()
+    source = moving_video()
     edit = 1.0 - source  # a different look, the same motion
     moving = metrics.measure_video(edit, source)
     assert moving.flow_from == "source"
     assert moving.warp_error < 0.02 and moving.source_warp_error < 0.02
-    still = metrics.measure_video(edit, still_clip(6))
+    still = metrics.measure_video(edit, still_video(6))
     assert still.warp_error > 5 * moving.warp_error
 
 
@@ -216,13 +216,13 @@ def test_flow_comes_from_the_source_frames():
 
 
 def test_ssim_is_one_for_the_source_itself_and_low_for_noise():
-    clip = moving_clip()
+    clip = moving_video()
     assert torch.allclose(metrics.structure_similarity(clip, clip), torch.ones(6), atol=1e-5)
-    assert float(metrics.structure_similarity(clip, noise_clip()).max()) < 0.2
+    assert float(metrics.structure_similarity(clip, noise_video()).max()) < 0.2
 
 
 def test_values_are_deterministic():
-    clip, noise = moving_clip(), noise_clip()
+    clip, noise = moving_video(), noise_video()
     runs = [metrics.measure_video(noise, clip, edit_embeds=embed(noise), source_embeds=embed(clip),
                                   source_text=torch.ones(32), target_text=-torch.ones(32)).as_dict()
             for _ in range(2)]
@@ -230,7 +230,7 @@ def test_values_are_deterministic():
 
 
 def test_full_measurement_fills_every_metric_and_table_row():
-    source, edit = moving_clip(), moving_clip(seed=9)
+    source, edit = moving_video(), moving_video(seed=9)
     text_src, text_tgt = torch.randn(2, 32, generator=torch.Generator().manual_seed(2))
     m = metrics.measure_video(edit, source, edit_embeds=embed(edit), source_embeds=embed(source),
                               source_text=text_src, target_text=text_tgt)
@@ -249,7 +249,7 @@ def test_full_measurement_fills_every_metric_and_table_row():
 
 
 def test_missing_inputs_leave_metrics_out_with_a_note():
-    m = metrics.measure_video(moving_clip())
+    m = metrics.measure_video(moving_video())
     assert m.flow_from == "edit"
     assert m.tem_con is m.frame_acc is m.clip_t is m.ssim is m.source_warp_error is None
     assert any("source" in note for note in m.notes)
@@ -258,7 +258,7 @@ def test_missing_inputs_leave_metrics_out_with_a_note():
 
 
 def test_plot_is_an_image_of_four_panels():
-    m = metrics.measure_video(moving_clip())
+    m = metrics.measure_video(moving_video())
     image = metrics.plot_metrics(m)
     assert image.shape == (1, 4 * metrics.PANEL_HEIGHT, metrics.PLOT_WIDTH, 3)
     assert image.dtype == torch.float32 and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
@@ -283,4 +283,4 @@ def test_bad_frames_are_refused_with_what_to_change(edit, source, message):
 
 def test_unknown_flow_method_is_refused():
     with pytest.raises(MetricsError, match="dis, farneback"):
-        metrics.measure_video(moving_clip(), flow_method="raft")
+        metrics.measure_video(moving_video(), flow_method="raft")

@@ -9,7 +9,7 @@ has its own replacements and none of the other model's.
 
 from torch import nn
 
-from fatezero_core.frames import ClipNormSequential, FrameContext, clip_norm_paths
+from fatezero_core.frames import VideoNormSequential, FrameContext, video_norm_paths
 from fatezero_core.module_paths import resolved_children, resolved_modules, tree_resolver
 from fatezero_core.tav.inflate import conv_patch
 from test_tav_inflate import MiniUNet, set_attr
@@ -37,7 +37,7 @@ def left_behind(unet: nn.Module, path: str) -> nn.Module:
     """Install another model's clip-norm replacement (plus an extra layer) at ``path``; returns
     the original container."""
     original = unet.get_submodule(path)
-    set_attr(unet, path, ClipNormSequential(*original, nn.Identity(), frames=FrameContext()))
+    set_attr(unet, path, VideoNormSequential(*original, nn.Identity(), frames=FrameContext()))
     return original
 
 
@@ -62,13 +62,13 @@ def test_the_walk_sees_the_models_own_replacements_and_not_those_left_behind():
     assert walked["input_blocks.1.0.in_layers.0"] is original[0]
 
 
-def test_clip_norm_paths_are_read_through_the_resolver():
+def test_video_norm_paths_are_read_through_the_resolver():
     unet = MiniUNet()
-    assert clip_norm_paths(tree_resolver(unet)) == RESNET_NORMS + ["out"]
+    assert video_norm_paths(tree_resolver(unet)) == RESNET_NORMS + ["out"]
     original = left_behind(unet, "input_blocks.1.0.in_layers")
     no_norm_out = nn.Sequential(nn.SiLU(), *unet.out[1:])  # this model's 'out' has no GroupNorm first
     resolve = view(unet, {"input_blocks.1.0.in_layers": original, "out": no_norm_out})
-    assert clip_norm_paths(resolve) == RESNET_NORMS
+    assert video_norm_paths(resolve) == RESNET_NORMS
 
 
 def test_a_temporal_conv_patch_wraps_the_models_own_container():

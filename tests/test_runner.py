@@ -286,7 +286,7 @@ def fake():
         yield server
 
 
-def write_clip(folder: Path, name: str, content: bytes | None = None) -> Path:
+def write_video_file(folder: Path, name: str, content: bytes | None = None) -> Path:
     path = folder / name
     path.write_bytes(content if content is not None else f"not really a video: {name}".encode())
     return path
@@ -304,7 +304,7 @@ def run(argv: list[str]) -> tuple[int, str]:
 
 
 def test_one_clip_is_uploaded_edited_and_downloaded(fake, tmp_path, capsys):
-    clip = write_clip(tmp_path, "jeep.mp4")
+    clip = write_video_file(tmp_path, "jeep.mp4")
     out = tmp_path / "out"
     code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", out,
                      "--source", "a red bus", "--target", "a yellow bus", "--steps", 3, "--frames", 4])
@@ -336,7 +336,7 @@ def test_a_folder_queues_every_video_in_it(fake, tmp_path):
     folder = tmp_path / "clips"
     folder.mkdir()
     for name in ("b.mov", "a.mp4", "clip10.mp4", "clip9.webm", "notes.txt", ".hidden.mp4"):
-        write_clip(folder, name)
+        write_video_file(folder, name)
     (folder / "sub.mp4").mkdir()
     out = tmp_path / "out"
     code, err = run([STYLE_API, "--video", folder, "--server", fake.address, "--out", out])
@@ -351,14 +351,14 @@ def test_a_folder_queues_every_video_in_it(fake, tmp_path):
 
 def test_an_upload_renamed_by_the_server_is_what_the_loader_gets(fake, tmp_path):
     fake.uploads["jeep.mp4"] = b"someone else's clip"
-    clip = write_clip(tmp_path, "jeep.mp4")
+    clip = write_video_file(tmp_path, "jeep.mp4")
     code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o"])
     assert code == 0, err
     assert fake.prompts[0]["prompt"]["2"]["inputs"]["video"] == "jeep (1).mp4"
 
 
 def test_set_overrides_any_input_by_id_or_class(fake, tmp_path):
-    clip = write_clip(tmp_path, "jeep.mp4")
+    clip = write_video_file(tmp_path, "jeep.mp4")
     code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o",
                      "--set", "CheckpointLoaderSimple.ckpt_name=tiny.ckpt", "--set", "7.cfg=6.5",
                      "--set", "FateZero_EditSettings.local_latent_blend=true",
@@ -384,7 +384,7 @@ def test_a_refused_workflow_exits_1_with_the_node_errors(fake, tmp_path):
             {"type": "value_not_in_list", "message": "Value not in list",
              "details": "ckpt_name: 'v1-5-pruned-emaonly.safetensors' not in []", "extra_info": {}}]}},
     }
-    clip = write_clip(tmp_path, "jeep.mp4")
+    clip = write_video_file(tmp_path, "jeep.mp4")
     code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o"])
     assert code == 1
     assert "ComfyUI refused the workflow" in err and "Prompt outputs failed validation" in err
@@ -397,7 +397,7 @@ def test_an_execution_error_exits_1_with_the_exception(fake, tmp_path):
                     "exception_type": "comfyui_fatezero.nodes.user_errors.FateZeroNodeError",
                     "exception_message": "blend word 'car' is not in the prompt 'a silver jeep'",
                     "traceback": ["  File \"blend_settings.py\", line 1\n"]}
-    clip = write_clip(tmp_path, "jeep.mp4")
+    clip = write_video_file(tmp_path, "jeep.mp4")
     code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o"])
     assert code == 1
     assert ("node 3 (FateZero_EditSettings): FateZeroNodeError: blend word 'car' is not in "
@@ -413,8 +413,8 @@ def test_one_failing_clip_of_a_folder_does_not_stop_the_others(fake, tmp_path):
     fake.fail_only = {1}
     folder = tmp_path / "clips"
     folder.mkdir()
-    write_clip(folder, "a.mp4")
-    write_clip(folder, "b.mp4")
+    write_video_file(folder, "a.mp4")
+    write_video_file(folder, "b.mp4")
     code, err = run([STYLE_API, "--video", folder, "--server", fake.address, "--out", tmp_path / "o"])
     assert code == 1
     assert "a.mp4 | ComfyUI could not run the workflow: node 2 (FateZero_LoadVideoFrames)" in err
@@ -422,7 +422,7 @@ def test_one_failing_clip_of_a_folder_does_not_stop_the_others(fake, tmp_path):
 
 
 def test_local_problems_exit_2_before_anything_is_sent(fake, tmp_path):
-    clip = write_clip(tmp_path, "jeep.mp4")
+    clip = write_video_file(tmp_path, "jeep.mp4")
     ui = REPO / "workflows" / "style_watercolor.json"
     code, err = run([ui, "--video", clip, "--server", fake.address])
     assert code == 2 and "UI workflow" in err
@@ -447,7 +447,7 @@ def test_an_unreachable_server_is_reported(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    clip = write_clip(tmp_path, "jeep.mp4")
+    clip = write_video_file(tmp_path, "jeep.mp4")
     code, err = run([STYLE_API, "--video", clip, "--server", f"127.0.0.1:{port}"])
     assert code == 1 and "cannot reach ComfyUI at http://127.0.0.1:" in err
 
@@ -470,7 +470,7 @@ def test_bad_numbers_are_refused_by_the_argument_parser(tmp_path):
 def test_progress_falls_back_to_polling_without_a_websocket(tmp_path, monkeypatch, options, said):
     monkeypatch.setattr(runner, "POLL_EVERY_S", 0.2)
     with FakeComfy(**options) as fake:
-        clip = write_clip(tmp_path, "jeep.mp4")
+        clip = write_video_file(tmp_path, "jeep.mp4")
         code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o"])
     assert code == 0, err
     assert said in err
@@ -481,7 +481,7 @@ def test_progress_falls_back_to_polling_without_a_websocket(tmp_path, monkeypatc
 def test_a_quiet_websocket_waits_until_the_timeout(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "POLL_EVERY_S", 0.2)
     with FakeComfy(finish=False) as fake:
-        clip = write_clip(tmp_path, "jeep.mp4")
+        clip = write_video_file(tmp_path, "jeep.mp4")
         started = time.monotonic()
         code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o",
                          "--timeout", "1.5"])
@@ -493,7 +493,7 @@ def test_a_quiet_websocket_waits_until_the_timeout(tmp_path, monkeypatch):
 
 def test_a_missing_websocket_client_says_how_to_install_it(fake, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "websocket", None)
-    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server", fake.address])
+    code, err = run([STYLE_API, "--video", write_video_file(tmp_path, "jeep.mp4"), "--server", fake.address])
     assert code == 2
     assert "websocket-client package is missing" in err and "-m pip install websocket-client" in err
     assert not fake.uploads and not fake.prompts
@@ -523,8 +523,8 @@ def test_progress_bar_redraws_in_place_on_a_terminal():
 def test_saved_files_are_named_after_the_clip_and_the_workflow(fake, tmp_path):
     folder = tmp_path / "clips"
     folder.mkdir()
-    write_clip(folder, "bear.mp4")
-    write_clip(folder, "my jeep.mov")
+    write_video_file(folder, "bear.mp4")
+    write_video_file(folder, "my jeep.mov")
     code, err = run([STYLE_API, "--video", folder, "--server", fake.address, "--out", tmp_path / "o"])
     assert code == 0, err
     prefixes = [p["prompt"]["10"]["inputs"]["filename_prefix"] for p in fake.prompts]
@@ -542,7 +542,7 @@ def test_naming_rule_for_several_or_folderless_save_nodes(tmp_path):
 
 
 def test_set_still_overrides_the_prefix(fake, tmp_path):
-    clip = write_clip(tmp_path, "jeep.mp4")
+    clip = write_video_file(tmp_path, "jeep.mp4")
     code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o",
                      "--set", "SaveVideo.filename_prefix=mine/fixed"])
     assert code == 0, err
@@ -656,7 +656,7 @@ def test_started_server_gets_the_address_cpu_and_extra_args_and_is_stopped_on_ct
 
     monkeypatch.setattr(runner.Client, "upload", interrupted_upload)
     port = free_port()
-    clip = write_clip(tmp_path, "jeep.mp4")
+    clip = write_video_file(tmp_path, "jeep.mp4")
     code, err = run([STYLE_API, "--video", clip, "--server", f"127.0.0.1:{port}", "--comfyui", stand_in,
                      "--cpu", "--comfyui-args", "--lowvram --preview-method none"])
     assert code == 130, err
@@ -676,7 +676,7 @@ def test_started_server_is_stopped_after_an_error(stand_in, tmp_path, monkeypatc
 
     monkeypatch.setattr(runner.Client, "upload", refused)
     monkeypatch.setenv("STAND_IN_DELAY", "1.0")  # the runner waits for it to answer
-    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server",
+    code, err = run([STYLE_API, "--video", write_video_file(tmp_path, "jeep.mp4"), "--server",
                      f"127.0.0.1:{free_port()}", "--comfyui", stand_in])
     assert code == 1 and "uploading failed" in err
     started = json.loads((stand_in / "started.json").read_text())
@@ -685,7 +685,7 @@ def test_started_server_is_stopped_after_an_error(stand_in, tmp_path, monkeypatc
 
 def test_a_server_that_does_not_start_is_reported_with_its_log(stand_in, tmp_path, monkeypatch):
     monkeypatch.setenv("STAND_IN_FAIL", "1")
-    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server",
+    code, err = run([STYLE_API, "--video", write_video_file(tmp_path, "jeep.mp4"), "--server",
                      f"127.0.0.1:{free_port()}", "--comfyui", stand_in])
     assert code == 2
     assert "ComfyUI exited with code 3 while starting" in err and "no such module 'torch'" in err
@@ -693,7 +693,7 @@ def test_a_server_that_does_not_start_is_reported_with_its_log(stand_in, tmp_pat
 
 def test_a_running_server_is_used_and_left_running(fake, stand_in, tmp_path):
     fake.argv = ["main.py", "--listen", "127.0.0.1", "--cpu", "--preview-method=auto", "--lowvram"]
-    clip = write_clip(tmp_path, "jeep.mp4")
+    clip = write_video_file(tmp_path, "jeep.mp4")
     for asked in ([], ["--cpu"], ["--cpu", "--comfyui-args", "--lowvram --preview-method auto"]):
         code, err = run([STYLE_API, "--video", clip, "--server", fake.address, "--out", tmp_path / "o",
                          "--comfyui", stand_in, *asked])
@@ -711,7 +711,7 @@ def test_a_running_server_is_used_and_left_running(fake, stand_in, tmp_path):
 def test_a_running_server_without_the_asked_options_is_refused(fake, stand_in, tmp_path, argv, said):
     """One left by a killed run, or started by hand: --cpu/--comfyui-args cannot apply to it."""
     fake.argv = argv
-    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server", fake.address,
+    code, err = run([STYLE_API, "--video", write_video_file(tmp_path, "jeep.mp4"), "--server", fake.address,
                      "--out", tmp_path / "o", "--comfyui", stand_in, "--cpu", "--comfyui-args", "--preview-method none"])
     assert code == 2
     assert err.startswith("fatezero_run: a ComfyUI this run did not start is running at ")
@@ -723,7 +723,7 @@ def test_a_server_that_ignores_ctrl_c_is_killed_after_a_while(stand_in, tmp_path
     monkeypatch.setattr(runner, "STOP_WAIT_S", 1.0)
     monkeypatch.setenv("STAND_IN_IGNORE_INT", "1")
     monkeypatch.setattr(runner.Client, "upload", lambda self, path: (_ for _ in ()).throw(KeyboardInterrupt))
-    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server",
+    code, err = run([STYLE_API, "--video", write_video_file(tmp_path, "jeep.mp4"), "--server",
                      f"127.0.0.1:{free_port()}", "--comfyui", stand_in])
     assert code == 130, err
     started = json.loads((stand_in / "started.json").read_text())
@@ -736,7 +736,7 @@ def start_runner_uploading_to(folder: Path, tmp_path: Path) -> tuple[subprocess.
     """The runner as a process with ``--comfyui folder``, stopped in its upload; with the
     started server's pid."""
     cmd = [sys.executable, str(REPO / "tools" / "fatezero_run.py"), str(STYLE_API),
-           "--video", str(write_clip(tmp_path, "jeep.mp4")), "--server", f"127.0.0.1:{free_port()}",
+           "--video", str(write_video_file(tmp_path, "jeep.mp4")), "--server", f"127.0.0.1:{free_port()}",
            "--comfyui", str(folder), "--out", str(tmp_path / "o")]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -784,7 +784,7 @@ def test_a_killed_runner_still_stops_the_started_server_with_sigint(stand_in, tm
 
 
 def test_comfyui_options_are_checked(tmp_path, stand_in):
-    clip = write_clip(tmp_path, "jeep.mp4")
+    clip = write_video_file(tmp_path, "jeep.mp4")
     with pytest.raises(SystemExit):
         runner.parse_args([str(STYLE_API), "--video", str(clip), "--cpu"])
     code, err = run([STYLE_API, "--video", clip, "--comfyui", tmp_path, "--server", f"127.0.0.1:{free_port()}"])
@@ -811,7 +811,7 @@ def test_comfyui_folder_as_a_user_types_it(tmp_path, monkeypatch, typed):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setattr(runner.Client, "upload", lambda self, path: (_ for _ in ()).throw(KeyboardInterrupt))
-    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server",
+    code, err = run([STYLE_API, "--video", write_video_file(tmp_path, "jeep.mp4"), "--server",
                      f"127.0.0.1:{free_port()}", "--comfyui", typed])
     assert code == 130, err
     started = json.loads((folder / "started.json").read_text())
@@ -825,7 +825,7 @@ def test_comfyui_folder_as_a_user_types_it(tmp_path, monkeypatch, typed):
 
 
 def test_downloads_never_overwrite_a_file_in_out(fake, tmp_path, capsys):
-    clip = write_clip(tmp_path, "jeep.mp4")
+    clip = write_video_file(tmp_path, "jeep.mp4")
     out = tmp_path / "out"
     out.mkdir()
     (out / "jeep_00001_.mp4").write_bytes(b"my own edit")
@@ -847,7 +847,7 @@ def test_downloads_never_overwrite_a_file_in_out(fake, tmp_path, capsys):
 def test_output_names_that_are_not_plain_file_names_are_refused(fake, tmp_path):
     fake.extra_outputs = ["..", ".", "sub/x.mp4", "..\\x.mp4", "ok.png"]
     out = tmp_path / "nested" / "out"
-    code, err = run([STYLE_API, "--video", write_clip(tmp_path, "jeep.mp4"), "--server", fake.address,
+    code, err = run([STYLE_API, "--video", write_video_file(tmp_path, "jeep.mp4"), "--server", fake.address,
                      "--out", out])
     assert code == 1
     for name in ("..", ".", "sub/x.mp4", "..\\x.mp4"):

@@ -218,7 +218,7 @@ def test_random_temporal_layers_couple_frames_and_unpatching_restores(unet):
         assert torch.equal(unet(x), plain_x)
 
 
-def test_frame_context_splits_the_batch_into_clips(unet):
+def test_frame_context_splits_the_batch_into_videos(unet):
     context = FrameContext()
     inflate(unet, context, random=True)
     x = frames_input()
@@ -243,7 +243,7 @@ def test_frame_context_scoping_and_copies():
     assert copy.deepcopy({"c": context})["c"] is context
 
 
-def test_batch_that_is_not_whole_clips_is_refused():
+def test_batch_that_is_not_whole_videos_is_refused():
     assert frames_per_chunk(12, 3) == 4
     with pytest.raises(FateZeroError, match="cannot hold 2 whole clips"):
         frames_per_chunk(7, 2)

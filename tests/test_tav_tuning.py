@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fatezero_core.attention import attention, clip_self_attention
+from fatezero_core.attention import attention, video_self_attention
 from fatezero_core.errors import FateZeroError
 from fatezero_core.tav import checkpoint as tav
 from fatezero_core.tav import train as core
@@ -35,10 +35,10 @@ def test_official_defaults():
 
 @pytest.mark.parametrize("shape, message", [((1, 4, 8, 8), "at least 2 frames"), ((3, 8, 8, 8), "frames, 4, h, w"),
                                             ((1, 3, 4, 8, 8), "frames, 4, h, w")])
-def test_clip_latent_errors(shape, message):
+def test_video_latent_errors(shape, message):
     with pytest.raises(FateZeroError, match=message):
-        core.check_clip_latent(torch.zeros(shape))
-    assert core.check_clip_latent(torch.zeros(2, 4, 8, 8)) == 2
+        core.check_video_latent(torch.zeros(shape))
+    assert core.check_video_latent(torch.zeros(2, 4, 8, 8)) == 2
 
 
 def widths():
@@ -142,11 +142,11 @@ def test_oom_advice_names_what_to_change():
     assert "gradient_checkpointing" not in text and "bf16" not in text
 
 
-def test_clip_self_attention_is_per_clip_with_previous_and_first_frame_keys():
+def test_video_self_attention_is_per_video_with_previous_and_first_frame_keys():
     g = torch.Generator().manual_seed(2)
     frames, tokens, channels, heads = 3, 5, 8, 2
     q, k, v = (torch.randn(2 * frames, tokens, channels, generator=g) for _ in range(3))
-    out = clip_self_attention(q, k, v, heads, (-1, "first"), chunks=2)
+    out = video_self_attention(q, k, v, heads, (-1, "first"), chunks=2)
     for c in range(2):
         for f in range(frames):
             i = c * frames + f
@@ -154,10 +154,10 @@ def test_clip_self_attention_is_per_clip_with_previous_and_first_frame_keys():
             ref = attention(q[i:i + 1], torch.cat([k[j] for j in keys])[None], torch.cat([v[j] for j in keys])[None], heads)
             assert torch.allclose(out[i], ref[0], atol=1e-6), (c, f)
     with pytest.raises(FateZeroError, match="whole clips"):
-        clip_self_attention(q, k, v, heads, (-1, "first"), chunks=4)
+        video_self_attention(q, k, v, heads, (-1, "first"), chunks=4)
 
 
-def test_tune_clip_runs_the_official_sample_and_learns():
+def test_tune_video_runs_the_official_sample_and_learns():
     """The loop draws (t, eps) exactly as draw_step with the seed, noises x = x0 + sigma(t) eps, and
     lowers the noise-prediction MSE of a model that can represent the noise."""
     torch.manual_seed(0)
@@ -174,7 +174,7 @@ def test_tune_clip_runs_the_official_sample_and_learns():
         return torch.tensor([0.1 + t / 1000.0])
 
     steps_seen = []
-    losses = core.tune_clip(denoise, sigma_of, x0, [weight], 60, core.OptimizerSettings(lr=0.05), seed=7,
+    losses = core.tune_video(denoise, sigma_of, x0, [weight], 60, core.OptimizerSettings(lr=0.05), seed=7,
                             on_step=lambda done, so_far: steps_seen.append((done, len(so_far))))
     generator = torch.Generator().manual_seed(7)
     t0, eps0 = core.draw_step(generator, x0)

@@ -255,7 +255,7 @@ def apply_sets(graph: dict, sets: list[str]) -> None:
             graph[node_id]["inputs"][input_name] = parse_value(value)
 
 
-def name_outputs(graph: dict, clip_stem: str, workflow_stem: str) -> None:
+def name_outputs(graph: dict, video_stem: str, workflow_stem: str) -> None:
     """Every save node's ``filename_prefix`` becomes ``<its folder>/<clip>_<workflow>`` (plus
     ``_<node id>`` when the workflow saves from several nodes), so each clip's results are told
     apart by name: ``fatezero/jeep_watercolor`` -> ``fatezero/bear_style_watercolor``."""
@@ -263,15 +263,15 @@ def name_outputs(graph: dict, clip_stem: str, workflow_stem: str) -> None:
     for node_id in savers:
         inputs = graph[node_id]["inputs"]
         folder = inputs["filename_prefix"].replace("\\", "/").rpartition("/")[0]
-        name = f"{clip_stem}_{workflow_stem}" + (f"_{node_id}" if len(savers) > 1 else "")
+        name = f"{video_stem}_{workflow_stem}" + (f"_{node_id}" if len(savers) > 1 else "")
         inputs["filename_prefix"] = f"{folder}/{name}" if folder else name
 
 
-def prepare(graph: dict, video_name: str, args, clip_stem: str = "clip") -> dict:
+def prepare(graph: dict, video_name: str, args, video_stem: str = "clip") -> dict:
     graph = json.loads(json.dumps(graph))
     loader = one_node(graph, LOADER, "--video")
     graph[loader]["inputs"]["video"] = video_name
-    name_outputs(graph, clip_stem, args.workflow.stem)
+    name_outputs(graph, video_stem, args.workflow.stem)
     if args.frames is not None:
         graph[loader]["inputs"]["frame_load_cap"] = args.frames
     if args.source is not None:

@@ -58,7 +58,7 @@ def is_trainable(name: str) -> bool:
     return "to_q" in parts or "attn_temporal" in parts or "conv_temporal" in parts
 
 
-def check_clip_latent(samples: torch.Tensor) -> int:
+def check_video_latent(samples: torch.Tensor) -> int:
     """Frames of a frame-major clip latent ``[F, 4, h, w]``; errors say what to connect instead."""
     if samples.ndim != 4 or samples.shape[1] != 4:
         raise FateZeroError(
@@ -174,7 +174,7 @@ def train_step(loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optim
     return float(loss.detach())
 
 
-def tune_clip(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def tune_video(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
               sigma_of: Callable[[int], torch.Tensor], x0: torch.Tensor, params: Sequence[torch.Tensor],
               steps: int, settings: OptimizerSettings, seed: int,
               scaler: Optional["torch.amp.GradScaler"] = None,
@@ -267,7 +267,7 @@ def oom_advice(frames: int, height: int, width: int, checkpointing: bool, precis
 
 __all__ = [
     "MIN_FRAMES", "NUM_TRAIN_TIMESTEPS", "OFFICIAL_LEARNING_RATE", "OFFICIAL_LORA_RANK", "OFFICIAL_SEED",
-    "OFFICIAL_STEPS", "OptimizerSettings", "check_clip_latent", "draw_step", "eps_from_denoised",
+    "OFFICIAL_STEPS", "OptimizerSettings", "check_video_latent", "draw_step", "eps_from_denoised",
     "fatezero_layout", "fresh_temporal_checkpoint", "is_trainable", "loss_curve_image",
-    "make_optimizer", "noise_prediction_loss", "oom_advice", "running_mean", "train_step", "tune_clip",
+    "make_optimizer", "noise_prediction_loss", "oom_advice", "running_mean", "train_step", "tune_video",
 ]

@@ -25,7 +25,7 @@ from host_server import execution_error
 from test_group_norm import chunk_spy, max_rel
 from test_invert_sample import SOURCE, TARGET, empty, invert, moving_latent, sample, settings
 from test_workflows import load_api
-from test_workflows_host import sd15_shape_checkpoint, shrink, write_clip
+from test_workflows_host import sd15_shape_checkpoint, shrink, write_video_file
 
 # The shipped style edit reweights "watercolor": every target here keeps that word.
 NEW_TARGET = "watercolor painting of a silver jeep driving down a snowy road in the countryside"
@@ -186,7 +186,7 @@ def set_target(prompt: dict, target: str) -> dict:
 
 
 def test_changing_the_target_reruns_only_the_edit(comfy_server):
-    video = write_clip(comfy_server.input_dir, "many_cache.avi")
+    video = write_video_file(comfy_server.input_dir, "many_cache.avi")
     tag = uuid.uuid4().hex[:6]
     first = style_prompt(comfy_server, video, tag)
     run_ok(comfy_server, first)
@@ -213,7 +213,7 @@ def test_changing_the_target_reruns_only_the_edit(comfy_server):
 
 def test_changing_the_target_keeps_the_tuned_model(comfy_server):
     base_name = sd15_shape_checkpoint(comfy_server)
-    video = write_clip(comfy_server.input_dir, "many_train.avi")
+    video = write_video_file(comfy_server.input_dir, "many_train.avi")
     prompt = shrink(load_api("shape_edit_train"), comfy_server, video, prefix=f"many_train_{uuid.uuid4().hex[:6]}")
     prompt[ids_of(prompt, "CheckpointLoaderSimple")[0]]["inputs"]["ckpt_name"] = base_name
     run_ok(comfy_server, prompt)
@@ -229,7 +229,7 @@ TARGETS = ("watercolor painting of a silver jeep driving down a snowy road in th
 
 
 def test_three_edits_of_one_inversion_in_one_queue_equal_each_edit_alone(comfy_server):
-    video = write_clip(comfy_server.input_dir, "many_list.avi")
+    video = write_video_file(comfy_server.input_dir, "many_list.avi")
     tag = uuid.uuid4().hex[:6]
     base = style_prompt(comfy_server, video, tag)
     settings_id = ids_of(base, "FateZero_EditSettings")[0]
@@ -269,7 +269,7 @@ def test_a_workflow_saved_with_the_deprecated_settings_node_still_runs(comfy_ser
     saved = Path(__file__).resolve().parent.parent / "data" / "saved_workflows" / "api" / "style_watercolor.json"
     api = json.loads(saved.read_text())
     assert ids_of(api, "FateZero_AttentionBlendSettings")
-    video = write_clip(comfy_server.input_dir, "many_saved.avi")
+    video = write_video_file(comfy_server.input_dir, "many_saved.avi")
     prompt = shrink(api, comfy_server, video, prefix=f"many_saved_{uuid.uuid4().hex[:6]}")
     entry = run_ok(comfy_server, prompt)
     assert entry["outputs"][ids_of(prompt, "SaveVideo")[0]]["images"]

@@ -21,7 +21,7 @@ TOL = 1e-5  # max |difference| / mean |reference|, fp32
 STEPS = 4
 
 
-class NaiveClipGroupNorm(torch.nn.Module):
+class NaiveVideoGroupNorm(torch.nn.Module):
     """GroupNorm with statistics over each clip of ``frames`` frames, written out."""
 
     def __init__(self, norm: torch.nn.GroupNorm, frames: int):
@@ -50,10 +50,10 @@ def official_network(frames: int = FRAMES):
     replaced = 0
     for module in list(unet.modules()):
         if isinstance(module, ResBlock):
-            module.in_layers[0] = NaiveClipGroupNorm(module.in_layers[0], frames)
-            module.out_layers[0] = NaiveClipGroupNorm(module.out_layers[0], frames)
+            module.in_layers[0] = NaiveVideoGroupNorm(module.in_layers[0], frames)
+            module.out_layers[0] = NaiveVideoGroupNorm(module.out_layers[0], frames)
             replaced += 2
-    unet.out[0] = NaiveClipGroupNorm(unet.out[0], frames)
+    unet.out[0] = NaiveVideoGroupNorm(unet.out[0], frames)
     assert replaced == 2 * 22  # SD1.5: 8 encoder, 2 middle and 12 decoder ResNet blocks
     return model
 
@@ -142,18 +142,18 @@ def test_frame_mode_adds_nothing_and_clip_mode_leaves_the_input_model_alone(node
     assert store.config.group_norm == "clip"
     assert tiny_sd15.object_patches == before and "fatezero_group_norm" not in tiny_sd15.model_options.get(
         "transformer_options", {})
-    assert nodes.clip_runtime.with_group_norm(tiny_sd15, "frame") is tiny_sd15
-    clip_model = nodes.clip_runtime.with_group_norm(tiny_sd15, "clip")
-    assert clip_model is not tiny_sd15
-    assert len(clip_model.object_patches) == 2 * 22 + 1
+    assert nodes.video_runtime.with_group_norm(tiny_sd15, "frame") is tiny_sd15
+    video_norm_model = nodes.video_runtime.with_group_norm(tiny_sd15, "clip")
+    assert video_norm_model is not tiny_sd15
+    assert len(video_norm_model.object_patches) == 2 * 22 + 1
 
 
-def test_batch_that_is_not_whole_clips_is_refused(nodes, tiny_sd15):
+def test_batch_that_is_not_whole_videos_is_refused(nodes, tiny_sd15):
     """Two clips declared for a batch of 3 latents: a clear error, never a silent per-frame norm."""
     from comfyui_fatezero.fatezero_core.errors import FateZeroError
 
-    model = nodes.clip_runtime.with_group_norm(tiny_sd15, "clip")
-    runtime = nodes.clip_runtime.clip_runtime(model)
+    model = nodes.video_runtime.with_group_norm(tiny_sd15, "clip")
+    runtime = nodes.video_runtime.video_runtime(model)
     norm = model.get_model_object("diffusion_model.out")
     with runtime.frames.running(2), pytest.raises(FateZeroError, match="cannot hold 2 whole clips"):
         norm(torch.randn(3, 32, 4, 4))
@@ -167,7 +167,7 @@ def test_sample_uses_the_store_choice(nodes, tiny_sd15, tiny_clip):
     latent = moving_latent()
     src, tgt, spec = settings(nodes, tiny_clip)
     neg = empty(tiny_clip)
-    for norm, network in (("frame", tiny_sd15), ("clip", nodes.clip_runtime.with_group_norm(tiny_sd15, "clip"))):
+    for norm, network in (("frame", tiny_sd15), ("clip", nodes.video_runtime.with_group_norm(tiny_sd15, "clip"))):
         inverted, store = invert(nodes, tiny_sd15, src, latent, group_norm=norm)
         ours, _ = sample(nodes, tiny_sd15, tgt, neg, inverted, store, spec, cfg=7.5, fusion=False)
         (core,) = core_nodes.KSamplerAdvanced().sample(

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from test_metrics import moving_clip, noise_clip
+from test_metrics import moving_video, noise_video
 
 SOURCE = "a cat sitting on a wooden table"
 TARGET = "a dog sitting on a wooden table"
@@ -30,7 +30,7 @@ def tiny_clip_vision(comfyui_path):
 
 @pytest.fixture
 def clips():
-    source = moving_clip(frames=4)
+    source = moving_video(frames=4)
     return source, (1.0 - source).clamp(0, 1)  # an "edit": another look, the source's motion
 
 
@@ -98,7 +98,7 @@ def test_without_clip_models_the_clip_metrics_are_skipped_with_a_note(node, clip
 
 
 def test_warp_error_needs_no_model_and_tells_noise_from_motion(node, host_inference_mode):
-    moving, noise = moving_clip(frames=4), noise_clip(frames=4)
+    moving, noise = moving_video(frames=4), noise_video(frames=4)
     steady = float(rows(run(node, moving).args[0])["warp error"][0])
     jumpy = float(rows(run(node, noise).args[0])["warp error"][0])
     assert jumpy > 20 * steady
@@ -183,9 +183,9 @@ def test_json_file_in_the_output_folder(node, clips, tiny_clip_vision, tiny_clip
 def test_server_runs_the_node_as_the_graphs_output(comfy_server):
     """Queued through ``/prompt`` with no other output node: ComfyUI runs it as a sink, and the
     history carries its table (``text``), its plot preview and the JSON file it saved."""
-    from clip_writers import write_video
+    from video_writers import write_video
 
-    write_video(comfy_server.input_dir / "fz_metrics.avi", moving_clip(frames=4), 8.0)
+    write_video(comfy_server.input_dir / "fz_metrics.avi", moving_video(frames=4), 8.0)
     graph = {
         "1": {"class_type": "FateZero_LoadVideoFrames", "inputs": {
             "video": "fz_metrics.avi", "frame_load_cap": 4, "skip_first_frames": 0,

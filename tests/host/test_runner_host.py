@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from clip_writers import write_video
+from video_writers import write_video
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = REPO / "tools" / "fatezero_run.py"
 API = REPO / "workflows" / "api"
 
 
-def write_clip(path: Path, shade: int = 0) -> Path:
+def write_video_file(path: Path, shade: int = 0) -> Path:
     frames = torch.zeros(5, 40, 72, 3)
     for k in range(5):
         frames[k] = (25 * k + 30 + shade) / 255.0
@@ -52,7 +52,7 @@ def check_video(path: Path, frames: int = 2, size: int = 64) -> None:
 
 
 def test_runner_edits_a_clip_with_progress_and_downloads(comfy_server, tmp_path):
-    clip = write_clip(tmp_path / "runner clip.mp4")
+    clip = write_video_file(tmp_path / "runner clip.mp4")
     out = tmp_path / "out"
     result = run(comfy_server, "style_watercolor", clip, out,
                  "--source", "a silver jeep driving down a curvy road in the countryside",
@@ -75,8 +75,8 @@ def test_runner_edits_a_clip_with_progress_and_downloads(comfy_server, tmp_path)
 def test_runner_queues_a_folder(comfy_server, tmp_path):
     folder = tmp_path / "clips"
     folder.mkdir()
-    write_clip(folder / "bear_a.mp4", shade=3)
-    write_clip(folder / "bear_b.avi", shade=9)
+    write_video_file(folder / "bear_a.mp4", shade=3)
+    write_video_file(folder / "bear_b.avi", shade=9)
     (folder / "readme.txt").write_text("not a clip")
     out = tmp_path / "out"
     result = run(comfy_server, "attribute_edit", folder, out)
@@ -90,7 +90,7 @@ def test_runner_queues_a_folder(comfy_server, tmp_path):
 
 
 def test_runner_reports_an_execution_error_and_exits_1(comfy_server, tmp_path):
-    clip = write_clip(tmp_path / "runner_err.mp4", shade=20)
+    clip = write_video_file(tmp_path / "runner_err.mp4", shade=20)
     result = run(comfy_server, "attribute_edit", clip, tmp_path / "out",
                  "--source", "a silver jeep on a road", "--target", "a red jeep on a road")
     assert result.returncode == 1
@@ -101,7 +101,7 @@ def test_runner_reports_an_execution_error_and_exits_1(comfy_server, tmp_path):
 
 
 def test_runner_reports_a_refused_workflow_and_exits_1(comfy_server, tmp_path):
-    clip = write_clip(tmp_path / "runner_refused.mp4", shade=30)
+    clip = write_video_file(tmp_path / "runner_refused.mp4", shade=30)
     result = run(comfy_server, "style_watercolor", clip, tmp_path / "out",
                  "--set", "CheckpointLoaderSimple.ckpt_name=v1-5-pruned-emaonly.safetensors")
     assert result.returncode == 1
@@ -120,8 +120,8 @@ def test_runner_with_comfyui_starts_runs_and_stops_a_server(comfyui_path, tiny_c
     shutil.copyfile(tiny_checkpoint, base / "models" / "checkpoints" / tiny_checkpoint.name)
     folder = tmp_path / "clips"
     folder.mkdir()
-    write_clip(folder / "bear_a.mp4", shade=5)
-    write_clip(folder / "bear b.avi", shade=11)
+    write_video_file(folder / "bear_a.mp4", shade=5)
+    write_video_file(folder / "bear b.avi", shade=11)
     port = host_server.free_port()
     out = tmp_path / "out"
     cmd = [sys.executable, str(RUNNER), str(API / "style_watercolor.json"), "--video", str(folder),
@@ -176,7 +176,7 @@ def test_a_closed_terminal_stops_the_comfyui_the_runner_started(comfyui_path, ti
     shutil.copyfile(tiny_checkpoint, base / "models" / "checkpoints" / tiny_checkpoint.name)
     port = host_server.free_port()
     cmd = [sys.executable, str(RUNNER), str(API / "style_watercolor.json"),
-           "--video", str(write_clip(tmp_path / "hangup.mp4", shade=7)),
+           "--video", str(write_video_file(tmp_path / "hangup.mp4", shade=7)),
            "--server", f"127.0.0.1:{port}", "--comfyui", comfyui_path, "--cpu",
            "--comfyui-args", f"--base-directory {base} --database-url sqlite:///:memory:",
            "--out", str(tmp_path / "out"), "--steps", "2", "--frames", "2",

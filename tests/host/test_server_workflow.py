@@ -8,13 +8,13 @@ import cv2
 import pytest
 import torch
 
-from clip_writers import write_video
+from video_writers import write_video
 from host_server import execution_error
 
 N_FRAMES, SIZE = 3, 64
 
 
-def write_clip(folder, name="fz_clip.avi", shade=0):
+def write_video_file(folder, name="fz_clip.avi", shade=0):
     frames = torch.zeros(6, 48, 80, 3)
     for k in range(6):
         frames[k] = (20 * k + 10 + shade) / 255.0
@@ -49,7 +49,7 @@ def messages(entry, name):
 
 
 def test_workflow_with_tiny_checkpoint_runs(comfy_server):
-    video = write_clip(comfy_server.input_dir)
+    video = write_video_file(comfy_server.input_dir)
     entry = comfy_server.run(graph(comfy_server.checkpoint, video))
     assert entry["status"]["status_str"] == "success", (execution_error(entry), comfy_server.log_tail())
     images = entry["outputs"]["7"]["images"]
@@ -62,14 +62,14 @@ def test_workflow_with_tiny_checkpoint_runs(comfy_server):
 
 
 def test_unchanged_video_is_cached_and_a_changed_one_reloads(comfy_server):
-    video = write_clip(comfy_server.input_dir, "fz_cache.avi")
+    video = write_video_file(comfy_server.input_dir, "fz_cache.avi")
     first = comfy_server.run(graph(comfy_server.checkpoint, video, prefix="fz_cache"))
     assert first["status"]["status_str"] == "success"
     again = comfy_server.run(graph(comfy_server.checkpoint, video, prefix="fz_cache"))
     cached = messages(again, "execution_cached")[0]["nodes"]
     assert "2" in cached and "3" in cached
 
-    write_clip(comfy_server.input_dir, "fz_cache.avi", shade=5)  # same name, new content
+    write_video_file(comfy_server.input_dir, "fz_cache.avi", shade=5)  # same name, new content
     changed = comfy_server.run(graph(comfy_server.checkpoint, video, prefix="fz_cache"))
     assert changed["status"]["status_str"] == "success"
     assert "2" not in messages(changed, "execution_cached")[0]["nodes"]
@@ -90,7 +90,7 @@ def test_video_outside_input_folder_is_refused(comfy_server):
 
 
 def test_bad_blend_word_fails_at_the_settings_node(comfy_server):
-    video = write_clip(comfy_server.input_dir, "fz_err.avi")
+    video = write_video_file(comfy_server.input_dir, "fz_err.avi")
     entry = comfy_server.run(graph(comfy_server.checkpoint, video, blend_words="car", prefix="fz_err"))
     assert entry["status"]["status_str"] == "error"
     error = execution_error(entry)
@@ -102,7 +102,7 @@ def test_bad_blend_word_fails_at_the_settings_node(comfy_server):
 
 
 def test_zero_frames_fail_at_the_loader(comfy_server):
-    video = write_clip(comfy_server.input_dir, "fz_zero.avi")
+    video = write_video_file(comfy_server.input_dir, "fz_zero.avi")
     prompt = graph(comfy_server.checkpoint, video, prefix="fz_zero")
     prompt["2"]["inputs"]["skip_first_frames"] = 100
     entry = comfy_server.run(prompt)
@@ -134,7 +134,7 @@ def test_fatezero_edit_end_to_end(comfy_server):
     info = comfy_server.object_info()
     if not {"FateZero_DDIMInvert", "FateZero_Sample"} <= set(info):
         pytest.skip("FateZero DDIM Invert / Sample are not in this checkout")
-    video = write_clip(comfy_server.input_dir, "fz_edit.avi")
+    video = write_video_file(comfy_server.input_dir, "fz_edit.avi")
     entry = comfy_server.run(fatezero_graph(comfy_server, video))
     assert entry["status"]["status_str"] == "success", (execution_error(entry), comfy_server.log_tail())
     images = entry["outputs"]["9"]["images"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from test_invert_sample import empty, invert, moving_latent, sample, settings
-from test_tav_train import PROMPT, clip_latent, encode, run_train, unet_out
+from test_tav_train import PROMPT, video_latent, encode, run_train, unet_out
 
 pytestmark = pytest.mark.usefixtures("host_inference_mode")
 
@@ -55,6 +55,6 @@ def test_training_after_an_edit_trains_the_network_a_fresh_model_trains(nodes, t
     fatezero_edit(nodes, tiny_sd15, tiny_clip)
     after_edit, _ = run_train(nodes.tav_train, tiny_sd15, source, steps=2).args
     fresh, _ = run_train(nodes.tav_train, tiny_models.build_tiny_sd15(), source, steps=2).args
-    x = clip_latent()
+    x = video_latent()
     for sigma in (0.5, 8.0):
         assert torch.equal(unet_out(after_edit, x, sigma, source), unet_out(fresh, x, sigma, source))

@@ -298,11 +298,11 @@ def test_identity_temporal_layers_equal_the_clip_norm_2d_model(nodes, loader, ta
     pos, neg = encode(tiny_clip, PROMPT), encode(tiny_clip, "")
     latent = frames_latent()
     per_frame = ksample(tiny_sd15, pos, neg, latent)
-    clip_norm = ksample(nodes.clip_runtime.with_group_norm(tiny_sd15, "clip"), pos, neg, latent)
+    video_norm = ksample(nodes.video_runtime.with_group_norm(tiny_sd15, "clip"), pos, neg, latent)
     official = ksample(official_network(FRAMES), pos, neg, latent)
     ours = ksample(model, pos, neg, latent)
     assert torch.isfinite(ours).all()
-    assert torch.equal(ours, clip_norm), float((ours - clip_norm).abs().max())
+    assert torch.equal(ours, video_norm), float((ours - video_norm).abs().max())
     # An uncalmed random UNet amplifies float rounding (hand-written norm vs torch's) tenfold here.
     assert float((ours - official).abs().max() / official.abs().mean()) < 10 * TOL
     assert float((ours - per_frame).abs().max() / per_frame.abs().mean()) > 1e-3
@@ -368,8 +368,8 @@ def test_cond_and_uncond_clips_stay_separate(loader, tav_dir, tiny_sd15, tiny_2d
     both = run(slice(None), [1, 0])
     alone = torch.cat([run(slice(0, FRAMES), [1]), run(slice(FRAMES, None), [0])])
     assert torch.allclose(both, alone, atol=1e-5), float((both - alone).abs().max())
-    as_one_clip = run(slice(None), [0])
-    assert float((as_one_clip - both).abs().max()) > 1e-4
+    as_one_video = run(slice(None), [0])
+    assert float((as_one_video - both).abs().max()) > 1e-4
 
 
 def test_diffusers_folders_and_bin_files_load(loader, folder, tav_dir, tiny_sd15, tiny_2d):
@@ -654,7 +654,7 @@ def test_shape_edit_workflow_runs_headless(comfy_server):
     SD1.5 UNet shape (random weights, as the base MODEL plus its CLIP and VAE), a Tune-A-Video
     UNet tuned from that shape (a diffusers folder), a 4-frame clip at 64 px and 2 steps."""
     import av
-    from clip_writers import write_video
+    from video_writers import write_video
     from host_server import execution_error
 
     import tiny_models
@@ -719,7 +719,7 @@ def test_unet_alone_loads_through_comfyui_loader(nodes, loader, tav_dir):
             assert torch.equal(unet[comfy_key], sd[key].to(expected_dtype)), key
     assert len(model.object_patches) == 16 + 52
     assert model.model_options["transformer_options"]["fatezero_key_rule"] == "prev, first"
-    assert nodes.clip_runtime.model_group_norm(model) == "clip"
+    assert nodes.video_runtime.model_group_norm(model) == "clip"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -743,7 +743,7 @@ def test_temporal_layers_leave_the_device_with_the_model(nodes, tiny_sd15):
 
     tav = tiny_sd15.clone()
     nodes.tav_network.insert_temporal_layers(tav, nodes.tav_network.fresh_layers(tiny_sd15, 4, 0))
-    layers = nodes.clip_runtime.clip_runtime(tav).modules
+    layers = nodes.video_runtime.video_runtime(tav).modules
     comfy.model_management.load_models_gpu([tav])
     tav.offload_device = tiny_sd15.offload_device = META
     sibling = tav.clone()

@@ -54,7 +54,7 @@ def tav_dir(tmp_path, monkeypatch) -> Path:
     return folder
 
 
-def clip_latent(frames: int = FRAMES, size: int = LATENT) -> torch.Tensor:
+def video_latent(frames: int = FRAMES, size: int = LATENT) -> torch.Tensor:
     g = torch.Generator().manual_seed(11)
     x = torch.randn(frames, 4, size, size, generator=g) * 0.1 - 0.5
     for f in range(frames):
@@ -69,7 +69,7 @@ def encode(clip, text):
 
 
 def run_train(train, model, source, steps=4, lr=FAST_LR, save_name="", latent=None, **kw):
-    args = dict(model=model, latent={"samples": clip_latent() if latent is None else latent}, source=source,
+    args = dict(model=model, latent={"samples": video_latent() if latent is None else latent}, source=source,
                 steps=steps, learning_rate=lr, seed=SEED, gradient_checkpointing=True, precision="auto",
                 trainable="official", lora_rank=160, save_name=save_name)
     args.update(kw)
@@ -162,7 +162,7 @@ def test_saved_file_reloads_to_the_same_network_bit_for_bit(nodes, train, tiny_s
     assert any(k.endswith(".conv_temporal.down.weight") for k in keys)
     reloaded = nodes.tav_loader.FateZeroTuneAVideoLoader.execute(checkpoint="clip/tuned.safetensors",
                                                                   base_model=tiny_sd15).args[0]
-    x = clip_latent()
+    x = video_latent()
     for sigma in (0.5, 8.0):
         assert torch.equal(unet_out(reloaded, x, sigma, source), unet_out(model, x, sigma, source))
     # and the tuned model differs from the untuned one: the file carries the training
@@ -187,7 +187,7 @@ def test_a_save_puts_every_tensor_under_its_own_owner_whatever_the_layer_order(
     model, _ = run_train(train, tiny_sd15, source, steps=1, save_name="reordered").args
     reloaded = nodes.tav_loader.FateZeroTuneAVideoLoader.execute(checkpoint="reordered.safetensors",
                                                                   base_model=tiny_sd15).args[0]
-    x = clip_latent()
+    x = video_latent()
     assert torch.equal(unet_out(reloaded, x, 0.5, source), unet_out(model, x, 0.5, source))
 
 
@@ -372,10 +372,10 @@ def test_first_step_loss_is_the_objective_on_the_loader_network(nodes, train, ti
     from fatezero_core.tav import train as core
 
     source = encode(tiny_clip, PROMPT)
-    latent = clip_latent()
+    latent = video_latent()
     run_train(train, tiny_sd15, source, steps=1, lr=1e-7)
     reference = tiny_sd15.clone()
-    nodes.clip_runtime.use_clip_group_norm(reference)
+    nodes.video_runtime.use_video_group_norm(reference)
     for key in nodes.patching.attention_block_keys(nodes.patching.unet_resolver(reference)):
         reference.set_model_attn1_replace(reference_prev_first_attn1, *key)
     x0 = tiny_sd15.model.process_latent_in(latent)

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from clip_writers import write_image_sequence, write_video
+from video_writers import write_image_sequence, write_video
 
 N, H, W, FPS = 12, 64, 96, 8.0
 
@@ -36,7 +36,7 @@ def node(comfy_nodes):
 
 
 @pytest.fixture
-def clip_file(comfy_input_dir):
+def video_file(comfy_input_dir):
     write_video(comfy_input_dir / "clip.avi", frames_array(), FPS)
     return "clip.avi"
 
@@ -72,7 +72,7 @@ def test_widgets(node):
     assert required["resize_mode"][1]["default"] == "crop"
 
 
-def test_lists_videos_images_and_sequence_folders(node, comfy_input_dir, clip_file):
+def test_lists_videos_images_and_sequence_folders(node, comfy_input_dir, video_file):
     frames = frames_array(3)
     write_image_sequence(comfy_input_dir / "seq", frames)
     write_image_sequence(comfy_input_dir, frames[:1], prefix="still")
@@ -88,8 +88,8 @@ def test_lists_videos_images_and_sequence_folders(node, comfy_input_dir, clip_fi
 # ------------------------------------------------------------------------------------------------
 
 
-def test_loads_frames_count_and_fps(node, clip_file):
-    out = run(node, clip_file, frame_load_cap=4)
+def test_loads_frames_count_and_fps(node, video_file):
+    out = run(node, video_file, frame_load_cap=4)
     frames, count, fps, audio = out.args
     assert audio is None  # the clip has no sound
     assert frames.shape == (4, 64, 64, 3) and frames.dtype == torch.float32
@@ -99,16 +99,16 @@ def test_loads_frames_count_and_fps(node, clip_file):
     assert brightness_codes(frames) == [0, 1, 2, 3]
 
 
-def test_selection_and_fps(node, clip_file):
-    frames, count, fps, _ = run(node, clip_file, frame_load_cap=0, skip_first_frames=3, select_every_nth=2).args
+def test_selection_and_fps(node, video_file):
+    frames, count, fps, _ = run(node, video_file, frame_load_cap=0, skip_first_frames=3, select_every_nth=2).args
     assert brightness_codes(frames) == [3, 5, 7, 9, 11]
     assert count == 5 and fps == pytest.approx(FPS / 2)
 
 
-def test_resize_modes(node, clip_file):
-    assert run(node, clip_file, size=32, resize_mode="crop").args[0].shape[1:3] == (32, 32)
-    assert run(node, clip_file, size=32, resize_mode="keep_aspect").args[0].shape[1:3] == (32, 48)
-    assert run(node, clip_file, size=32, resize_mode="none").args[0].shape[1:3] == (64, 96)
+def test_resize_modes(node, video_file):
+    assert run(node, video_file, size=32, resize_mode="crop").args[0].shape[1:3] == (32, 32)
+    assert run(node, video_file, size=32, resize_mode="keep_aspect").args[0].shape[1:3] == (32, 48)
+    assert run(node, video_file, size=32, resize_mode="none").args[0].shape[1:3] == (64, 96)
 
 
 def test_image_sequence_folder(node, comfy_input_dir):
@@ -122,18 +122,18 @@ def test_image_sequence_folder(node, comfy_input_dir):
     assert run(node, "seq", frame_load_cap=2).args[1] == 2  # without the trailing '/'
 
 
-def test_progress_bar(node, clip_file, monkeypatch):
+def test_progress_bar(node, video_file, monkeypatch):
     import comfy.utils
 
     calls = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
                         lambda value, total, preview, node_id=None: calls.append((value, total)))
-    run(node, clip_file, frame_load_cap=5)
+    run(node, video_file, frame_load_cap=5)
     assert [v for v, _ in calls] == [1, 2, 3, 4, 5]
     assert calls[-1] == (5, 5)
 
 
-def test_interrupt_during_decoding_propagates(node, clip_file, monkeypatch):
+def test_interrupt_during_decoding_propagates(node, video_file, monkeypatch):
     import comfy.model_management
     import comfy.utils
 
@@ -142,7 +142,7 @@ def test_interrupt_during_decoding_propagates(node, clip_file, monkeypatch):
 
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
-        run(node, clip_file)
+        run(node, video_file)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,14 +156,14 @@ def fingerprint(node, video, **overrides):
     return node.fingerprint_inputs(video=video, **params)
 
 
-def test_fingerprint_follows_content_and_params(node, clip_file, comfy_input_dir):
-    first = fingerprint(node, clip_file)
-    assert first == fingerprint(node, clip_file)
-    assert first != fingerprint(node, clip_file, size=32)
-    assert first != fingerprint(node, clip_file, select_every_nth=2)
-    assert first != fingerprint(node, clip_file, resize_mode="keep_aspect")
+def test_fingerprint_follows_content_and_params(node, video_file, comfy_input_dir):
+    first = fingerprint(node, video_file)
+    assert first == fingerprint(node, video_file)
+    assert first != fingerprint(node, video_file, size=32)
+    assert first != fingerprint(node, video_file, select_every_nth=2)
+    assert first != fingerprint(node, video_file, resize_mode="keep_aspect")
     write_video(comfy_input_dir / "clip.avi", frames_array().flip(0), FPS)
-    assert fingerprint(node, clip_file) != first
+    assert fingerprint(node, video_file) != first
 
 
 def test_fingerprint_of_missing_file_never_matches(node, comfy_input_dir):
@@ -299,8 +299,8 @@ def test_safe_input_path(comfy_nodes, input_files, tmp_path):
             safe_input_path(base, bad)
 
 
-def test_validate_inputs(node, clip_file, comfy_input_dir):
-    assert node.validate_inputs(video=clip_file) is True
+def test_validate_inputs(node, video_file, comfy_input_dir):
+    assert node.validate_inputs(video=video_file) is True
     missing = node.validate_inputs(video="missing.mp4")
     assert isinstance(missing, str) and "missing.mp4" in missing and "was not found" in missing
     assert str(comfy_input_dir) in missing
@@ -345,8 +345,8 @@ def test_path_outside_input_error(comfy_nodes, node, comfy_input_dir):
     expect_node_error(comfy_nodes, node, "../../etc/passwd", "must be inside the input folder")
 
 
-def test_zero_frames_selected_error(comfy_nodes, node, clip_file):
-    err = expect_node_error(comfy_nodes, node, clip_file, "No frames left to load", skip_first_frames=50)
+def test_zero_frames_selected_error(comfy_nodes, node, video_file):
+    err = expect_node_error(comfy_nodes, node, video_file, "No frames left to load", skip_first_frames=50)
     assert "skip_first_frames" in str(err)
 
 
@@ -365,8 +365,8 @@ def test_folder_without_images_error(comfy_nodes, node, comfy_input_dir):
     expect_node_error(comfy_nodes, node, "nothing/", "holds no images")
 
 
-def test_size_not_multiple_of_8_error(comfy_nodes, node, clip_file):
-    expect_node_error(comfy_nodes, node, clip_file, "multiple of 8", size=60)
+def test_size_not_multiple_of_8_error(comfy_nodes, node, video_file):
+    expect_node_error(comfy_nodes, node, video_file, "multiple of 8", size=60)
 
 
 def test_empty_choice_error(comfy_nodes, node, comfy_input_dir):
@@ -386,10 +386,10 @@ SELECTIONS = [  # (skip_first_frames, select_every_nth, frame_load_cap)
 
 
 @pytest.fixture
-def toned_clip(comfy_input_dir):
-    import sound_clips
+def toned_video(comfy_input_dir):
+    import sound_videos
 
-    sound_clips.write_clip_with_tone(comfy_input_dir / "toned.mkv", frames=N, fps=FPS)
+    sound_videos.write_video_with_tone(comfy_input_dir / "toned.mkv", frames=N, fps=FPS)
     return "toned.mkv"
 
 
@@ -399,55 +399,55 @@ def kept_count(skip, nth, cap, total=N):
 
 
 @pytest.mark.parametrize("skip,nth,cap", SELECTIONS)
-def test_audio_is_the_sound_of_exactly_the_selected_frames(node, toned_clip, skip, nth, cap):
-    import sound_clips
+def test_audio_is_the_sound_of_exactly_the_selected_frames(node, toned_video, skip, nth, cap):
+    import sound_videos
 
-    frames, count, fps, audio = run(node, toned_clip, skip_first_frames=skip, select_every_nth=nth,
+    frames, count, fps, audio = run(node, toned_video, skip_first_frames=skip, select_every_nth=nth,
                                     frame_load_cap=cap).args
     assert count == kept_count(skip, nth, cap) and fps == pytest.approx(FPS / nth)
     assert brightness_codes(frames) == list(range(skip, skip + count * nth, nth))
-    assert set(audio) == {"waveform", "sample_rate"} and audio["sample_rate"] == sound_clips.SAMPLE_RATE
+    assert set(audio) == {"waveform", "sample_rate"} and audio["sample_rate"] == sound_videos.SAMPLE_RATE
     waveform = audio["waveform"]
-    expected = sound_clips.expected_window(N, FPS, skip, count, nth)
+    expected = sound_videos.expected_window(N, FPS, skip, count, nth)
     assert waveform.dtype == torch.float32 and waveform.shape == (1, 2, len(expected))
-    assert waveform.shape[-1] == round(count / fps * sound_clips.SAMPLE_RATE)  # frames / output fps
+    assert waveform.shape[-1] == round(count / fps * sound_videos.SAMPLE_RATE)  # frames / output fps
     assert torch.equal(waveform[0, 0], waveform[0, 1])
     assert np.abs(waveform[0, 0].numpy() - expected).max() < 1e-4  # 16-bit PCM rounding
 
 
 def test_audio_of_an_aac_mp4_keeps_each_frames_tone(node, comfy_input_dir):
-    import sound_clips
+    import sound_videos
 
-    sound_clips.write_clip_with_tone(comfy_input_dir / "toned.mp4", frames=N, fps=FPS,
+    sound_videos.write_video_with_tone(comfy_input_dir / "toned.mp4", frames=N, fps=FPS,
                                      video_codec="mpeg4", audio_codec="aac", channels=1)
     skip, nth = 4, 2
     *_, audio = run(node, "toned.mp4", skip_first_frames=skip, select_every_nth=nth, frame_load_cap=3).args
     waveform = audio["waveform"][0, 0].numpy()
-    per_frame = round(sound_clips.SAMPLE_RATE / FPS)
+    per_frame = round(sound_videos.SAMPLE_RATE / FPS)
     assert audio["waveform"].shape == (1, 1, 6 * per_frame)  # 3 frames at 4 fps = source frames 4..9
     for j in range(6):  # the middle of each source frame's span
         part = waveform[j * per_frame + per_frame // 8:(j + 1) * per_frame - per_frame // 8]
-        assert sound_clips.dominant_frequency(part) == pytest.approx(sound_clips.tone(skip + j), abs=20)
+        assert sound_videos.dominant_frequency(part) == pytest.approx(sound_videos.tone(skip + j), abs=20)
 
 
-def test_sound_survives_create_video_and_save_video(node, toned_clip, tmp_path):
+def test_sound_survives_create_video_and_save_video(node, toned_video, tmp_path):
     """Loader -> core Create Video -> the file Save Video writes (VideoFromComponents.save_to)."""
     from comfy_extras.nodes_video import CreateVideo
-    import sound_clips
+    import sound_videos
 
-    frames, count, fps, audio = run(node, toned_clip, skip_first_frames=2, select_every_nth=3, frame_load_cap=3).args
+    frames, count, fps, audio = run(node, toned_video, skip_first_frames=2, select_every_nth=3, frame_load_cap=3).args
     (video,) = CreateVideo.execute(images=frames, fps=fps, audio=audio).args
     video.save_to(str(tmp_path / "saved.mp4"))
-    duration, samples, rate = sound_clips.saved_audio(tmp_path / "saved.mp4")
-    assert rate == sound_clips.SAMPLE_RATE
+    duration, samples, rate = sound_videos.saved_audio(tmp_path / "saved.mp4")
+    assert rate == sound_videos.SAMPLE_RATE
     assert duration == pytest.approx(count / fps, abs=1e-3)  # 3 frames at 8/3 fps = 1.125 s
     per_frame = round(rate / FPS)
     middle = samples[per_frame // 8:per_frame - per_frame // 8]
-    assert sound_clips.dominant_frequency(middle) == pytest.approx(sound_clips.tone(2), abs=20)
+    assert sound_videos.dominant_frequency(middle) == pytest.approx(sound_videos.tone(2), abs=20)
 
     (silent,) = CreateVideo.execute(images=frames, fps=fps, audio=None).args
     silent.save_to(str(tmp_path / "silent.mp4"))
-    assert not sound_clips.has_audio(tmp_path / "silent.mp4")
+    assert not sound_videos.has_audio(tmp_path / "silent.mp4")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,13 +455,13 @@ def test_sound_survives_create_video_and_save_video(node, toned_clip, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_core_load_video_feeds_the_loader(node, toned_clip):
+def test_core_load_video_feeds_the_loader(node, toned_video):
     from comfy_extras.nodes_video import LoadVideo
 
-    (video,) = LoadVideo.execute(file=toned_clip).args
+    (video,) = LoadVideo.execute(file=toned_video).args
     options = dict(skip_first_frames=3, select_every_nth=2, frame_load_cap=4)
     from_video = run(node, "no_such_file.mp4", source_video=video, **options).args
-    from_file = run(node, toned_clip, **options).args
+    from_file = run(node, toned_video, **options).args
     assert torch.equal(from_video[0], from_file[0]) and from_video[1:3] == from_file[1:3]
     assert brightness_codes(from_video[0]) == [3, 5, 7, 9]
     assert torch.equal(from_video[3]["waveform"], from_file[3]["waveform"])
@@ -470,17 +470,17 @@ def test_core_load_video_feeds_the_loader(node, toned_clip):
 def test_a_video_in_memory_is_selected_resized_and_cut(node, comfy_input_dir):
     """A VIDEO that is not a file (core Create Video's output) goes through get_components()."""
     from comfy_extras.nodes_video import CreateVideo
-    import sound_clips
+    import sound_videos
 
     images = frames_array()
-    rate = sound_clips.SAMPLE_RATE
-    waveform = torch.from_numpy(sound_clips.tone_signal(N, FPS)).float().expand(1, 2, -1).clone()
+    rate = sound_videos.SAMPLE_RATE
+    waveform = torch.from_numpy(sound_videos.tone_signal(N, FPS)).float().expand(1, 2, -1).clone()
     (video,) = CreateVideo.execute(images=images, fps=FPS, audio={"waveform": waveform, "sample_rate": rate}).args
     frames, count, fps, audio = run(node, "", source_video=video, skip_first_frames=1, select_every_nth=2,
                                     frame_load_cap=3, size=32).args
     assert count == 3 and fps == pytest.approx(FPS / 2) and frames.shape == (3, 32, 32, 3)
     assert brightness_codes(frames) == [1, 3, 5]
-    expected = sound_clips.expected_window(N, FPS, 1, 3, 2)
+    expected = sound_videos.expected_window(N, FPS, 1, 3, 2)
     assert audio["sample_rate"] == rate and audio["waveform"].shape == (1, 2, len(expected))
     assert np.abs(audio["waveform"][0, 1].numpy() - expected).max() < 1e-6
 

@@ -29,7 +29,7 @@ import pytest
 
 from browser import VIEWPORT
 from host_server import PACK_FOLDER, execution_error
-from test_server_workflow import N_FRAMES as FRAMES, SIZE, fatezero_graph, write_clip
+from test_server_workflow import N_FRAMES as FRAMES, SIZE, fatezero_graph, write_video_file
 
 EXTENSION = f"/extensions/{PACK_FOLDER}/fatezero.js"
 LOGIC = f"/extensions/{PACK_FOLDER}/fatezero_logic.js"
@@ -264,7 +264,7 @@ def _preview_graph(server, video: str) -> dict:
 
 
 def test_sample_node_shows_mask_preview(page, comfy_server, tmp_path):
-    prompt = _preview_graph(comfy_server, write_clip(comfy_server.input_dir, "fz_web.avi"))
+    prompt = _preview_graph(comfy_server, write_video_file(comfy_server.input_dir, "fz_web.avi"))
 
     # load the graph in the page and queue it from there, as the Run button does: the page's
     # websocket then receives the 'executed' messages

@@ -26,7 +26,7 @@ import uuid
 
 from host_server import execution_error
 from test_workflows import api_names, load_api
-from test_workflows_host import check_outputs, shrink, write_clip, write_tiny_controlnet, write_tiny_lora
+from test_workflows_host import check_outputs, shrink, write_video_file, write_tiny_controlnet, write_tiny_lora
 
 CHECKPOINT = "fatezero_sd15_shape.ckpt"
 LORA = "fatezero_sd15_shape_lora.safetensors"
@@ -112,7 +112,7 @@ def test_every_workflow_runs_after_style_and_train_edits_on_one_cached_checkpoin
     files = write_files(comfy_server)
     names = api_names()
     for name in names:
-        write_clip(comfy_server.input_dir, f"seq_{name}.avi")
+        write_video_file(comfy_server.input_dir, f"seq_{name}.avi")
     tuned, failures, previous = None, [], None
     for run, name in enumerate(sequence()):
         if name == "shape_edit_tav" and tuned is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_writers import write_video
+from video_writers import write_video
 from host_server import execution_error
 from test_workflows import (
     FILE_INPUTS,
@@ -115,7 +115,7 @@ def test_every_non_file_combo_has_fixed_options(live_object_info):
 # ------------------------------------------------------------------------------------------------
 
 
-def write_clip(folder: Path, name: str, frames: int = 6) -> str:
+def write_video_file(folder: Path, name: str, frames: int = 6) -> str:
     data = torch.zeros(frames, 48, 80, 3)
     for k in range(frames):
         data[k] = (30 * k + 20) / 255.0
@@ -217,7 +217,7 @@ def shrink(api: dict, server, video: str, prefix: str, frames: int = FRAMES, fil
 
 def run_shipped(server, name: str, frames: int = FRAMES, files: dict | None = None) -> tuple[dict, dict]:
     api = load_api(name)
-    video = write_clip(server.input_dir, f"wf_{name}.avi")
+    video = write_video_file(server.input_dir, f"wf_{name}.avi")
     prompt = shrink(api, server, video, prefix=f"wf_{name}_{uuid.uuid4().hex[:6]}", frames=frames, files=files)
     entry = server.run(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success", (name, execution_error(entry), server.log_tail())
@@ -256,7 +256,7 @@ def test_a_workflow_saved_before_group_norm_still_runs(comfy_server):
     for node in api.values():
         if node["class_type"] == "FateZero_DDIMInvert":
             del node["inputs"]["group_norm"]
-    video = write_clip(comfy_server.input_dir, "wf_old_invert.avi")
+    video = write_video_file(comfy_server.input_dir, "wf_old_invert.avi")
     prompt = shrink(api, comfy_server, video, prefix=f"wf_old_{uuid.uuid4().hex[:6]}")
     entry = comfy_server.run(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success", (execution_error(entry), comfy_server.log_tail())
@@ -306,7 +306,7 @@ def test_shape_edit_train_workflow_trains_saves_and_edits(comfy_server):
     SD1.x topology; random weights, a few MB on disk); the tuned UNet lands in models/tuneavideo
     and the loss curve is previewed."""
     base_name = sd15_shape_checkpoint(comfy_server)
-    video = write_clip(comfy_server.input_dir, "wf_shape_edit_train.avi")
+    video = write_video_file(comfy_server.input_dir, "wf_shape_edit_train.avi")
     prompt = shrink(load_api("shape_edit_train"), comfy_server, video, prefix=f"wf_train_{uuid.uuid4().hex[:6]}")
     next(n for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple")["inputs"]["ckpt_name"] = base_name
     entry = comfy_server.run(prompt, timeout=900)
@@ -397,10 +397,10 @@ SKIP, NTH, CAP = 2, 2, 3  # source frames 2, 4, 6 at 4 fps: the sound of source 
 
 
 def toned_prompt(server, name: str) -> dict:
-    import sound_clips
+    import sound_videos
 
     clip = f"{name}.mp4"
-    sound_clips.write_clip_with_tone(server.input_dir / clip, frames=TONED_FRAMES, fps=TONED_FPS, size=(80, 48),
+    sound_videos.write_video_with_tone(server.input_dir / clip, frames=TONED_FRAMES, fps=TONED_FPS, size=(80, 48),
                                      video_codec="mpeg4", audio_codec="aac", channels=1)
     prompt = shrink(load_api("style_watercolor"), server, clip, prefix=f"{name}_{uuid.uuid4().hex[:6]}")
     loader = next(n for n in prompt.values() if n["class_type"] == "FateZero_LoadVideoFrames")
@@ -411,17 +411,17 @@ def toned_prompt(server, name: str) -> dict:
 def check_saved_sound(server, prompt: dict, entry: dict) -> None:
     """One saved video of CAP frames whose audio stream lasts CAP / (fps / NTH) s and starts with
     the tone of source frame SKIP."""
-    import sound_clips
+    import sound_videos
 
     check_outputs(server, prompt, entry, CAP)
     save = next(i for i, n in prompt.items() if n["class_type"] == "SaveVideo")
     item = entry["outputs"][save]["images"][0]
-    duration, samples, rate = sound_clips.saved_audio(server.output_dir / item["subfolder"] / item["filename"])
+    duration, samples, rate = sound_videos.saved_audio(server.output_dir / item["subfolder"] / item["filename"])
     assert duration == pytest.approx(CAP / (TONED_FPS / NTH), abs=1e-3)
     per_frame = round(rate / TONED_FPS)
     for j in (0, 3):
         part = samples[j * per_frame + per_frame // 8:(j + 1) * per_frame - per_frame // 8]
-        assert sound_clips.dominant_frequency(part, rate) == pytest.approx(sound_clips.tone(SKIP + j), abs=20)
+        assert sound_videos.dominant_frequency(part, rate) == pytest.approx(sound_videos.tone(SKIP + j), abs=20)
 
 
 def test_shipped_workflow_keeps_the_sound_of_the_selected_frames(comfy_server):

@@ -1,4 +1,4 @@
-"""Loading clips (``clip_loading``) and cutting their sound (``clip_audio``), on clips the tests write.
+"""Loading clips (``video_loading``) and cutting their sound (``video_audio``), on clips the tests write.
 
 The synthetic clip: 12 frames of 96x64 (W x H). Frame k has a grey background of value 20*k+10
 (its "brightness code", readable after lossy compression) and a pure red 16x16 square whose
@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_writers import write_video
-from fatezero_core import clip_loading
-from fatezero_core.clip_audio import crop_audio, selection_audio_span
-from fatezero_core.clip_loading import load_frames, output_size, select_frames
+from video_writers import write_video
+from fatezero_core import video_loading
+from fatezero_core.video_audio import crop_audio, selection_audio_span
+from fatezero_core.video_loading import load_frames, output_size, select_frames
 from fatezero_core.errors import VideoError
 from fatezero_core.media_types import is_image_file, is_video_file, natural_sort_key
 
@@ -136,13 +136,13 @@ class CountingCapture:
 
 def test_decoding_stops_at_the_cap_and_skips_without_retrieving(clip, monkeypatch):
     opened = []
-    real_open = clip_loading._open_capture
+    real_open = video_loading._open_capture
 
     def counting_open(path):
         opened.append(CountingCapture(real_open(path)))
         return opened[-1]
 
-    monkeypatch.setattr(clip_loading, "_open_capture", counting_open)
+    monkeypatch.setattr(video_loading, "_open_capture", counting_open)
     frames, _ = load_frames(clip, frame_load_cap=2, skip_first_frames=4, select_every_nth=2, resize_mode="none")
     assert codes(frames) == [4, 6]
     assert len(opened) == 1
@@ -301,7 +301,7 @@ def test_animated_gif(tmp_path):
 def test_gif_fallback_when_the_capture_cannot_open(tmp_path, monkeypatch):
     path = tmp_path / "anim.gif"
     write_gif(path, gif_frames())
-    monkeypatch.setattr(clip_loading, "_open_capture", lambda p: None)
+    monkeypatch.setattr(video_loading, "_open_capture", lambda p: None)
     out, fps = load_frames(path, resize_mode="none", skip_first_frames=1, select_every_nth=2)
     assert gif_codes(out) == [1, 3, 5]
     assert fps == pytest.approx(10.0 / 2)
@@ -365,7 +365,7 @@ def test_a_large_skip_gives_the_frames_of_a_decode_from_the_start(tmp_path):
     while (frame := cap.read()[1]) is not None:
         reference.append(torch.from_numpy(frame[..., ::-1].copy()).float() / 255.0)
     cap.release()
-    skip = clip_loading.SEEK_FROM_FRAME + 9
+    skip = video_loading.SEEK_FROM_FRAME + 9
     frames, _ = load_frames(path, skip_first_frames=skip, select_every_nth=2, frame_load_cap=4, resize_mode="none")
     assert len(reference) == 64
     assert torch.equal(frames, torch.stack(reference[skip::2][:4]))

@@ -17,7 +17,7 @@ CPU, with H and W multiples of 8 (the VAE downsamples by 8).
 The "crop" resize mode is the official FateZero preprocessing (``ImageSequenceDataset.transform``):
 scale the short side to ``size`` with antialiased bilinear interpolation (``int(scale * long)`` for
 the long side), then centre-crop ``size x size``. The sound under the loaded frames is
-:mod:`.clip_audio`'s.
+:mod:`.video_audio`'s.
 
 Nothing here imports ComfyUI. Errors a user can fix raise :class:`~fatezero_core.errors.VideoError`
 with a message that says what to change.
@@ -49,8 +49,8 @@ from .media_types import (
 __all__ = [
     "RESIZE_MODES",
     "SEEK_FROM_FRAME",
-    "ClipSource",
-    "clip_source",
+    "VideoSource",
+    "video_source",
     "list_image_sequence",
     "output_size",
     "resize_frames",
@@ -87,7 +87,7 @@ def _supported_list() -> str:
 
 
 @dataclass(frozen=True)
-class ClipSource:
+class VideoSource:
     """What :func:`load_frames` reads for a path: its ``kind`` ("video", "image" or "sequence")
     and the ``files`` it decodes, in load order (the one file itself for a video or an image)."""
 
@@ -96,7 +96,7 @@ class ClipSource:
     files: tuple[str, ...]
 
 
-def clip_source(path: str | os.PathLike) -> ClipSource:
+def video_source(path: str | os.PathLike) -> VideoSource:
     """Classify ``path`` and check that it exists, is non-empty and has a supported type."""
     path = os.fspath(path)
     if not path:
@@ -114,7 +114,7 @@ def clip_source(path: str | os.PathLike) -> ClipSource:
                 f"The folder '{path}' holds no images to use as a frame sequence. Put the "
                 f"frames in it as {', '.join(IMAGE_EXTENSIONS)} files, or pick a video file."
             )
-        return ClipSource("sequence", path, tuple(files))
+        return VideoSource("sequence", path, tuple(files))
     if not (is_video_file(path) or is_image_file(path)):
         raise VideoError(
             f"'{os.path.basename(path)}' is not a supported video or image type. "
@@ -125,7 +125,7 @@ def clip_source(path: str | os.PathLike) -> ClipSource:
             f"'{os.path.basename(path)}' is empty (0 bytes). The upload or copy probably failed: "
             "copy the file again."
         )
-    return ClipSource("video" if is_video_file(path) else "image", path, (path,))
+    return VideoSource("video" if is_video_file(path) else "image", path, (path,))
 
 
 def _unreadable(path: str, what: str = "video") -> VideoError:
@@ -540,7 +540,7 @@ def load_frames(
     sel, size = _check_selection(frame_load_cap, skip_first_frames, select_every_nth, size, resize_mode)
     fallback_fps = _check_fps(sequence_fps)
 
-    src = clip_source(path)
+    src = video_source(path)
     stats = _Stats()
     if src.kind == "video":
         cap = _open_capture(src.path)

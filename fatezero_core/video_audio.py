@@ -1,4 +1,4 @@
-"""The sound of exactly the frames :func:`~fatezero_core.clip_loading.load_frames` kept.
+"""The sound of exactly the frames :func:`~fatezero_core.video_loading.load_frames` kept.
 
 A float waveform ``[1, C, S]`` in -1..1 and its sample rate. Decoding uses PyAV (``av``, a ComfyUI
 requirement), imported only when audio is read. Nothing here imports ComfyUI; errors a user can

@@ -31,7 +31,7 @@ def tone_signal(frames: int, fps: float, sample_rate: int = SAMPLE_RATE) -> np.n
     return AMPLITUDE * np.sin(2 * np.pi * tone(k) * t)
 
 
-def write_clip_with_tone(path: Path, frames: int = 12, fps: float = 8.0, size=(96, 64),
+def write_video_with_tone(path: Path, frames: int = 12, fps: float = 8.0, size=(96, 64),
                          video_codec: str = "ffv1", audio_codec: str = "pcm_s16le",
                          channels: int = 2, sample_rate: int = SAMPLE_RATE) -> Path:
     """A clip of ``frames`` grey frames with :func:`tone_signal` as its sound.
@@ -105,4 +105,4 @@ def has_audio(path: Path) -> bool:
 
 
 __all__ = ["SAMPLE_RATE", "dominant_frequency", "expected_window", "has_audio", "saved_audio",
-           "tone", "tone_signal", "write_clip_with_tone"]
+           "tone", "tone_signal", "write_video_with_tone"]

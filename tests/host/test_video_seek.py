@@ -15,20 +15,20 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from clip_writers import write_video
-from sound_clips import SAMPLE_RATE
+from video_writers import write_video
+from sound_videos import SAMPLE_RATE
 
 N, H, W, FPS = 96, 64, 96, 8
 
 
 @pytest.fixture(scope="module")
 def loading(comfy_nodes):
-    return comfy_nodes.fatezero_core.clip_loading
+    return comfy_nodes.fatezero_core.video_loading
 
 
 @pytest.fixture(scope="module")
 def audio(comfy_nodes):
-    return comfy_nodes.fatezero_core.clip_audio
+    return comfy_nodes.fatezero_core.video_audio
 
 
 def distinct_frames(n: int = N) -> np.ndarray:

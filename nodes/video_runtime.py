@@ -19,7 +19,7 @@ import comfy.model_management
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from ..fatezero_core.errors import FateZeroError
-from ..fatezero_core.frames import ClipNormSequential, FrameContext, clip_norm_paths
+from ..fatezero_core.frames import VideoNormSequential, FrameContext, video_norm_paths
 from .patching import unet_resolver
 
 WRAPPER_KEY = "fatezero_clip"
@@ -27,7 +27,7 @@ GROUP_NORM_KEY = "fatezero_group_norm"  # transformer_options flag: "clip" once 
 GROUP_NORMS = ("clip", "frame")
 
 
-class ClipRuntime:
+class VideoRuntime:
     """The ``DIFFUSION_MODEL`` wrapper of a model with clip-aware layers, and the keeper of the
     layers it owns (Tune-A-Video temporal layers). Shared by every clone of the model: a deep copy
     returns the same object.
@@ -66,17 +66,17 @@ class ClipRuntime:
             return
         self.follow(device)
 
-    def __deepcopy__(self, memo) -> "ClipRuntime":
+    def __deepcopy__(self, memo) -> "VideoRuntime":
         return self
 
 
-def clip_runtime(patcher) -> ClipRuntime:
+def video_runtime(patcher) -> VideoRuntime:
     """The model's clip runtime, installed on ``patcher`` (a clone the caller owns) if it has none:
     the wrapper, and the callback that takes its layers off the device with the model."""
     existing = patcher.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     if existing:
         return existing[0]
-    runtime = ClipRuntime()
+    runtime = VideoRuntime()
     patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, runtime)
     patcher.add_callback_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY, runtime.leave)
     return runtime
@@ -84,22 +84,22 @@ def clip_runtime(patcher) -> ClipRuntime:
 
 def model_group_norm(model) -> str:
     """``clip`` when the model's ResNet/output GroupNorms already pool over the clip
-    (a Tune-A-Video model, or a clone made by :func:`use_clip_group_norm`), else ``frame``."""
+    (a Tune-A-Video model, or a clone made by :func:`use_video_group_norm`), else ``frame``."""
     return model.model_options.get("transformer_options", {}).get(GROUP_NORM_KEY, "frame")
 
 
-def use_clip_group_norm(patcher) -> None:
+def use_video_group_norm(patcher) -> None:
     """Make the ResNet and output GroupNorms of ``patcher``'s UNet pool over each clip.
 
     Object patches on ``patcher`` (a clone the caller owns) replace each norm's container by a
-    :class:`ClipNormSequential` of the same modules, composed with whatever this model already
+    :class:`VideoNormSequential` of the same modules, composed with whatever this model already
     has there (a Tune-A-Video temporal conv). Idempotent."""
     if model_group_norm(patcher) == "clip":
         return
-    runtime = clip_runtime(patcher)
+    runtime = video_runtime(patcher)
     resolve = unet_resolver(patcher)
-    for path in clip_norm_paths(resolve):
-        patcher.add_object_patch(f"diffusion_model.{path}", ClipNormSequential(*resolve(path), frames=runtime.frames))
+    for path in video_norm_paths(resolve):
+        patcher.add_object_patch(f"diffusion_model.{path}", VideoNormSequential(*resolve(path), frames=runtime.frames))
     patcher.model_options.setdefault("transformer_options", {})[GROUP_NORM_KEY] = "clip"
 
 
@@ -117,5 +117,5 @@ def with_group_norm(model, group_norm: str):
             "tuned that way) and cannot run with group_norm 'frame': set group_norm to 'clip'."
         )
     clone = model.clone()
-    use_clip_group_norm(clone)
+    use_video_group_norm(clone)
     return clone
