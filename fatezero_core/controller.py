@@ -28,49 +28,89 @@ from .cross_fusion import fuse_cross_probs
 from .edit_maps import EditMaps
 from .ddim import inversion_step_for_edit_step
 from .errors import FateZeroError
-from .keyframes import (gather_key_frames, key_frame_table, key_frames_used, remap_table,
+from .keyframes import (PER_FRAME_RULE, gather_key_frames, key_frame_table, key_frames_used, remap_table,
                         rule_for_channels)
 from .layers import AttnCall, LayerInfo, LayerSet
 from .store import AttentionStore
+from .windows import SharedKeys, window_key_table
 
 
 class _Controller:
-    """Shared spatio-temporal bookkeeping and the capture of one source chunk."""
+    """Shared spatio-temporal bookkeeping and the capture of one source chunk.
+
+    A call whose chunks hold a context window of the clip (``call.window``) attends to the clip's
+    key frames through :attr:`shared_keys` (:mod:`.windows`), and reads and writes the store by
+    clip frame."""
 
     def __init__(self, store: AttentionStore):
         self.store = store
         self.config = store.config
         self.layer_set = LayerSet(self.config.layer_set)
+        self.shared_keys = SharedKeys()
         self._tables: dict[tuple, torch.Tensor] = {}
+        self._used: dict[tuple, list[int]] = {}
+
+    def _rule(self, layer: LayerInfo):
+        return rule_for_channels(self.config.key_rule, layer.channels, self.config.min_st_channels)
 
     def _table(self, layer: LayerInfo, frames: int) -> torch.Tensor:
-        rule = rule_for_channels(self.config.key_rule, layer.channels, self.config.min_st_channels)
-        key = (rule, frames)
+        key = (self._rule(layer), frames)
         if key not in self._tables:
-            self._tables[key] = key_frame_table(rule, frames)
+            self._tables[key] = key_frame_table(key[0], frames)
         return self._tables[key]
 
-    def _capture_self(self, step: int, layer: LayerInfo, q, k, table) -> None:
-        self.store.put(step, layer.name, "q", q)
-        self.store.put(step, layer.name, "k", k.index_select(0, key_frames_used(table).to(k.device)))
+    def _used_frames(self, layer: LayerInfo) -> list[int]:
+        """Clip frames whose source keys the store keeps for ``layer`` (its ``k`` rows, in order)."""
+        rule = self._rule(layer)
+        if rule not in self._used:
+            self._used[rule] = key_frames_used(key_frame_table(rule, self.config.num_frames)).tolist()
+        return self._used[rule]
 
-    def _capture_cross(self, step: int, layer: LayerInfo, probs) -> None:
-        self.store.put(step, layer.name, "probs", probs)
+    def _keys(self, layer: LayerInfo, kind: str, call: AttnCall, k, v):
+        """``(k, v, table, key_frames)``: keys and values holding every key frame of the chunk's
+        frames, the ``[F, K]`` table into them, and (in a window) the clip frame each entry reads."""
+        if call.window is None:
+            return k, v, self._table(layer, k.shape[0]), None
+        rule = self._rule(layer)
+        if rule != PER_FRAME_RULE:
+            self.shared_keys.keep(layer.name, kind, call.window, k, v)
+        return window_key_table(rule, self.config.num_frames, call.window, self.shared_keys, layer.name,
+                                kind, k, v)
 
-    def _cross_source(self, step, layer, q, k, v, capture: bool):
+    def _capture_self(self, step: int, layer: LayerInfo, q, k, table, window) -> None:
+        if window is None:
+            self.store.put(step, layer.name, "q", q)
+            self.store.put(step, layer.name, "k", k.index_select(0, key_frames_used(table).to(k.device)))
+            return
+        frames = self.config.num_frames
+        self.store.put(step, layer.name, "q", q, rows=window, total=frames)
+        used = {f: row for row, f in enumerate(self._used_frames(layer))}
+        picked = [(p, used[f]) for p, f in enumerate(window) if f in used]
+        if picked:
+            positions, rows = zip(*picked)
+            self.store.put(step, layer.name, "k", k[list(positions)], rows=rows, total=len(used))
+
+    def _capture_cross(self, step: int, layer: LayerInfo, probs, window) -> None:
+        if window is None:
+            self.store.put(step, layer.name, "probs", probs)
+        else:
+            self.store.put(step, layer.name, "probs", probs, rows=window, total=self.config.num_frames)
+
+    def _cross_source(self, step, layer, q, k, v, capture: bool, window=None):
         if not self.layer_set.stores(layer):
             return attention(q, k, v, layer.heads)
         # Stored layers always go through the materialised probabilities, captured or not, so an
         # inversion's latents do not depend on the placement (``recompute`` captures nothing then).
         probs = attention_probs(q, k, layer.heads)
         if capture:
-            self._capture_cross(step, layer, probs)
+            self._capture_cross(step, layer, probs, window)
         return apply_probs(probs, v, layer.heads)
 
-    def _self_source(self, step, layer, q, k, v, table, capture: bool):
+    def _self_source(self, step, layer, q, k, v, kind, call, capture: bool):
+        k_all, v_all, table, _ = self._keys(layer, kind, call, k, v)
         if capture and self.layer_set.stores(layer):
-            self._capture_self(step, layer, q, k, table)
-        return spatio_temporal_attention(q, k, v, layer.heads, table)
+            self._capture_self(step, layer, q, k, table if call.window is None else None, call.window)
+        return spatio_temporal_attention(q, k_all, v_all, layer.heads, table)
 
 
 def _chunks(call: AttnCall, *tensors):
@@ -102,8 +142,7 @@ class CaptureController(_Controller):
         layer = call.layer
         self.store.register_layer(layer, "self", self.layer_set.stores(layer))
         capture = self.store.keeps_attention
-        table = self._table(layer, call.frames(q.shape[0]))
-        outs = [self._self_source(call.step, layer, *t, table, capture and kind == "cond")
+        outs = [self._self_source(call.step, layer, *t, kind, call, capture and kind == "cond")
                 for kind, t in _chunks(call, q, k, v)]
         return torch.cat(outs)
 
@@ -111,7 +150,7 @@ class CaptureController(_Controller):
         layer = call.layer
         self.store.register_layer(layer, "cross", self.layer_set.stores(layer))
         capture = self.store.keeps_attention
-        outs = [self._cross_source(call.step, layer, *t, capture and kind == "cond")
+        outs = [self._cross_source(call.step, layer, *t, capture and kind == "cond", call.window)
                 for kind, t in _batched_chunks(call, q, k, v)]
         return torch.cat(outs)
 
@@ -210,15 +249,16 @@ class EditController(_Controller):
     def attn1(self, q, k, v, call: AttnCall) -> torch.Tensor:
         layer, i = call.layer, call.step
         j = self.inversion_step(i)
-        table = self._table(layer, call.frames(q.shape[0]))
         outs = []
         for kind, (qc, kc, vc) in _chunks(call, q, k, v):
             if kind == "source":
-                outs.append(self._self_source(j, layer, qc, kc, vc, table, True))
-            elif kind == "cond" and self._self_fusion_on(i, layer):
-                outs.append(self._fused_self(j, layer, qc, kc, vc, table))
+                outs.append(self._self_source(j, layer, qc, kc, vc, kind, call, True))
+                continue
+            k_all, v_all, table, key_frames = self._keys(layer, kind, call, kc, vc)
+            if kind == "cond" and self._self_fusion_on(i, layer):
+                outs.append(self._fused_self(j, layer, qc, k_all, v_all, table, key_frames, call.window))
             else:
-                outs.append(spatio_temporal_attention(qc, kc, vc, layer.heads, table))
+                outs.append(spatio_temporal_attention(qc, k_all, v_all, layer.heads, table))
         self._maybe_end_source_pass(call, "self")
         return torch.cat(outs)
 
@@ -227,13 +267,40 @@ class EditController(_Controller):
                 and all(c == "source" for c in call.chunks)):
             raise SourcePassComplete(call.layer.name)
 
-    def _fused_self(self, j, layer, q, k, v, table):
-        q_src = self.store.get(j, layer.name, "q", q.device, q.dtype)
-        k_src = self.store.get(j, layer.name, "k", k.device, k.dtype)
-        k_src_keys = gather_key_frames(k_src, remap_table(table, key_frames_used(table)))
-        mask = self.maps.self_mask(j, layer)
+    def _fused_self(self, j, layer, q, k, v, table, key_frames, window):
+        """Eq. 7 for one chunk: ``k``/``v`` hold every key frame, ``table`` indexes them; in a
+        window, the source keys are read for the clip frames ``key_frames`` names."""
+        if window is None:
+            q_src = self.store.get(j, layer.name, "q", q.device, q.dtype)
+            k_src = self.store.get(j, layer.name, "k", k.device, k.dtype)
+            k_src_keys = gather_key_frames(k_src, remap_table(table, key_frames_used(table)))
+        else:
+            q_src = self.store.get(j, layer.name, "q", q.device, q.dtype, rows=window)
+            frames = torch.unique(key_frames)
+            row = {f: r for r, f in enumerate(self._used_frames(layer))}
+            k_src = self.store.get(j, layer.name, "k", k.device, k.dtype, rows=[row[f] for f in frames.tolist()])
+            k_src_keys = gather_key_frames(k_src, remap_table(key_frames, frames))
+        mask = self.maps.self_mask(j, layer, window)
         return blended_self_attention(q, gather_key_frames(k, table), gather_key_frames(v, table),
                                       q_src, k_src_keys, layer.heads, mask)
+
+    def retain_for_window(self) -> None:
+        """``recompute`` in context windows, before a window's source pass: keep only the
+        regenerated source keys later windows read (the clip's shared and chained key frames) and,
+        for the local latent blend, the blend mask layers' cross-attention of every frame."""
+        plan = self.shared_keys.plan
+        kept = plan.kept_frames() if plan is not None else frozenset()
+        mask_layers = {info.name for info in self.store.layers("cross") if self.layer_set.is_mask_layer(info)} \
+            if self.settings.latent_blend else set()
+        used = {info.name: self._used_frames(info) for info in self.store.layers("self")}
+
+        def keep(key: str, row: int) -> bool:
+            layer, field = key.rsplit(".", 1)
+            if field == "k":
+                return used[layer][row] in kept
+            return field == "probs" and layer in mask_layers
+
+        self.store.retain_regenerated(keep)
 
     def attn2(self, q, k, v, call: AttnCall) -> torch.Tensor:
         layer, i = call.layer, call.step
@@ -242,10 +309,11 @@ class EditController(_Controller):
         outs = []
         for kind, (qc, kc, vc) in _batched_chunks(call, q, k, v):
             if kind == "source":
-                outs.append(self._cross_source(j, layer, qc, kc, vc, True))
+                outs.append(self._cross_source(j, layer, qc, kc, vc, True, call.window))
             elif kind == "cond" and fuse:
-                out, edit_probs = self._fused_cross(i, j, layer, qc, kc, vc)
-                self.maps.observe_cross(i, j, layer, edit_probs)
+                out, edit_probs = self._fused_cross(i, j, layer, qc, kc, vc, call.window)
+                if not call.key_pass:  # the key frames come again in their windows
+                    self.maps.observe_cross(i, j, layer, edit_probs, call.window)
                 outs.append(out)
                 del edit_probs  # held no longer than before: the next chunk's attention may be large
             else:
@@ -253,11 +321,11 @@ class EditController(_Controller):
         self._maybe_end_source_pass(call, "cross")
         return torch.cat(outs)
 
-    def _fused_cross(self, i, j, layer, q, k, v):
+    def _fused_cross(self, i, j, layer, q, k, v, window=None):
         """Eq. 5 cross-attention output and the edit's own probabilities it fused."""
         s = self.settings
         edit = attention_probs(q, k, layer.heads)
-        src = self.store.get(j, layer.name, "probs", q.device, edit.dtype)
+        src = self.store.get(j, layer.name, "probs", q.device, edit.dtype, rows=window)
         if src.shape[-1] != edit.shape[-1]:
             raise FateZeroError(
                 f"The positive conditioning has {edit.shape[-1]} token slots but the source prompt "

@@ -17,6 +17,8 @@ chunk's cross-attention probabilities of every fused layer; the sampling loop
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -40,20 +42,39 @@ class EditMaps:
         self.settings = settings
         self.layer_set = LayerSet(store.config.layer_set)
         self.num_steps = store.config.num_steps
+        self.num_frames = store.config.num_frames
         self._masks: dict[tuple, torch.Tensor] = {}
         self.target_map: torch.Tensor | None = None
-        self._target_map_parts: set[tuple[int, str]] = set()  # (step, layer) already summed
+        self._target_map_parts: dict[tuple[int, str], set[int]] = {}  # (step, layer): frames summed
         self.preview_map: torch.Tensor | None = None  # source word attention at the first edit step
+        self._preview_step: int | None = None
+        self._preview_frames: set[int] = set()
 
-    def observe_cross(self, i: int, j: int, layer: LayerInfo, edit_probs: torch.Tensor) -> None:
+    def observe_cross(self, i: int, j: int, layer: LayerInfo, edit_probs: torch.Tensor,
+                      frames: Sequence[int] | None = None) -> None:
         """Take the ``cond`` chunk's fused-layer cross-attention ``[F, H, h*w, T]`` of edit step i
-        (inversion step j): the mask layers add to the target map and fix the preview map."""
+        (inversion step j): the mask layers add to the target map and fix the preview map.
+        ``frames``: the clip frames of the chunk's rows in a context window (None: all, in order)."""
         if not self.layer_set.is_mask_layer(layer):
             return
+        frames = tuple(range(self.num_frames)) if frames is None else tuple(frames)
         if self.settings.latent_blend:
-            self._accumulate_target_map(i, layer, edit_probs)
+            self._accumulate_target_map(i, layer, edit_probs, frames)
+        self._fill_preview(i, j, frames)
+
+    def _fill_preview(self, i: int, j: int, frames: tuple[int, ...]) -> None:
+        """The preview map is the source word attention at the first fused step, filled window by
+        window when the clip runs in context windows."""
+        if self._preview_step is None:
+            self._preview_step = i
+        missing = [f for f in frames if f not in self._preview_frames]
+        if i != self._preview_step or not missing:
+            return
+        word_map, _ = self.source_word_map(j, self.preview_tokens(), missing)
         if self.preview_map is None:
-            self.preview_map, _ = self.source_word_map(j, self.preview_tokens())
+            self.preview_map = torch.zeros(self.num_frames, *word_map.shape[1:], dtype=word_map.dtype)
+        self.preview_map[torch.as_tensor(missing)] = word_map.to(self.preview_map)
+        self._preview_frames.update(missing)
 
     # ------------------------------------------------------------------ masks
     def preview_tokens(self) -> tuple[int, ...]:
@@ -84,44 +105,49 @@ class EditMaps:
             )
         return layers
 
-    def source_word_map(self, j: int, tokens) -> tuple[torch.Tensor, tuple[int, int]]:
-        """``[F, h, w]`` source attention of ``tokens`` at the mask layers, inversion step j."""
+    def source_word_map(self, j: int, tokens, frames: Sequence[int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``[F, h, w]`` source attention of ``tokens`` at the mask layers, inversion step j (of
+        the clip frames ``frames`` only, when given)."""
         layers = self._mask_layers()
-        probs = [self.store.get(j, info.name, "probs", dtype=torch.float32) for info in layers]
+        probs = [self.store.get(j, info.name, "probs", dtype=torch.float32, rows=frames) for info in layers]
         size = (layers[0].height, layers[0].width)
         return bm.word_attention_map(probs, tokens, size), size
 
-    def self_mask(self, j: int, layer: LayerInfo) -> torch.Tensor | None:
-        """Eq. 6 mask for one layer's query rows (``[F, h*w]``), or None for full replacement."""
+    def self_mask(self, j: int, layer: LayerInfo, frames: Sequence[int] | None = None) -> torch.Tensor | None:
+        """Eq. 6 mask for one layer's query rows (``[F, h*w]``; the rows of clip frames ``frames``
+        when given: every step of the mask is per frame), or None for full replacement."""
         s = self.settings
         if not s.blend_tokens:
             return None
-        key = (j, layer.height, layer.width)
+        key = (j, layer.height, layer.width, None if frames is None else tuple(frames))
         if key not in self._masks:
             if self._masks and next(iter(self._masks))[0] != j:
                 self._masks.clear()  # keep one step of masks
-            word_map, _ = self.source_word_map(j, s.blend_tokens)
+            word_map, _ = self.source_word_map(j, s.blend_tokens, frames)
             self._masks[key] = bm.blend_mask(word_map, (layer.height, layer.width), s.blend_threshold, s.soft_mask)
         return self._masks[key]
 
     # ------------------------------------------------------ local latent blend
-    def _accumulate_target_map(self, i, layer, edit_probs):
+    def _accumulate_target_map(self, i, layer, edit_probs, frames: tuple[int, ...]):
         """Running sum over steps of the edit's own target-word attention (official
         ``AttentionStore.between_steps``' ``attention_store``, read by ``step_callback``).
 
         The official mask takes the layer mean of per-layer sums over steps; summing each layer's
-        map divided by the number of mask layers is the same quantity. Each (step, layer) counts
-        once, however often the sampler evaluates the conditional branch in that step (midpoint
-        samplers, several positive conds).
+        map divided by the number of mask layers is the same quantity. Each (step, layer, frame)
+        counts once, however often the sampler evaluates the conditional branch in that step
+        (midpoint samplers, several positive conds) and however many context windows hold the frame.
         """
         tokens = self.settings.target_blend_tokens
-        if not tokens or (i, layer.name) in self._target_map_parts:
+        seen = self._target_map_parts.setdefault((i, layer.name), set())
+        rows = [p for p, f in enumerate(frames) if f not in seen]
+        if not tokens or not rows:
             return
-        self._target_map_parts.add((i, layer.name))
-        word = bm.word_attention_map([edit_probs], tokens, (layer.height, layer.width))
+        seen.update(frames[p] for p in rows)
+        word = bm.word_attention_map([edit_probs[rows]], tokens, (layer.height, layer.width))
         if self.target_map is None:
-            self.target_map = torch.zeros_like(word)
-        self.target_map += word / len(self._mask_layers())
+            self.target_map = torch.zeros(self.num_frames, *word.shape[1:], dtype=word.dtype, device=word.device)
+        at = torch.as_tensor([frames[p] for p in rows], device=word.device)
+        self.target_map[at] += word / len(self._mask_layers())
 
     def latent_blend_active(self, i: int) -> bool:
         """Official window: ``int(a N) < i + 1 < int(b N)`` (N=50: steps 10..38)."""

@@ -7,7 +7,14 @@ drawn from:
 - ``"first"`` / ``"last"``: frame 0 / frame f-1,
 - ``"mid"`` (or ``"middle"``): frame (f-1)//2, e.g. frame 3 of 8,
 - ``"prev"`` / ``"next"``: offsets -1 / +1,
-- an integer d: frame clip(i + d, 0, f-1).
+- an integer d: frame clip(i + d, 0, f-1);
+- ``"anchors/N"``: the two nearest *anchors* of a long clip, anchors being every N-th frame and
+  the last one (frames 0, N, 2N, ..., f-1): the anchor at or before frame i, then the next one
+  (:class:`Anchor`). Every frame of a long shot then attends to frames that show its own part of
+  the shot, and anchors attend only to anchors.
+
+Frames are frames of the whole clip, also when the host runs the clip in context windows
+(:mod:`.windows`): ``mid`` is the clip's middle frame, whichever window is running.
 
 The official FateZero code uses ``["mid"]`` for Stable Diffusion (every frame attends only to the
 middle frame, K=1) and ``[-1, "first"]`` (previous then first frame, K=2) for Tune-A-Video models;
@@ -22,13 +29,32 @@ used.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .errors import FateZeroError
 
-KeyRule = tuple  # normalised: entries are "first", "last", "mid" or int offsets
+KeyRule = tuple  # normalised: entries are "first", "last", "mid", int offsets or Anchor
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The anchor at or before a frame (``after=False``) or the next anchor after it
+    (``after=True``; the last anchor's next is itself), anchors being frames 0, N, 2N, ... and the
+    clip's last frame (``every`` = N)."""
+
+    every: int
+    after: bool
+
+    def frame(self, frame: int, num_frames: int) -> int:
+        last = num_frames - 1
+        before = min(frame - frame % self.every, last)
+        if not self.after:
+            return before
+        return min(before + self.every, last) if frame < last else last
+
 
 SD_KEY_RULE: KeyRule = ("mid",)
 TAV_KEY_RULE: KeyRule = (-1, "first")
@@ -53,7 +79,13 @@ def parse_key_rule(rule: str | int | Iterable[str | int]) -> KeyRule:
         parts = list(rule)
     entries = []
     for part in parts:
-        entries.append(_parse_entry(part))
+        if isinstance(part, Anchor):
+            entries.append(part)
+        elif str(part).strip().lower().startswith("anchors/"):
+            every = _anchor_spacing(part)
+            entries += [Anchor(every, False), Anchor(every, True)]
+        else:
+            entries.append(_parse_entry(part))
     if not entries:
         raise FateZeroError(
             "The key-frame rule is empty. Use e.g. 'mid' (official SD default), 'prev, first' "
@@ -62,10 +94,23 @@ def parse_key_rule(rule: str | int | Iterable[str | int]) -> KeyRule:
     return tuple(entries)
 
 
-def _parse_entry(part: str | int) -> str | int:
+def _anchor_spacing(part) -> int:
+    try:
+        every = int(str(part).split("/", 1)[1])
+    except ValueError:
+        every = 0
+    if every < 1:
+        raise FateZeroError(f"'{part}': write anchors/N with N a frame count of at least 1, e.g. anchors/16.")
+    return every
+
+
+def _parse_entry(part: str | int) -> str | int | Anchor:
     if isinstance(part, int):
         return part
     name = str(part).strip().lower()
+    for prefix, after in (("anchor_before/", False), ("anchor_after/", True)):
+        if name.startswith(prefix):
+            return Anchor(_anchor_spacing(name), after)
     if name in _NAMED_OFFSETS:
         return _NAMED_OFFSETS[name]
     if name in _NAMED_FRAMES:
@@ -74,21 +119,36 @@ def _parse_entry(part: str | int) -> str | int:
         return int(name)
     except ValueError:
         raise FateZeroError(
-            f"Unknown key-frame entry '{part}'. Use self, first, last, mid, prev, next or an "
-            "integer frame offset such as -1."
+            f"Unknown key-frame entry '{part}'. Use self, first, last, mid, prev, next, "
+            "anchors/N (e.g. anchors/16) or an integer frame offset such as -1."
         ) from None
 
 
 def format_key_rule(rule: KeyRule) -> str:
     """Canonical text form, e.g. ``"prev, first"``; used in store configs and messages."""
     names = {0: "self", -1: "prev", 1: "next"}
-    return ", ".join(names.get(e, str(e)) if isinstance(e, int) else e for e in rule)
+    words, entries, i = [], list(rule), 0
+    while i < len(entries):
+        e = entries[i]
+        if isinstance(e, Anchor):
+            pair = Anchor(e.every, True)
+            if not e.after and i + 1 < len(entries) and entries[i + 1] == pair:
+                words.append(f"anchors/{e.every}")
+                i += 2
+                continue
+            words.append(f"anchor_{'after' if e.after else 'before'}/{e.every}")
+        else:
+            words.append(names.get(e, str(e)) if isinstance(e, int) else e)
+        i += 1
+    return ", ".join(words)
 
 
-def key_frame_index(entry: str | int, frame: int, num_frames: int) -> int:
+def key_frame_index(entry: str | int | Anchor, frame: int, num_frames: int) -> int:
     """Index of the key frame that ``entry`` selects for ``frame``, as ``SparseCausalAttention.forward``
     reads ``SparseCausalAttention_index``: ``first`` 0, ``last`` f-1, ``mid`` (f-1)//2, an offset d
-    ``clip(frame + d, 0, f-1)``."""
+    ``clip(frame + d, 0, f-1)``; an :class:`Anchor` its anchor."""
+    if isinstance(entry, Anchor):
+        return entry.frame(frame, num_frames)
     if entry == "first":
         return 0
     if entry == "last":
@@ -98,10 +158,13 @@ def key_frame_index(entry: str | int, frame: int, num_frames: int) -> int:
     return min(max(frame + int(entry), 0), num_frames - 1)
 
 
-def key_frame_table(rule: KeyRule, num_frames: int) -> torch.Tensor:
-    """``[F, K]`` long tensor: row i lists the key frames of frame i in rule order."""
-    rows = [[key_frame_index(e, i, num_frames) for e in rule] for i in range(num_frames)]
-    return torch.tensor(rows, dtype=torch.long)
+def key_frame_table(rule: KeyRule, num_frames: int, frames: Sequence[int] | None = None) -> torch.Tensor:
+    """``[F, K]`` long tensor: row i lists the key frames of frame i in rule order. With
+    ``frames`` (frames of a clip of ``num_frames``, e.g. a context window), one row per listed
+    frame, holding frames of the whole clip."""
+    frames = range(num_frames) if frames is None else frames
+    rows = [[key_frame_index(e, i, num_frames) for e in rule] for i in frames]
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), len(rule))
 
 
 def key_frames_used(table: torch.Tensor) -> torch.Tensor:

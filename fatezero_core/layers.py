@@ -77,11 +77,17 @@ class AttnCall:
     ascending, edit: descending). ``chunks`` names each equal slice of the batch in order:
     ``"uncond"`` and ``"cond"`` are CFG branches of the current latent, ``"source"`` is the
     regenerating source pass of the ``recompute`` store. Frames per chunk = batch / len(chunks).
+
+    ``window``: the clip frames each chunk holds, when the host runs the clip in context windows
+    (None: the whole clip, in order); ``key_pass``: the call belongs to the pass over the clip's
+    shared key frames that precedes the windows (:mod:`fatezero_core.windows`).
     """
 
     layer: LayerInfo
     step: int
     chunks: tuple[str, ...]
+    window: tuple[int, ...] | None = None
+    key_pass: bool = False
 
     def frames(self, batch: int) -> int:
         return frames_per_chunk(batch, len(self.chunks))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Sequence
 import tempfile
 import weakref
 from dataclasses import dataclass, field
@@ -157,6 +158,9 @@ class AttentionStore:
         self._steps: dict[int, _StepData] = {}
         self._step_bytes: dict[int, int] = {}
         self._layer_bytes: dict[str, int] = {}
+        self._counted_keys: set[tuple[int, str]] = set()
+        self._empty_rows: dict[tuple[int, str], set[int]] = {}  # rows no window has filled yet
+        self._scratch_rows: dict[int, dict[str, dict[int, torch.Tensor]]] = {}  # recompute, by row
         self._files: dict[int, str] = {}
         self._latents: list[torch.Tensor] = []
         self._layers: dict[str, tuple] = {}
@@ -195,18 +199,46 @@ class AttentionStore:
         return [info for info, k, s in self._layers.values()
                 if (kind is None or k == kind) and (s or not stored_only)]
 
-    def put(self, step: int, layer: str, name: str, tensor: torch.Tensor) -> None:
-        """Record one tensor of the source pass of inversion step ``step``."""
+    def put(self, step: int, layer: str, name: str, tensor: torch.Tensor,
+            rows: Sequence[int] | None = None, total: int | None = None) -> None:
+        """Record one tensor of the source pass of inversion step ``step``.
+
+        With ``rows``, ``tensor`` holds those rows of a tensor of ``total`` rows (the frames of a
+        context window, :mod:`.windows`): the step's tensor is filled window by window, and
+        :meth:`finish` refuses a capture that left a row empty."""
         self._check_alive()
         if name not in FIELDS:
             raise FateZeroError(f"Unknown store field '{name}'.")
+        key = _key(layer, name)
         if self.placement == "recompute":
-            self._scratch.setdefault(step, _StepData()).tensors[_key(layer, name)] = tensor.detach()
+            if rows is None:
+                self._scratch.setdefault(step, _StepData()).tensors[key] = tensor.detach()
+            else:
+                kept = self._scratch_rows.setdefault(step, {}).setdefault(key, {})
+                # Copies: a view would keep the whole window's tensor alive after its rows are dropped.
+                kept.update((row, t.clone()) for row, t in zip(rows, tensor.detach()))
             return
         if self.complete:
             raise FateZeroError("This attention store is finished; capture into a new store.")
-        stored = self._place(tensor.detach().to(self.dtype))
-        self._steps.setdefault(step, _StepData()).tensors[_key(layer, name)] = stored
+        data = self._steps.setdefault(step, _StepData())
+        if rows is None:
+            stored = self._place(tensor.detach().to(self.dtype))
+            data.tensors[key] = stored
+        else:
+            stored = data.tensors.get(key)
+            if stored is None:
+                device = tensor.device if self.placement == "gpu" else "cpu"
+                stored = torch.zeros((total, *tensor.shape[1:]), dtype=self.dtype, device=device)
+                data.tensors[key] = stored
+                self._empty_rows[(step, key)] = set(range(total))
+            stored[torch.as_tensor(list(rows), device=stored.device)] = tensor.detach().to(stored.device, self.dtype)
+            self._empty_rows[(step, key)] -= set(rows)
+        self._count(step, layer, key, stored)
+
+    def _count(self, step: int, layer: str, key: str, stored: torch.Tensor) -> None:
+        if (step, key) in self._counted_keys:
+            return
+        self._counted_keys.add((step, key))
         nbytes = stored.numel() * stored.element_size()
         self._step_bytes[step] = self._step_bytes.get(step, 0) + nbytes
         self._layer_bytes[layer] = self._layer_bytes.get(layer, 0) + nbytes
@@ -220,6 +252,7 @@ class AttentionStore:
 
     def end_step(self, step: int) -> None:
         """Close a captured step; ``disk`` writes it to its own file and frees the memory."""
+        self._check_rows_filled(step)
         if self.placement != "disk" or step not in self._steps:
             return
         from safetensors.torch import save_file
@@ -227,6 +260,14 @@ class AttentionStore:
         path = os.path.join(self.directory, f"step_{step:04d}.safetensors")
         save_file({k: v.contiguous() for k, v in self._steps.pop(step).tensors.items()}, path)
         self._files[step] = path
+
+    def _check_rows_filled(self, step: int) -> None:
+        empty = {key: rows for (j, key), rows in self._empty_rows.items() if j == step and rows}
+        if empty:
+            key, rows = next(iter(empty.items()))
+            raise FateZeroError(
+                f"Capture incomplete: no context window computed rows {sorted(rows)[:5]} of {key} at "
+                f"step {step}; every frame must be in some window. Check the context-window settings.")
 
     def set_latents(self, latents) -> None:
         """Keep the inversion latents ``z_0 .. z_N`` (``[F, 4, h, w]`` each) on the CPU."""
@@ -242,6 +283,8 @@ class AttentionStore:
             raise FateZeroError(
                 f"Capture incomplete: {len(self._latents)} latents for {n} steps; invert again."
             )
+        for step in {j for j, _ in self._empty_rows}:
+            self._check_rows_filled(step)
         if self.keeps_attention:
             captured = set(self._steps) | set(self._files)
             missing = [j for j in range(n) if j not in captured]
@@ -307,17 +350,35 @@ class AttentionStore:
                 raise self._files_gone(f"step {step}: {exc}") from None
         return self._cached_step[1]
 
-    def get(self, step: int, layer: str, name: str, device=None, dtype=None) -> torch.Tensor:
-        """The stored tensor, moved to ``device``/``dtype``."""
+    def get(self, step: int, layer: str, name: str, device=None, dtype=None,
+            rows: Sequence[int] | None = None) -> torch.Tensor:
+        """The stored tensor, moved to ``device``/``dtype``; with ``rows``, only those rows (the
+        frames of a context window), in that order."""
         self.check_readable()
-        try:
-            t = self._step_tensors(step)[_key(layer, name)]
-        except KeyError:
-            raise FateZeroError(
-                f"The attention store has no '{name}' for layer {layer} at step {step}; it was "
-                "captured with other layers or steps. Invert again with the current settings."
-            ) from None
+        key = _key(layer, name)
+        by_row = self._scratch_rows.get(step, {}).get(key) if self.placement == "recompute" else None
+        if by_row:
+            t = self._rows_of(by_row, rows, key, step)
+        else:
+            try:
+                t = self._step_tensors(step)[key]
+            except KeyError:
+                raise FateZeroError(
+                    f"The attention store has no '{name}' for layer {layer} at step {step}; it was "
+                    "captured with other layers or steps. Invert again with the current settings."
+                ) from None
+            if rows is not None:
+                t = t.index_select(0, torch.as_tensor(list(rows), device=t.device))
         return t.to(device=device or t.device, dtype=dtype or t.dtype, non_blocking=True)
+
+    @staticmethod
+    def _rows_of(by_row: dict[int, torch.Tensor], rows, key: str, step: int) -> torch.Tensor:
+        rows = sorted(by_row) if rows is None else list(rows)
+        missing = [r for r in rows if r not in by_row]
+        if missing:
+            raise FateZeroError(
+                f"No regenerated source attention for rows {missing[:5]} of {key} at step {step}.")
+        return torch.stack([by_row[r] for r in rows])
 
     def latent(self, index: int) -> torch.Tensor:
         """Inversion latent ``z_index`` (0 = clean input, N = the edit's starting noise)."""
@@ -329,13 +390,24 @@ class AttentionStore:
         """``recompute``: drop the previous step's regenerated attention before a source pass."""
         self.check_readable()
         self._scratch = {step: _StepData()}
+        self._scratch_rows = {step: {}}
+
+    def retain_regenerated(self, keep: Callable[[str, int], bool]) -> None:
+        """``recompute`` in context windows: keep only the regenerated rows ``keep(key, row)``
+        asks for (``key`` is ``"<layer>.<field>"``), before the next window's source pass."""
+        for by_key in self._scratch_rows.values():
+            for key, by_row in by_key.items():
+                for row in [r for r in by_row if not keep(key, r)]:
+                    del by_row[row]
 
     @property
     def reading_nbytes(self) -> int:
         """Bytes an edit's reads hold beyond :attr:`nbytes`: the step last read from its file
         (``disk``) or regenerated (``recompute``). Zero after :meth:`end_edit`."""
         cached = self._cached_step[1].values() if self._cached_step is not None else ()
-        scratch = sum(s.nbytes() for s in self._scratch.values())
+        scratch = sum(s.nbytes() for s in self._scratch.values()) + sum(
+            t.numel() * t.element_size() for by_key in self._scratch_rows.values()
+            for by_row in by_key.values() for t in by_row.values())
         return sum(t.numel() * t.element_size() for t in cached) + scratch
 
     def end_edit(self) -> None:
@@ -345,6 +417,7 @@ class AttentionStore:
         again."""
         self._cached_step = None
         self._scratch = {}
+        self._scratch_rows = {}
 
     # ------------------------------------------------------------ accounting
     @property
@@ -376,6 +449,9 @@ class AttentionStore:
         self._layer_bytes.clear()
         self._files.clear()
         self._scratch.clear()
+        self._scratch_rows.clear()
+        self._counted_keys.clear()
+        self._empty_rows.clear()
         self._latents = []
         self._cached_step = None
         self.record = InversionRecord()

@@ -20,6 +20,7 @@ from .latents import frames_latent, latent_fingerprint
 from .patching import conditioning_fingerprint, model_fingerprint, model_key_rule, patched_clone
 from .samplers import FateZeroGuider, zero_noise
 from .sockets import AttnStore
+from .context_windows import install_window_passes
 from .store_folder import store_folder
 from .user_errors import reports_user_errors
 
@@ -94,7 +95,9 @@ class FateZeroDDIMInvert(io.ComfyNode):
             model_fingerprint=model_fingerprint(model), group_norm=group_norm)
         store = AttentionStore(config, placement=store_placement, dtype=store_dtype,
                                disk_dir=store_folder() if store_placement == "disk" else None)
-        patched = patched_clone(network, CaptureController(store), step_offset=-1)
+        controller = CaptureController(store)
+        patched = patched_clone(network, controller, step_offset=-1)
+        install_window_passes(patched, controller)
         latents = []  # z_0 .. z_N, in the model's latent space
 
         def on_step(j, z):

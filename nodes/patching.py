@@ -20,9 +20,11 @@ import torch
 
 from ..fatezero_core.attention import video_self_attention
 from ..fatezero_core.errors import FateZeroError
+from ..fatezero_core.frames import frames_per_chunk
 from ..fatezero_core.layers import AttnCall, LayerInfo
 from ..fatezero_core.module_paths import ModuleResolver, resolved_children
 from ..fatezero_core.sampling import step_of_sigma
+from .context_windows import call_window, context_handler
 
 PASS_KEY = "fatezero_pass"  # transformer_options flag of the recompute source pass
 KEY_RULE_KEY = "fatezero_key_rule"  # model default key-frame rule (Tune-A-Video models)
@@ -101,15 +103,18 @@ def layer_info(q: torch.Tensor, extra: dict) -> LayerInfo:
 
 
 def attn_call(q, extra: dict, step_offset: int) -> AttnCall:
-    return AttnCall(layer_info(q, extra), sampler_step(extra) + step_offset, chunk_kinds(extra))
+    chunks = chunk_kinds(extra)
+    window, key_pass = call_window(extra, frames_per_chunk(q.shape[0], len(chunks)))
+    return AttnCall(layer_info(q, extra), sampler_step(extra) + step_offset, chunks, window, key_pass)
 
 
 def refuse_context_windows(model) -> None:
+    """Tune-A-Video training tunes on the whole clip in one batch, as the official trainer does."""
     if model.model_options.get("context_handler") is not None:
         raise FateZeroError(
-            "This model uses context windows, which split the frames across UNet calls; FateZero "
-            "attention needs every frame in one call. Remove the context-window node, or load "
-            "fewer frames."
+            "This model uses context windows, which split the frames across UNet calls; "
+            "Tune-A-Video training tunes on the whole clip at once. Train on the model before "
+            "Context Windows (Manual) and apply the windows to the trained model instead."
         )
 
 
@@ -119,7 +124,7 @@ def patched_clone(model, controller, step_offset: int):
     ``step_offset`` maps the sampler's sigma index to the controller's step: -1 for inversion (the
     model runs at the next, noisier sigma), 0 for editing.
     """
-    refuse_context_windows(model)
+    context_handler(model)  # refuses a handler FateZero cannot run in, before any work
     clone = model.clone()
 
     def attn1(q, k, v, extra):

@@ -18,6 +18,7 @@ from ..fatezero_core.errors import FateZeroError, StoreMismatchError
 from ..fatezero_core.store import AttentionStore
 from .video_runtime import with_group_norm
 from .latents import frames_latent, latent_fingerprint
+from .context_windows import install_window_passes
 from .patching import conditioning_fingerprint, model_fingerprint, patched_clone
 from .samplers import FateZeroGuider, edit_ksampler, zero_noise
 from .sockets import AttnStore, BlendSettings
@@ -137,6 +138,9 @@ class FateZeroSample(io.ComfyNode):
         guider.set_cfg(cfg)
         if regenerate:
             guider.set_source(store.record.source_conditioning)
+        if controller is not None:
+            guider.windowed = install_window_passes(
+                patched, controller, guider.regenerate_source_frames if regenerate else None)
 
         if sampler is None:
             sampler = edit_ksampler(maps if settings.latent_blend else None, store)

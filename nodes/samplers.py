@@ -13,9 +13,9 @@ import torch
 import comfy.model_patcher
 import comfy.samplers
 
-from ..fatezero_core.controller import SourcePassComplete
 from ..fatezero_core.ddim import inversion_step_for_edit_step, vp_to_ve
 from ..fatezero_core.sampling import latent_blend_step, sample_ddim
+from .context_windows import run_frames, source_pass_ends_early
 from .patching import PASS_KEY, sampler_step
 
 
@@ -35,32 +35,49 @@ class FateZeroGuider(comfy.samplers.CFGGuider):
     def __init__(self, model_patcher, store=None):
         super().__init__(model_patcher)
         self.store = store
+        # In context windows the source pass runs window by window (regenerate_source_frames,
+        # called by the window callbacks of ``context_windows``), not over the whole clip here.
+        self.windowed = False
 
     def set_source(self, source_conditioning):
         self.inner_set_conds({"source": source_conditioning})
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        if self.store is not None and self.store.placement == "recompute":
+        if self.store is not None and self.store.placement == "recompute" and not self.windowed:
             self._regenerate_source(x, timestep, model_options)
         return super().predict_noise(x, timestep, model_options=model_options, seed=seed)
+
+    def _source_step(self, timestep, model_options):
+        """``(inversion step j, the edit step's own sigma)`` of a model evaluation at ``timestep``."""
+        sample_sigmas = model_options["transformer_options"]["sample_sigmas"]
+        step = sampler_step({"sample_sigmas": sample_sigmas, "sigmas": timestep})
+        # The source pass replays inversion step j at the sigma it ran at (the step's own): a
+        # midpoint sampler's intermediate sigma (dpm_2, dpmpp_2s) only picks the step.
+        return inversion_step_for_edit_step(step, self.store.config.num_steps), sample_sigmas[step]
 
     def _regenerate_source(self, x, timestep, model_options):
         options = comfy.model_patcher.create_model_options_clone(model_options)
         transformer_options = options.setdefault("transformer_options", {})
-        sample_sigmas = transformer_options["sample_sigmas"]
-        step = sampler_step({"sample_sigmas": sample_sigmas, "sigmas": timestep})
-        j = inversion_step_for_edit_step(step, self.store.config.num_steps)
+        j, sigma = self._source_step(timestep, model_options)
         self.store.begin_regeneration(j)
-        # The source pass replays inversion step j at the sigma it ran at (the step's own): a
-        # midpoint sampler's intermediate sigma (dpm_2, dpmpp_2s) only picks the step.
-        sigma = sample_sigmas[step].to(timestep)
+        sigma = sigma.to(timestep)
         z = self.store.latent(j).to(device=x.device, dtype=x.dtype)
         transformer_options[PASS_KEY] = "source"
-        try:
-            comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["source"]],
-                                           vp_to_ve(z, sigma), sigma.expand_as(timestep), options)
-        except SourcePassComplete:
-            pass  # every stored layer of this step is captured
+        source_pass_ends_early(lambda: comfy.samplers.calc_cond_batch(
+            self.inner_model, [self.conds["source"]], vp_to_ve(z, sigma), sigma.expand_as(timestep), options))
+
+    def regenerate_source_frames(self, model, model_options, timestep, frames, key_pass: bool):
+        """The source pass of ``frames`` only, in context windows: of the clip's shared key frames
+        (``key_pass``: the step's first, so it starts the step's regenerated attention) or of one
+        window."""
+        j, sigma = self._source_step(timestep, model_options)
+        if key_pass:
+            self.store.begin_regeneration(j)
+        sigma = sigma.to(timestep)
+        z = self.store.latent(j).to(device=timestep.device)  # the whole clip; run_frames slices it
+        source_pass_ends_early(lambda: run_frames(
+            model, [self.conds["source"]], vp_to_ve(z, sigma), sigma.expand(z.shape[0]), model_options,
+            frames, key_pass, {PASS_KEY: "source"}))
 
 
 def zero_noise(latent: torch.Tensor) -> torch.Tensor:

@@ -217,10 +217,10 @@ def test_blend_word_not_in_prompt(nodes, tiny_clip, user_error_types):
     assert "cat" in message  # the words that can be used are listed
 
 
-def test_context_windows_are_refused(nodes, case, user_error_types):
+def test_context_handlers_fatezero_cannot_run_in_are_refused(nodes, case, user_error_types):
     windowed = case["model"].clone()
     windowed.model_options["context_handler"] = object()
-    pattern = r"context windows.*Remove the context-window node"
+    pattern = r"context windows over the frames.*Context Windows \(Manual\) with dim 0"
     expect_user_error(user_error_types, pattern, invert, nodes, windowed, case["src"],
                       case["latent"], steps=STEPS)
     expect_user_error(user_error_types, pattern, edit, nodes, case, model=windowed)
