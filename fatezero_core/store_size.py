@@ -247,9 +247,12 @@ def check_store_fits(estimate: StoreEstimate, placement: str, free: Mapping[str,
         where = _WHERE[resource]
         what = (estimate.describe() if resource == "ram" and placement == "cpu"
                 else f"{estimate.steps} steps x {format_bytes(estimate.attention_per_step)} of attention")
+        # Models ComfyUI keeps loaded count as used device memory; freeing them is a remedy too.
+        loaded = (" (as ComfyUI reports it: models it keeps loaded count as used, 'Free model and "
+                  "node cache' unloads them)") if resource == "device" else ""
         raise StoreTooLargeError(
             f"The '{placement}' attention store would need {format_bytes(need)} of {where} ({what}), "
-            f"but {format_bytes(available)} is free and a store may take at most "
+            f"but {format_bytes(available)} is free{loaded} and a store may take at most "
             f"{STORE_MEMORY_FRACTION:.0%} of it ({format_bytes(_limit(available))}), so DDIM Invert "
             f"stopped before inverting. {_alternatives(estimate, placement, free, device_is_ram, disk_folder)}")
 
