@@ -18,13 +18,14 @@ Columns of the table (bytes in decimal units, 1 MB = 1e6 B):
 - ``compact/step``, ``compact total``: our ``gpu``, ``cpu`` and ``disk`` placements (same bytes;
   they live in GPU memory, host RAM or one file per step): source queries, key-frame keys and
   cross probabilities in fp16, plus one float32 inversion latent per step; the total is
-  ``N * attention + (N + 1) * latent``.
+  ``N * attention + (N + 1) * latent``. Worked out by the estimate DDIM Invert checks before it
+  inverts (``fatezero_core/store_size.py``, ``estimate_store``, from ComfyUI's SD1.5 UNet config).
 - ``recompute/step``, ``recompute total``: the ``recompute`` placement, latents only.
 - ``x official``: our total divided by the official total.
 
 The script also captures one real inversion step through ``CaptureController`` into an
 ``AttentionStore`` with synthetic tensors of the real SD1.x shapes (8 frames, both rules) and checks
-that ``nbytes_by_step()`` equals the formula. Results go to ``benchmarks/results/store_memory.json``.
+that ``nbytes_by_step()`` equals the estimate. Results go to ``benchmarks/results/store_memory.json``.
 The last lines compare against the design targets (8 frames, 512 px, K=1, per step).
 """
 
@@ -43,6 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 from fatezero_core.keyframes import key_frame_table, key_frames_used, parse_key_rule  # noqa: E402
 from fatezero_core.sd1 import HEADS as SD1_HEADS  # noqa: E402
+from fatezero_core.store import CaptureConfig  # noqa: E402
+from fatezero_core.store_size import estimate_store, unet_attention_layers  # noqa: E402
+from tiny_models.sd15 import SD15_UNET_CONFIG  # noqa: E402
 from tiny_models.store_probe import LATENT, measure_one_step, sd1_stored_layers  # noqa: E402
 
 FRAMES = (8, 16, 32, 64)
@@ -61,18 +65,15 @@ def official_map_store_bytes_per_step(frames: int, heads: int, layers, key_frame
     return bytes_per_value * frames * heads * total
 
 
-def compact_store_bytes_per_step(frames: int, layers, key_frames_kept: int, bytes_per_value: int = 2) -> int:
-    """Attention bytes our store keeps per inversion step: per stored layer ``(q, C, H)``,
+def compact_estimate(frames: int, rule: str, steps: int = 1):
+    """The shipped estimate for SD1.5 at 512 px, fp16, ``relative``: per stored layer ``(q, C, H)``
     ``f*q*C`` (source queries) + ``K_kept*q*C`` (source keys of the key frames in use) +
-    ``f*H*q*77`` (cross-attention probabilities)."""
-    values = sum(frames * q * c + key_frames_kept * q * c + frames * h * q * TEXT_TOKENS
-                 for q, c, h in layers)
-    return bytes_per_value * values
-
-
-def recompute_store_bytes_per_step(frames: int, latent_h: int, latent_w: int) -> int:
-    """One float32 inversion latent ``[f, 4, h, w]``: all a ``recompute`` store keeps per step."""
-    return frames * 4 * latent_h * latent_w * 4
+    ``f*H*q*77`` (cross-attention probabilities) per step, and one float32 latent ``[f, 4, h, w]``
+    per step (all a ``recompute`` store keeps)."""
+    config = CaptureConfig(num_frames=frames, latent_size=(LATENT, LATENT),
+                           sigmas=tuple(float(s) for s in range(steps + 1)), key_rule=parse_key_rule(rule),
+                           min_st_channels=640, layer_set="relative")
+    return estimate_store(unet_attention_layers(SD15_UNET_CONFIG), config, torch.float16)
 
 
 def kept_key_frames(rule: str, frames: int) -> int:
@@ -83,10 +84,10 @@ def row(frames: int, rule: str, k: int, steps: int) -> dict:
     layers = sd1_stored_layers(LATENT, "relative")
     kept = kept_key_frames(rule, frames)
     official = official_map_store_bytes_per_step(frames, SD1_HEADS, [q for q, _, _ in layers], k)
-    attention = compact_store_bytes_per_step(frames, layers, kept)
-    latent = recompute_store_bytes_per_step(frames, LATENT, LATENT)
-    compact_total = steps * attention + (steps + 1) * latent
-    recompute_total = (steps + 1) * latent
+    estimate = compact_estimate(frames, rule, steps)
+    attention, latent = estimate.attention_per_step, estimate.latent_per_step
+    compact_total = estimate.nbytes
+    recompute_total = estimate.latents
     return dict(frames=frames, rule=rule, K=k, kept=kept, steps=steps,
                 official_per_step=official, official_total=steps * official,
                 compact_attention_per_step=attention, latent_per_step=latent,
@@ -123,13 +124,13 @@ def main() -> int:
     measured = []
     for rule, k in RULES:
         m = measure_one_step(rule, 8)
-        formula = compact_store_bytes_per_step(8, sd1_stored_layers(LATENT), kept_key_frames(rule, 8))
-        latent = recompute_store_bytes_per_step(8, LATENT, LATENT)
+        estimate = compact_estimate(8, rule)
+        formula, latent = estimate.attention_per_step, estimate.latent_per_step
         m.update(formula_bytes=formula, equal=m["attention_bytes"] == formula and
                  m["latent_bytes_per_step"] == latent)
         measured.append(m)
         print(f"  8 frames, {rule} ({k}): measured {m['attention_bytes']:,} B attention + "
-              f"{m['latent_bytes_per_step']:,} B latent over {m['layers']} layers; formula "
+              f"{m['latent_bytes_per_step']:,} B latent over {m['layers']} layers; estimate "
               f"{formula:,} B + {latent:,} B -> {'equal' if m['equal'] else 'DIFFERENT'} "
               f"({m['seconds']:.1f} s)")
 

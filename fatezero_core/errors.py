@@ -18,6 +18,11 @@ class StoreReleasedError(FateZeroError):
     """The attention store was released, or its capture never finished."""
 
 
+class StoreTooLargeError(FateZeroError):
+    """The chosen store placement cannot hold the capture in the memory (or disk space) that is
+    free; raised before the inversion runs."""
+
+
 class PromptError(FateZeroError):
     """A prompt, word list or word mapping that cannot be aligned."""
 

@@ -22,6 +22,7 @@ from .samplers import FateZeroGuider, zero_noise
 from .sockets import AttnStore
 from .context_windows import install_window_passes
 from .store_folder import store_folder
+from .store_memory import check_store_memory
 from .user_errors import reports_user_errors
 
 log = logging.getLogger("comfyui-fatezero")
@@ -65,7 +66,7 @@ class FateZeroDDIMInvert(io.ComfyNode):
                 io.Int.Input("st_min_channels", default=-1, min=-1, max=4096,
                              tooltip="Layers narrower than this use per-frame self-attention (official least_sc_channel). -1: auto, 640 for SD and 0 for Tune-A-Video models."),
                 io.Combo.Input("store_placement", options=list(PLACEMENTS), default="cpu",
-                               tooltip="Where captured attention lives. cpu: host RAM; gpu: fastest, uses VRAM; disk: temp files deleted when freed; recompute: almost no memory, ~50% more UNet work when editing."),
+                               tooltip="Where captured attention lives. cpu: host RAM; gpu: fastest, uses VRAM; disk: temp files deleted when freed; recompute: almost no memory, ~50% more UNet work when editing. A placement whose store would not fit in the free memory is refused before inverting."),
                 io.Combo.Input("store_dtype", options=list(STORE_DTYPES), default="fp16", tooltip="Precision of the stored attention."),
                 io.Combo.Input("layer_set", options=list(LAYER_SETS), default="relative",
                                tooltip="Stored/fused layers. relative: 1/2, 1/4, 1/8 of the latent side (official at 512 px); relative+full: also full resolution; official: query length <= 1024 tokens."),
@@ -93,6 +94,8 @@ class FateZeroDDIMInvert(io.ComfyNode):
             key_rule=resolve_key_rule(key_frames, model),
             min_st_channels=resolve_min_channels(st_min_channels, model), layer_set=layer_set,
             model_fingerprint=model_fingerprint(model), group_norm=group_norm)
+        # Memory before time: a store that cannot fit is refused here, not after the inversion ran.
+        check_store_memory(model, config, store_placement, store_dtype, source)
         store = AttentionStore(config, placement=store_placement, dtype=store_dtype,
                                disk_dir=store_folder() if store_placement == "disk" else None)
         controller = CaptureController(store)

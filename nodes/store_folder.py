@@ -55,14 +55,24 @@ def remove_stale_folders(root: str) -> list[str]:
     return stale
 
 
+def _root() -> str:
+    temp = os.path.abspath(folder_paths.get_temp_directory())
+    return os.path.join(os.path.dirname(temp), ROOT_NAME)
+
+
+def planned_store_folder() -> str:
+    """The folder :func:`store_folder` returns, without creating it (what DDIM Invert names when it
+    checks the free disk space for a ``disk`` store)."""
+    return _folders.get(_root()) or os.path.join(_root(), process_folder_name())
+
+
 def store_folder() -> str:
     """This process's folder for ``disk`` stores (created if needed) beside ComfyUI's temp folder.
 
     The first call for a root also clears the folders of processes that are gone and arranges
     for this process's folder to be removed at exit.
     """
-    temp = os.path.abspath(folder_paths.get_temp_directory())
-    root = os.path.join(os.path.dirname(temp), ROOT_NAME)
+    root = _root()
     folder = _folders.get(root)
     if folder is None:
         remove_stale_folders(root)
@@ -73,4 +83,4 @@ def store_folder() -> str:
     return folder
 
 
-__all__ = ["ROOT_NAME", "process_folder_name", "remove_stale_folders", "store_folder"]
+__all__ = ["ROOT_NAME", "planned_store_folder", "process_folder_name", "remove_stale_folders", "store_folder"]
