@@ -42,7 +42,9 @@ per original object (so cond and uncond that share a control still share one and
 batch, ``comfy/samplers.py`` ``can_concat_cond``), and keep their ``cond_hint`` between steps as
 the original does in one batch. A window not used during the last step is dropped when the next
 step starts: the ordered schedules reuse all of theirs, the uniform ones move their windows every
-step and would otherwise collect one set per step. The cache ends with the sampling run (an
+step and would otherwise collect one set per step. What stays on the device is then about what a
+one-batch run keeps in ``cond_hint`` (every frame's hint per chunk), plus the frames windows
+share, plus, under a uniform schedule, the windows of one more step. The cache ends with the sampling run (an
 ``OUTER_SAMPLE`` wrapper bounds it); ComfyUI's own ``cleanup`` of the originals is untouched.
 
 Only windows over dim 0 are handled (SD-family models, where the frames are the batch, as
