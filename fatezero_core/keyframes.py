@@ -50,10 +50,10 @@ class Anchor:
 
     def frame(self, frame: int, num_frames: int) -> int:
         last = num_frames - 1
-        before = min(frame - frame % self.every, last)
-        if not self.after:
-            return before
-        return min(before + self.every, last) if frame < last else last
+        if frame >= last:
+            return last
+        before = frame - frame % self.every
+        return min(before + self.every, last) if self.after else before
 
 
 SD_KEY_RULE: KeyRule = ("mid",)

@@ -52,6 +52,35 @@ def context_handler(model):
     return handler
 
 
+class FrameWindowsHandler(comfy.context_windows.IndexListContextHandler):
+    """ComfyUI's own frame-window handler, reading the step from one sigma.
+
+    ``IndexListContextHandler.set_step`` (``comfy/context_windows.py``, 0.3.64) compares the
+    schedule with the whole timestep tensor, which for frames along dim 0 holds one sigma per frame
+    of the batch and fails to broadcast unless the batch has one element. Every frame of a
+    FateZero step shares its sigma, so the first one finds the step. The pack installs this on its
+    own clone's copy of the handler (:func:`own_handler`); the MODEL the node received keeps its
+    handler."""
+
+    def set_step(self, timestep, model_options):
+        super().set_step(timestep.reshape(-1)[:1], model_options)
+
+
+def own_handler(patcher):
+    """``patcher``'s handler (a clone the caller owns) as a :class:`FrameWindowsHandler` with the
+    same settings and callbacks; None without windows."""
+    handler = context_handler(patcher)
+    if handler is None:
+        return None
+    if type(handler) is FrameWindowsHandler:
+        return handler
+    own = FrameWindowsHandler.__new__(FrameWindowsHandler)
+    own.__dict__.update(handler.__dict__)
+    own.callbacks = comfy.patcher_extension.copy_nested_dicts(handler.callbacks)
+    patcher.model_options["context_handler"] = own
+    return own
+
+
 def call_window(extra: dict, frames_per_chunk: int) -> tuple[tuple[int, ...] | None, bool]:
     """``(clip frames of each chunk, key pass?)`` of an attention call from its
     ``transformer_options``; ``(None, False)`` outside windows."""
@@ -80,7 +109,7 @@ def install_window_passes(patcher, controller, source_pass=None) -> bool:
     in the context windows of ``patcher``'s handler, if it has one. ``source_pass(model,
     model_options, timestep, frames, key_pass)`` runs the ``recompute`` source pass of those
     frames. Returns whether the model runs in windows."""
-    handler = context_handler(patcher)
+    handler = own_handler(patcher)
     if handler is None:
         return False
     shared = controller.shared_keys

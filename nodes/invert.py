@@ -27,7 +27,10 @@ from .user_errors import reports_user_errors
 
 log = logging.getLogger("comfyui-fatezero")
 
-KEY_FRAME_CHOICES = ["auto", "mid", "self, mid", "prev, first", "first", "self"]
+# The official rules first; the anchor rules keep a long shot's look along the shot in context
+# windows (every frame attends to frames of its own part of the shot, shared by every window).
+KEY_FRAME_CHOICES = ["auto", "mid", "self, mid", "prev, first", "first", "self",
+                     "first, mid, last", "anchors/8", "anchors/16", "anchors/32"]
 OFFICIAL_MIN_CHANNELS = 640  # official least_sc_channel for SD configs
 
 
@@ -62,7 +65,7 @@ class FateZeroDDIMInvert(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="VAE-encoded frames, one frame per batch element."),
                 io.Int.Input("steps", default=50, min=1, max=999, tooltip="DDIM steps (official: 50; 10 for low memory). FateZero Sample reuses them."),
                 io.Combo.Input("key_frames", options=KEY_FRAME_CHOICES, default="auto",
-                               tooltip="Spatio-temporal self-attention keys. auto: the model's own rule (Tune-A-Video: prev, first) else 'mid' (official SD). 'self, mid' is the paper's eq. 8."),
+                               tooltip="Spatio-temporal self-attention keys, frames of the whole clip (also in context windows, where every window attends to the same key frames). auto: the model's own rule (Tune-A-Video: prev, first) else 'mid' (official SD). 'self, mid' is the paper's eq. 8. For long shots: 'first, mid, last', or 'anchors/N': every frame attends to its two nearest anchors (every N-th frame and the last)."),
                 io.Int.Input("st_min_channels", default=-1, min=-1, max=4096,
                              tooltip="Layers narrower than this use per-frame self-attention (official least_sc_channel). -1: auto, 640 for SD and 0 for Tune-A-Video models."),
                 io.Combo.Input("store_placement", options=list(PLACEMENTS), default="cpu",

@@ -18,7 +18,8 @@ from ..fatezero_core.errors import FateZeroError, StoreMismatchError
 from ..fatezero_core.store import AttentionStore
 from .video_runtime import with_group_norm
 from .latents import frames_latent, latent_fingerprint
-from .context_windows import install_window_passes
+from .context_windows import install_window_passes, own_handler
+from .control_windows import use_windowed_control
 from .patching import conditioning_fingerprint, model_fingerprint, patched_clone
 from .samplers import FateZeroGuider, edit_ksampler, zero_noise
 from .sockets import AttnStore, BlendSettings
@@ -133,6 +134,9 @@ class FateZeroSample(io.ComfyNode):
             controller = EditController(store, settings, maps,
                                         end_source_pass_after_last_stored_layer=regenerate)
             patched = patched_clone(patched, controller, step_offset=0)
+        elif patched is model:
+            patched = model.clone()  # the window helpers below go on a clone this node owns
+        use_windowed_control(patched)  # per-frame ControlNet hints follow the context window
         guider = FateZeroGuider(patched, store if fusion else None)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
@@ -141,6 +145,8 @@ class FateZeroSample(io.ComfyNode):
         if controller is not None:
             guider.windowed = install_window_passes(
                 patched, controller, guider.regenerate_source_frames if regenerate else None)
+        else:
+            own_handler(patched)  # plain DDIM in windows (per-frame attention, nothing shared)
 
         if sampler is None:
             sampler = edit_ksampler(maps if settings.latent_blend else None, store)
