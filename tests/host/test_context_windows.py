@@ -161,3 +161,25 @@ def test_a_clip_shorter_than_a_window_runs_in_one_batch(nodes, model, tiny_clip)
     reference = edit(nodes, model, tiny_clip, "mid", latent=latent)
     ours = edit(nodes, windowed(model, 8), tiny_clip, "mid", latent=latent)
     assert torch.equal(ours[1], reference[1])
+
+
+def test_tune_a_video_model_in_windows_is_measured(nodes, model, tiny_clip, tmp_path, monkeypatch):
+    """A Tune-A-Video model's temporal attention and clip-level norms see the frames of the window,
+    as AnimateDiff's motion modules do: the windowed edit differs from the one-batch one, by the
+    amount the README states."""
+    import folder_paths
+    from test_tav_loader import add_temporal, diffusers_unet, save
+
+    folder = tmp_path / "tuneavideo"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "tuneavideo", ([str(folder)], set()))
+    name = save(add_temporal(diffusers_unet(model), gain=0.2), folder / "t.safetensors")
+    tav = nodes.tav_loader.FateZeroTuneAVideoLoader.execute(checkpoint=name, base_model=model).args[0]
+    reference = edit(nodes, tav, tiny_clip, "auto", group_norm="clip")
+    ours = edit(nodes, windowed(tav, 8, 3), tiny_clip, "auto", group_norm="clip")
+    scale = float(reference[1].abs().max())
+    difference = max_difference(ours[1], reference[1])
+    print(f"Tune-A-Video (prev, first), windows 8/3: max |windowed - one batch| = {difference:.3g} "
+          f"(edited latent max {scale:.3g})")
+    assert torch.isfinite(ours[1]).all()
+    assert difference < scale
