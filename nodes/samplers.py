@@ -35,17 +35,24 @@ class FateZeroGuider(comfy.samplers.CFGGuider):
     def __init__(self, model_patcher, store=None):
         super().__init__(model_patcher)
         self.store = store
-        # In context windows the source pass runs window by window (regenerate_source_frames,
-        # called by the window callbacks of ``context_windows``), not over the whole clip here.
+        # With window callbacks installed (``context_windows``), the source pass of an evaluation
+        # that runs in windows goes window by window (regenerate_source_frames), not here.
         self.windowed = False
 
     def set_source(self, source_conditioning):
         self.inner_set_conds({"source": source_conditioning})
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        if self.store is not None and self.store.placement == "recompute" and not self.windowed:
+        if self.store is not None and self.store.placement == "recompute" and not self._in_windows(x, timestep, model_options):
             self._regenerate_source(x, timestep, model_options)
         return super().predict_noise(x, timestep, model_options=model_options, seed=seed)
+
+    def _in_windows(self, x, timestep, model_options) -> bool:
+        """Whether this evaluation runs in context windows: the host's own test
+        (``comfy/samplers.py`` ``calc_cond_batch``), e.g. a clip no longer than a window does not."""
+        handler = model_options.get("context_handler")
+        return self.windowed and handler is not None and handler.should_use_context(
+            self.inner_model, [], x, timestep, model_options)
 
     def _source_step(self, timestep, model_options):
         """``(inversion step j, the edit step's own sigma)`` of a model evaluation at ``timestep``."""
