@@ -108,6 +108,16 @@ def test_windowed_edit_equals_the_one_batch_edit(nodes, model, tiny_clip, key_fr
     assert max_difference(reference[1], reference[0]) > 1e-2  # the edit did something
 
 
+@pytest.mark.parametrize("schedule, fuse", [("standard_static", "relative"), ("standard_static", "flat"),
+                                             ("looped_uniform", "overlap-linear")])
+def test_any_fuse_method_and_looped_windows(nodes, model, tiny_clip, schedule, fuse):
+    """Frames in several windows get the same output from each, so any fuse method gives it back;
+    looped windows wrap around the clip's end and still attend to the clip's middle frame."""
+    reference = one_batch(nodes, model, tiny_clip, "mid")
+    ours = edit(nodes, windowed(model, 8, 3, schedule, fuse), tiny_clip, "mid")
+    assert max_difference(ours[1], reference[1]) < TOLERANCE
+
+
 @pytest.mark.parametrize("placement", ["cpu", "recompute"])
 def test_local_latent_blend_across_windows(nodes, model, tiny_clip, placement):
     """The latent blend's masks (source words from the store, target words summed per frame over
