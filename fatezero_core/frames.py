@@ -32,9 +32,8 @@ def frames_per_chunk(batch: int, chunks: int) -> int:
     if chunks < 1 or batch % chunks != 0:
         raise FateZeroError(
             f"A batch of {batch} latents cannot hold {chunks} whole clips. FateZero and "
-            "Tune-A-Video layers need every frame of the clip in the same batch: turn off context "
-            "windows or batch splitting for this model."
-        )
+            "Tune-A-Video layers need the same frames for every cond in a UNet call (the whole clip, "
+            "or one context window of it): turn off batch splitting for this model.")
     return batch // chunks
 
 
