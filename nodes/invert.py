@@ -21,6 +21,7 @@ from .patching import conditioning_fingerprint, model_fingerprint, model_key_rul
 from .samplers import FateZeroGuider, zero_noise
 from .sockets import AttnStore
 from .context_windows import install_window_passes
+from .control_windows import use_windowed_control
 from .store_folder import store_folder
 from .store_memory import check_store_memory
 from .user_errors import reports_user_errors
@@ -104,6 +105,7 @@ class FateZeroDDIMInvert(io.ComfyNode):
         controller = CaptureController(store)
         patched = patched_clone(network, controller, step_offset=-1)
         install_window_passes(patched, controller)
+        use_windowed_control(patched)  # a per-frame ControlNet hint on the source follows the window
         latents = []  # z_0 .. z_N, in the model's latent space
 
         def on_step(j, z):

@@ -198,3 +198,34 @@ def test_tune_a_video_model_in_windows_is_measured(nodes, model, tiny_clip, tmp_
           f"(edited latent max {scale:.3g})")
     assert torch.isfinite(ours[1]).all()
     assert difference < scale
+
+
+def test_per_frame_controlnet_hint_follows_the_windows(nodes, model, tiny_clip):
+    """ControlNet with one hint image per frame, on the source (inversion) and on the target
+    (edit): in windows every window's ControlNet sees its own frames' hints, so the windowed edit
+    equals the one-batch edit with the same hints."""
+    import nodes as core_nodes
+    from test_controlnet_edit import build_tiny_controlnet
+
+    hint = torch.rand(FRAMES, LATENT * 8, LATENT * 8, 3, generator=torch.Generator().manual_seed(3))
+    control = build_tiny_controlnet()
+    src, tgt, spec = settings(nodes, tiny_clip, blend_words="cat")
+    neg = empty(tiny_clip)
+    apply = core_nodes.ControlNetApplyAdvanced().apply_controlnet
+    src_cn, _ = apply(src, neg, control, hint, 0.5, 0.0, 1.0, vae=None)
+    tgt_cn, neg_cn = apply(tgt, neg, control, hint, 0.5, 0.0, 1.0, vae=None)
+
+    def run(m):
+        inverted, store = nodes.invert.FateZeroDDIMInvert.execute(
+            model=m, source=src_cn, latent={"samples": clip_latent()}, steps=STEPS, key_frames="mid",
+            st_min_channels=0, store_placement="cpu", store_dtype="fp32", layer_set="relative",
+            schedule_end="comfy", group_norm="frame").args
+        out, _ = nodes.sample.FateZeroSample.execute(
+            model=m, positive=tgt_cn, negative=neg_cn, latent=inverted, attention_store=store,
+            blend_settings=spec, cfg=7.5, fusion=True).args
+        return out["samples"]
+
+    reference = run(model)
+    ours = run(windowed(model, 8, 3))
+    assert max_difference(ours, reference) < TOLERANCE
+    assert max_difference(reference, one_batch(nodes, model, tiny_clip, "mid")[1]) > 1e-2  # the hint acts
