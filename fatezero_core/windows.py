@@ -38,15 +38,17 @@ def shared_frames(rule: KeyRule, num_frames: int, limit: int | None = None) -> t
     """The key pass's frames: every frame ``rule`` names by position (``first``, ``mid``,
     ``last``, anchors), closed under the rule (the keys of those frames, and theirs), sorted.
 
-    Empty when the closure holds more than ``limit`` frames (e.g. ``prev, last`` reaches every
-    frame from the last one): running it would be running the clip in one batch."""
+    Empty when closing the named frames adds more than ``limit`` frames (e.g. ``prev, last``
+    reaches every frame from the last one): running it would be running the clip in one batch.
+    The named frames themselves always run (anchors attend only to anchors: a long shot's anchors
+    may outnumber a window, and the key pass then holds more frames than a window)."""
     named = {key_frame_index(e, i, num_frames) for e in rule if not isinstance(e, int) for i in range(num_frames)}
     frames, frontier = set(named), set(named)
     while frontier:
         reached = {key_frame_index(e, f, num_frames) for e in rule for f in frontier}
         frontier = reached - frames
         frames |= frontier
-        if limit is not None and len(frames) > limit:
+        if limit is not None and len(frames) - len(named) > limit:
             return ()
     return tuple(sorted(frames))
 

@@ -66,6 +66,14 @@ def test_a_rule_whose_shared_frames_reach_every_frame_shares_none():
     assert shared_frames(parse_key_rule("prev, last"), FRAMES, limit=8) == ()
 
 
+def test_anchors_outnumbering_a_window_are_still_shared():
+    # 300 frames, anchors every 16: 0, 16, ..., 288 and 299, 20 frames for windows of 16.
+    anchors = shared_frames(parse_key_rule("anchors/16"), 300, limit=16)
+    assert anchors == tuple(range(0, 300, 16)) + (299,)
+    windows = [list(range(s, s + 16)) for s in range(0, 300 - 16, 12)] + [list(range(284, 300))]
+    assert plan_windows(windows, parse_key_rule("anchors/16"), 300).exact
+
+
 def test_mid_needs_only_the_key_pass():
     plan = plan_windows(STATIC_8_3, parse_key_rule("mid"), FRAMES)
     assert plan.shared == (11,)

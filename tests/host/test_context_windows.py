@@ -122,12 +122,13 @@ def test_any_fuse_method_and_looped_windows(nodes, model, tiny_clip, schedule, f
 def test_local_latent_blend_across_windows(nodes, model, tiny_clip, placement):
     """The latent blend's masks (source words from the store, target words summed per frame over
     the windows) are the one-batch masks. At 128 px the 1/4-resolution maps are 4x4, so the mask
-    does not cover the whole frame (at 64 px the 3x3 dilation of a 2x2 map does)."""
+    does not cover the whole frame (at 64 px the 3x3 dilation of a 2x2 map does), and the random
+    model's maps are flat enough that only a high threshold leaves part of the frame out."""
     latent = clip_latent(size=16)
-    options = dict(local_latent_blend=True, target_blend_words="dog", blend_threshold=0.6)
+    options = dict(local_latent_blend=True, target_blend_words="dog", blend_threshold=0.9)
     if placement not in _references:
         _references[placement] = (edit(nodes, model, tiny_clip, "mid", latent=latent, **options),
-                                  edit(nodes, model, tiny_clip, "mid", latent=latent, blend_threshold=0.6))
+                                  edit(nodes, model, tiny_clip, "mid", latent=latent, blend_threshold=0.9))
     reference, plain = _references[placement]
     ours = edit(nodes, windowed(model, 8, 3), tiny_clip, "mid", placement, latent=latent, **options)
     assert max_difference(ours[1], reference[1]) < TOLERANCE
