@@ -619,3 +619,7 @@ def test_long_clip_windows_key_frames_are_shared_by_every_window(frames):
     rule = parse_key_rule(invert["key_frames"])
     assert shared_frames(rule, frames, limit=length), f"{invert['key_frames']} on {frames} frames"
 
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_readme_names_every_workflow(name):
+    assert f"`workflows/{name}.json`" in (REPO / "README.md").read_text(), f"README does not list {name}"
