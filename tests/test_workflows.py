@@ -580,3 +580,46 @@ def test_shape_edit_train_tunes_on_the_clip_then_inverts_and_edits_with_the_tune
     assert "FateZero_TuneAVideoLoader" not in ids
     assert any(n["inputs"].get("images") == [ids["FateZero_TuneAVideoTrain"], 1]
                for n in api_nodes("shape_edit_train", "PreviewImage"))
+
+
+def test_long_clip_windows_edits_every_frame_of_the_clip_in_context_windows():
+    """Every frame, Context Windows (Manual) on the MODEL of both DDIM Invert and FateZero Sample
+    (windows of 16 over the frames, dim 0), a store that holds no attention, per-frame norms (the
+    windowed edit then equals the one-batch edit) and the clip's fps and sound kept."""
+    name = "long_clip_windows"
+    api = load_api(name)
+    ids = {n["class_type"]: i for i, n in api.items()}
+    loader = ids["FateZero_LoadVideoFrames"]
+    assert api[loader]["inputs"]["frame_load_cap"] == 0
+    windows = api[ids["ContextWindowsManual"]]["inputs"]
+    assert windows["model"] == [ids["CheckpointLoaderSimple"], 0]
+    assert (windows["context_length"], windows["context_overlap"], windows["context_schedule"],
+            windows["fuse_method"], windows["dim"]) == (16, 4, "standard_static", "pyramid", 0)
+    for node in ("FateZero_DDIMInvert", "FateZero_Sample"):
+        assert api[ids[node]]["inputs"]["model"] == [ids["ContextWindowsManual"], 0], node
+    invert = api[ids["FateZero_DDIMInvert"]]["inputs"]
+    assert (invert["store_placement"], invert["group_norm"], invert["steps"]) == ("recompute", "frame", 50)
+    create = api[ids["CreateVideo"]]["inputs"]
+    assert create["audio"] == [loader, 3] and create["fps"] == [loader, 2]
+    ui = load_ui(name)
+    note = " ".join(str(v) for n in ui["nodes"] if n["type"] in VIRTUAL_NODES for v in n["widgets_values"])
+    for said in (invert["key_frames"], "group_norm", "recompute", "context_length"):
+        assert said in note, f"{name}: the note does not explain {said!r}"
+
+
+@pytest.mark.parametrize("frames", [48, 240, 300])
+def test_long_clip_windows_key_frames_are_shared_by_every_window(frames):
+    """The shipped key rule's frames fit one key pass (at most a window's frames) for a 10 s shot
+    at 24-30 fps, so every window attends to the same key frames (``fatezero_core/windows.py``)."""
+    from fatezero_core.keyframes import parse_key_rule
+    from fatezero_core.windows import shared_frames
+
+    invert = single("long_clip_windows", "FateZero_DDIMInvert")
+    length = single("long_clip_windows", "ContextWindowsManual")["context_length"]
+    rule = parse_key_rule(invert["key_frames"])
+    assert shared_frames(rule, frames, limit=length), f"{invert['key_frames']} on {frames} frames"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_readme_names_every_workflow(name):
+    assert f"`workflows/{name}.json`" in (REPO / "README.md").read_text(), f"README does not list {name}"

@@ -2,8 +2,9 @@
 
 The sound of frame ``k`` (the time from ``k / fps`` to ``(k + 1) / fps``) is a sine of
 ``tone(k) = 250 * (k + 1)`` Hz at amplitude 0.5, on every channel; so the part of the sound a loader
-kept tells which source frames it belongs to. Frame ``k``'s picture is a flat grey of value
-``20 * k + 10`` (as in the other host clip tests).
+kept tells which source frames it belongs to (below the Nyquist frequency: up to frame 30 at the
+default 16 kHz, frame 62 at 32 kHz). Frame ``k``'s picture is a flat grey of value ``20 * k + 10``
+(as in the other host clip tests), modulo 256 for clips longer than 12 frames.
 
 Imports PyAV inside functions, so the module can be imported without it.
 """
@@ -49,7 +50,7 @@ def write_video_with_tone(path: Path, frames: int = 12, fps: float = 8.0, size=(
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         audio = out.add_stream(audio_codec, rate=sample_rate, layout=layout)
         for k in range(frames):
-            picture = np.full((height, width, 3), 20 * k + 10, np.uint8)
+            picture = np.full((height, width, 3), (20 * k + 10) % 256, np.uint8)
             for packet in video.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
                 out.mux(packet)
         for packet in video.encode(None):

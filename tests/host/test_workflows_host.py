@@ -271,6 +271,49 @@ def test_long_clip_workflow_runs_end_to_end_with_recompute(comfy_server):
     check_outputs(comfy_server, prompt, entry, 3)
 
 
+WINDOWED_FRAMES, WINDOWED_FPS, WINDOWED_RATE = 48, 8.0, 32000  # 32 kHz: every frame's tone under Nyquist
+
+
+def test_long_clip_windows_workflow_edits_every_frame_in_windows_of_16(comfy_server):
+    """The shipped whole-shot workflow on a 48-frame clip with sound: Context Windows (Manual) as
+    shipped (windows of 16, overlap 4), every frame loaded (``frame_load_cap`` 0 as shipped), the
+    ``recompute`` store. ComfyUI runs every model evaluation of the inversion and the edit in
+    windows, each window shares the anchors, and the saved video has every frame and the clip's
+    sound under them."""
+    import sound_videos
+
+    clip = "wf_long_clip_windows.mp4"
+    sound_videos.write_video_with_tone(comfy_server.input_dir / clip, frames=WINDOWED_FRAMES, fps=WINDOWED_FPS,
+                                     size=(80, 48), video_codec="mpeg4", audio_codec="aac", channels=1,
+                                     sample_rate=WINDOWED_RATE)
+    api = load_api("long_clip_windows")
+    prompt = shrink(api, comfy_server, clip, prefix=f"wf_windows_{uuid.uuid4().hex[:6]}", frames=0)
+    windows = next(n for n in prompt.values() if n["class_type"] == "ContextWindowsManual")["inputs"]
+    assert (windows["context_length"], windows["context_overlap"]) == (16, 4)  # as shipped
+    invert = next(n for n in prompt.values() if n["class_type"] == "FateZero_DDIMInvert")["inputs"]
+    assert invert["store_placement"] == "recompute"
+    start = len(comfy_server.log_tail(10_000_000))
+    entry = comfy_server.run(prompt, timeout=900)
+    assert entry["status"]["status_str"] == "success", (execution_error(entry), comfy_server.log_tail())
+    check_outputs(comfy_server, prompt, entry, WINDOWED_FRAMES)
+
+    log = comfy_server.log_tail(10_000_000)[start:]
+    # ComfyUI logs this once per model evaluation it splits into windows (IndexListContextHandler
+    # .should_use_context): every inversion step and every edit step.
+    assert log.count(f"Using context windows 16 for {WINDOWED_FRAMES} frames.") >= 2 * STEPS, log[-3000:]
+    assert "FateZero: AttentionStore(recompute, complete" in log, log[-3000:]
+    assert "no earlier window computed" not in log, log[-3000:]  # every window shared every anchor
+
+    save = next(i for i, n in prompt.items() if n["class_type"] == "SaveVideo")
+    item = entry["outputs"][save]["images"][0]
+    duration, samples, rate = sound_videos.saved_audio(comfy_server.output_dir / item["subfolder"] / item["filename"])
+    assert duration == pytest.approx(WINDOWED_FRAMES / WINDOWED_FPS, abs=1e-3)
+    per_frame = round(rate / WINDOWED_FPS)
+    for k in (0, 17, 40):  # in the first window, in two windows, in the last
+        part = samples[k * per_frame + per_frame // 8:(k + 1) * per_frame - per_frame // 8]
+        assert sound_videos.dominant_frequency(part, rate) == pytest.approx(sound_videos.tone(k), abs=20)
+
+
 def test_lora_workflow_runs_end_to_end(comfy_server, tiny_lora):
     start = len(comfy_server.log_tail(10_000_000))
     prompt, entry = run_shipped(comfy_server, "lora_edit", files={"lora": tiny_lora})
