@@ -91,17 +91,20 @@ def call_window(extra: dict, frames_per_chunk: int) -> tuple[tuple[int, ...] | N
 
 
 def run_frames(model, conds, x, timestep, model_options, frames, key_pass: bool, flags=None):
-    """``calc_cond_batch`` on ``frames`` of the full batch ``x`` (conds resized as the handler
-    resizes them for a window), outside the handler, flagged so attention calls know the frames."""
+    """The conds on ``frames`` of the full batch ``x`` as the handler runs a window
+    (``IndexListContextHandler.evaluate_context_windows``: conds resized with
+    ``get_resized_cond``, ``transformer_options["context_window"]`` naming the frames, then the
+    ``calc_cond_batch`` it was handed, ``comfy/samplers.py`` ``_calc_cond_batch_outer``, which runs
+    the CALC_COND_BATCH wrappers, e.g. the ControlNet hints' ``control_windows``), flagged so
+    attention calls know the pass."""
     handler = model_options["context_handler"]
     window = comfy.context_windows.IndexListContextWindow(list(frames), dim=0)
     options = comfy.model_patcher.create_model_options_clone(model_options)
-    options.pop("context_handler")
     transformer_options = options.setdefault("transformer_options", {})
     transformer_options.update({"context_window": window, KEY_PASS_KEY: key_pass, **(flags or {})})
     sub_conds = [handler.get_resized_cond(cond, x, window) for cond in conds]
-    return comfy.samplers.calc_cond_batch(model, sub_conds, window.get_tensor(x),
-                                          window.get_tensor(timestep, dim=0), options)
+    return comfy.samplers._calc_cond_batch_outer(model, sub_conds, window.get_tensor(x),
+                                                 window.get_tensor(timestep, dim=0), options)
 
 
 def install_window_passes(patcher, controller, source_pass=None) -> bool:
