@@ -60,8 +60,8 @@ def child(args) -> dict:
     losses: list[float] = []
     original = train.progress_reporter
 
-    def timed(steps, node_id):
-        report = original(steps, node_id)
+    def timed(steps, node_id, *args):
+        report = original(steps, node_id, *args)
 
         def wrapped(step, values):
             _probes.sync()

@@ -32,8 +32,8 @@ def losses(train, monkeypatch) -> list[float]:
     seen: list[float] = []
     original = train.progress_reporter
 
-    def recording(steps, node_id):
-        report = original(steps, node_id)
+    def recording(steps, node_id, *args):
+        report = original(steps, node_id, *args)
 
         def wrapped(step, values):
             seen.append(values[-1])
