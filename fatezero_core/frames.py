@@ -75,6 +75,12 @@ class FrameContext:
         finally:
             self._chunks, self._stills = previous
 
+    def replay(self):
+        """A context manager that puts back the state in force now: a layer recomputed later (in
+        backward, under gradient checkpointing, after the host's call has returned) must see the
+        batch as its forward did."""
+        return self.running(self._chunks, self._stills)
+
     def frames(self, batch: int) -> int:
         """Frames per clip of a batch of ``batch`` latents (1 for still images)."""
         if self._stills:

@@ -44,7 +44,7 @@ from ..fatezero_core.tav.checkpoint import write_checkpoint
 from .patching import STILL_IMAGES_KEY, add_video_self_attention, model_object, unet_resolver
 from .tav_network import compute_dtype, diffusers_state_dict, fresh_layers, insert_temporal_layers
 from .training_progress import show_text
-from .video_runtime import still_images_options
+from .video_runtime import still_images_options, video_runtime
 from .unet_training import TrainedWeight, freeze_weights, gradient_checkpointing, query_weight_keys
 
 log = logging.getLogger("comfyui-fatezero")
@@ -115,7 +115,7 @@ class TuneRun:
             latents = model_wrap.inner_model.process_latent_in(class_latents.to(x0.device))
             classes = tuning.ClassImages(latents, lambda x, sigma: model_wrap(x, sigma, **still_args),
                                          self.class_losses)
-        with gradient_checkpointing(self.trainer, self.checkpointing):
+        with gradient_checkpointing(self.trainer, self.checkpointing, video_runtime(self.trainer).frames):
             self.losses = tuning.tune_video(
                 lambda x, sigma: model_wrap(x, sigma, **extra_args),
                 lambda timestep: sampling.sigma(torch.tensor([float(timestep)])),
