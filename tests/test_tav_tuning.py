@@ -298,3 +298,9 @@ def test_frame_context_runs_still_images_without_temporal_layers():
         assert context.stills and context.frames(6) == 1 and context(6) is None
     with context.running(2):
         assert not context.stills and context.frames(6) == 3 and context(6) == 3
+    with context.running(1, stills=True):
+        later = context.replay()  # what gradient checkpointing enters to recompute a layer in backward
+    assert not context.stills and context(6) == 6
+    with later:
+        assert context.stills and context(6) is None
+    assert not context.stills
