@@ -9,7 +9,10 @@ seeded random weights, built under ``torch.inference_mode`` as a checkpoint load
 on the CPU, fp16 weights on a GPU. The node runs in-process as ComfyUI's executor runs it (under
 ``torch.inference_mode``) with the official trainable set (every to_q, temporal attention,
 temporal-conv LoRA rank 160), lr 1e-5, precision ``auto`` (fp32 on the CPU, bf16/fp16 on a GPU).
-Each setting (gradient checkpointing on / off) is a fresh subprocess, so peaks never mix:
+Each setting (gradient checkpointing on / off; on, with class images) is a fresh subprocess, so
+peaks never mix. ``class-images`` adds the official regularization: ``2 x frames`` class latents of
+the clip's size and a class prompt, so each iteration runs the class step (as many still images as
+frames) before the clip step; its cost is that run against ``checkpointing``:
 
 - ``s/step``: median wall time of the steps after the first (the first loads the model and
   builds the optimizer state);
@@ -34,7 +37,12 @@ import _report
 import _script
 import tiny_models
 
-RUNS = ("checkpointing", "no-checkpointing")
+RUNS = ("checkpointing", "no-checkpointing", "class-images")
+# The class step is a second forward/backward on as many still images as the clip has frames,
+# without the temporal layers: an iteration with it should cost at most about two without it, and
+# its activations are freed before the clip step, so the peak should barely grow.
+CLASS_TIME_GOAL = 2.2
+CLASS_MEMORY_GOAL = 1.15
 VRAM_GOAL_GB = 12.0  # 8 frames at 512 px on a consumer card
 # Gradient checkpointing must pay for itself on any device: training memory (peak - base) with it,
 # as a fraction of the memory without it.
@@ -54,14 +62,19 @@ def child(args) -> dict:
         clip = tiny_models.build_tiny_clip()
         source, _, _ = _calls.blend_settings(nodes, clip)
         latent = _calls.moving_latent(args.frames, args.size // 8)
+        classes = {}
+        if args.run == "class-images":
+            class_prompt, _, _ = _calls.blend_settings(nodes, clip)
+            classes = dict(class_latent={"samples": _calls.moving_latent(2 * args.frames, args.size // 8, seed=1)},
+                           class_prompt=class_prompt)
     build_s = time.perf_counter() - start
     parameters = tiny_models.unet_parameter_count(model)  # before: the loaded tuned model also counts its temporal layers
     stamps: list[float] = []
     losses: list[float] = []
     original = train.progress_reporter
 
-    def timed(steps, node_id):
-        report = original(steps, node_id)
+    def timed(steps, node_id, *args):
+        report = original(steps, node_id, *args)
 
         def wrapped(step, values):
             _probes.sync()
@@ -78,8 +91,8 @@ def child(args) -> dict:
     with torch.inference_mode():
         out = train.FateZeroTuneAVideoTrain.execute(
             model=model, latent={"samples": latent}, source=source, steps=args.steps, learning_rate=1e-5,
-            seed=74831, gradient_checkpointing=args.run == "checkpointing", precision="auto",
-            trainable="official", lora_rank=160, save_name="")
+            seed=74831, gradient_checkpointing=args.run != "no-checkpointing", precision="auto",
+            trainable="official", lora_rank=160, save_name="", **classes)
     _probes.sync()
     seconds = time.perf_counter() - start
     peak = _probes.peak_rss_bytes()
@@ -114,7 +127,7 @@ def main() -> int:
     rows = [(r["run"], f"{r['seconds_per_step']:.2f}", f"{r['first_step_seconds']:.1f}", _report.mb(r["rss_base"]),
              _report.mb(r["peak_rss"]), _report.mb(r["peak_over_base"]),
              "-" if r["cuda_peak"] is None else _report.mb(r["cuda_peak"])) for r in results]
-    print(_report.table(("gradient checkpointing", "s/step", "first step s", "base RSS", "peak RSS",
+    print(_report.table(("run", "s/iteration", "first iteration s", "base RSS", "peak RSS",
                        "peak - base", "CUDA peak"), rows))
     lines, targets = [], {}
     by_run = {r["run"]: r for r in results}
@@ -133,6 +146,19 @@ def main() -> int:
         targets["checkpointing_memory_vs_off"] = dict(measured=ratio, goal=CHECKPOINTING_GOAL, ok=ok, memory=key)
         slow = by_run["checkpointing"]["seconds_per_step"] / by_run["no-checkpointing"]["seconds_per_step"]
         print(f"gradient checkpointing: {ratio:.2f}x the training memory, {slow:.2f}x the time per step")
+    if {"checkpointing", "class-images"} <= by_run.keys():
+        key = "cuda_peak" if gpu else "peak_over_base"
+        plain, regularized = by_run["checkpointing"], by_run["class-images"]
+        time_ratio = regularized["seconds_per_step"] / plain["seconds_per_step"]
+        memory_ratio = regularized[key] / plain[key]
+        print(f"class images (class step before each clip step): {regularized['seconds_per_step']:.2f} s/iteration "
+              f"vs {plain['seconds_per_step']:.2f} s ({time_ratio:.2f}x); training memory {_report.mb(regularized[key])} "
+              f"vs {_report.mb(plain[key])} ({memory_ratio:.2f}x, {key})")
+        for name, value, goal in (("class_step_time_per_iteration_vs_without", time_ratio, CLASS_TIME_GOAL),
+                                  ("class_step_memory_vs_without", memory_ratio, CLASS_MEMORY_GOAL)):
+            line, ok = _report.target_line(name, value, goal)
+            lines.append(line)
+            targets[name] = dict(measured=value, goal=goal, ok=ok)
     _script.finish("tav_train.json", dict(
         setting=dict(size=size, frames=args.frames, steps=steps, model="SD1.5 shape, random weights",
                      trainable="official", lora_rank=160, reduced_resolution=not gpu),

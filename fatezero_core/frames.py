@@ -38,33 +38,58 @@ def frames_per_chunk(batch: int, chunks: int) -> int:
 
 
 class FrameContext:
-    """How many clips the batch now running through the UNet holds.
+    """How many clips the batch now running through the UNet holds, or that it holds still images.
 
     The host sets it around each UNet call (``with context.running(chunks): ...``); layers ask
     ``frames(batch)``. Outside a call, or when the host gives no count, the whole batch is one
     clip. Shared, never copied: a deep copy returns the same object, so model clones that copy
     their options keep talking to the layers that are actually installed.
+
+    ``running(chunks, stills=True)``: the batch is single images, as the official inflated UNet
+    runs a 4-D input (the class images of Tune-A-Video tuning, ``DDPMTrainer.step2d`` in
+    ``video_diffusion/trainer/ddpm_trainer.py``, FateZero 9b6cb7b): every image is its own
+    one-frame clip for the norms (``frames`` is 1), and temporal layers are skipped (calling the
+    context gives ``None``), as ``PseudoConv3d.forward`` and ``SpatioTemporalTransformerModel.forward``
+    skip their temporal parts when the input is not 5-D.
     """
 
     def __init__(self) -> None:
         self._chunks: Optional[int] = None
+        self._stills = False
 
     @property
     def chunks(self) -> Optional[int]:
         return self._chunks
 
+    @property
+    def stills(self) -> bool:
+        return self._stills
+
     @contextmanager
-    def running(self, chunks: Optional[int]) -> Iterator["FrameContext"]:
-        previous, self._chunks = self._chunks, chunks
+    def running(self, chunks: Optional[int], stills: bool = False) -> Iterator["FrameContext"]:
+        previous = self._chunks, self._stills
+        self._chunks, self._stills = chunks, stills
         try:
             yield self
         finally:
-            self._chunks = previous
+            self._chunks, self._stills = previous
+
+    def replay(self):
+        """A context manager that puts back the state in force now: a layer recomputed later (in
+        backward, under gradient checkpointing, after the host's call has returned) must see the
+        batch as its forward did."""
+        return self.running(self._chunks, self._stills)
 
     def frames(self, batch: int) -> int:
+        """Frames per clip of a batch of ``batch`` latents (1 for still images)."""
+        if self._stills:
+            return 1
         return frames_per_chunk(batch, self._chunks or 1)
 
-    def __call__(self, batch: int) -> int:
+    def __call__(self, batch: int) -> Optional[int]:
+        """The frame count temporal layers run with: ``None`` (skip) for still images."""
+        if self._stills:
+            return None
         return self.frames(batch)
 
     def __deepcopy__(self, memo) -> "FrameContext":
@@ -102,7 +127,7 @@ class VideoNormSequential(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm, *rest = self
-        x = video_group_norm(norm, x, self.frames(x.shape[0]))
+        x = video_group_norm(norm, x, self.frames.frames(x.shape[0]))
         for module in rest:
             x = module(x)
         return x

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from ..fatezero_core.attention import video_self_attention
+from ..fatezero_core.attention import attention, video_self_attention
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.frames import frames_per_chunk
 from ..fatezero_core.layers import AttnCall, LayerInfo
@@ -28,6 +28,9 @@ from .context_windows import call_window, context_handler
 
 PASS_KEY = "fatezero_pass"  # transformer_options flag of the recompute source pass
 KEY_RULE_KEY = "fatezero_key_rule"  # model default key-frame rule (Tune-A-Video models)
+# transformer_options flag of a UNet call on still images (the class step of Tune-A-Video tuning):
+# per-image self-attention and norms, no temporal layers (the official UNet on a 4-D input)
+STILL_IMAGES_KEY = "fatezero_still_images"
 
 log = logging.getLogger("comfyui-fatezero")
 
@@ -150,11 +153,15 @@ def add_video_self_attention(patcher, rule, on_call=None) -> None:
     """attn1 replace patches on ``patcher`` (a clone the caller owns) that run every transformer
     block's self-attention spatio-temporally with key-frame ``rule``, per clip of the batch, with
     nothing captured or fused: the network a Tune-A-Video model is (tuned as). ``on_call()`` runs
-    before each call (e.g. the host's interrupt check)."""
+    before each call (e.g. the host's interrupt check). A call flagged :data:`STILL_IMAGES_KEY`
+    attends within each image: the official ``SparseCausalAttention.forward`` without a clip length
+    (FateZero ``video_diffusion/models/attention.py``)."""
 
     def attn1(q, k, v, extra):
         if on_call is not None:
             on_call()
+        if extra.get(STILL_IMAGES_KEY):
+            return attention(q, k, v, int(extra["n_heads"]))
         chunks = len(extra.get("cond_or_uncond") or ()) or 1
         return video_self_attention(q, k, v, int(extra["n_heads"]), rule, chunks)
 

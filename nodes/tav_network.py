@@ -124,7 +124,10 @@ class TemporalBlockAdapter(nn.Module):
 
     Called like a ``BasicTransformerBlock``: ``x`` is ``(B*F, HW, C)`` with one clip of F frames
     per ``cond_or_uncond`` entry (ComfyUI batches the conds of a call that way: ``_calc_cond_batch``
-    in ``comfy/samplers.py``, 0.3.64); the clip runtime's frame context gives F."""
+    in ``comfy/samplers.py``, 0.3.64); the clip runtime's frame context gives F. A batch of still
+    images (the class step of tuning) passes through unchanged, as the official block applies no
+    temporal attention to a 4-D input (``SpatioTemporalTransformerModel.forward``, FateZero
+    ``video_diffusion/models/attention.py``)."""
 
     def __init__(self, temporal: TemporalAttention, frames: FrameContext):
         super().__init__()
@@ -132,7 +135,8 @@ class TemporalBlockAdapter(nn.Module):
         self.frames = frames
 
     def forward(self, x, context=None, transformer_options={}):
-        return self.temporal(x, self.frames(x.shape[0]))
+        frames = self.frames(x.shape[0])
+        return x if frames is None else self.temporal(x, frames)
 
 
 def insert_temporal_layers(patcher, ckpt: TavCheckpoint, dtype: torch.dtype | None = None) -> dict[str, nn.Module]:

@@ -7,6 +7,11 @@ names plus ``attn_temporal``/``norm_temporal``/``conv_temporal``) to ``models/tu
 exists or a folder that cannot be written is refused before training; a save that still fails
 afterwards never overwrites a file and only warns, naming the path: the MODEL output keeps the
 tuned network.
+
+Optional regularization, the official recipe of the released shape checkpoints: class images of the
+object's class made by the same base model (``class_latent``) and their prompt (``class_prompt``,
+"a photo of a car"); each iteration then runs the class step before the clip step
+(``DDPMTrainer.step`` / ``step2d``, ``video_diffusion/trainer/ddpm_trainer.py``, FateZero 9b6cb7b).
 """
 
 from __future__ import annotations
@@ -43,6 +48,30 @@ def check_base_model(model) -> None:
             "This model already has Tune-A-Video layers. Connect the SD1.x checkpoint it was tuned "
             "from (Load Checkpoint, LoRA allowed) instead of the Tune-A-Video Loader.")
     refuse_context_windows(model)
+
+
+def copy_conditioning(conditioning):
+    """A CONDITIONING of copies (ComfyUI's executor hands inference tensors; training reads them
+    outside inference mode)."""
+    return [[c.clone(), dict(o)] for c, o in conditioning]
+
+
+def check_class_inputs(class_latent, class_prompt, frames: int):
+    """The class latents ``[N, 4, h, w]`` when both regularization inputs are connected, None when
+    neither is; one without the other is refused, saying what to connect."""
+    if class_latent is None and class_prompt is None:
+        return None
+    if class_prompt is None:
+        raise FateZeroNodeError(
+            "class_latent is connected but class_prompt is not. Connect the CLIP Text Encode of the "
+            "prompt the class images were made with (e.g. 'a photo of a car'), or disconnect class_latent.")
+    if class_latent is None:
+        raise FateZeroNodeError(
+            "class_prompt is connected but class_latent is not. Connect the class images' latents "
+            "(a KSampler batch of the class prompt, or VAE Encode of class images), or disconnect class_prompt.")
+    samples = class_latent["samples"]
+    core.check_class_latent(samples, frames)
+    return samples
 
 
 def training_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -88,6 +117,12 @@ class FateZeroTuneAVideoTrain(io.ComfyNode):
                              tooltip="Rank of the temporal-conv LoRA (official shape configs: 160; a rank above a conv's channels becomes channels // 2)."),
                 io.String.Input("save_name", default="",
                                 tooltip="Optional: also save the tuned UNet as models/tuneavideo/<save_name>.safetensors (FateZero layout) for the Tune-A-Video Loader. Empty: nothing is saved."),
+                io.Combo.Input("optimizer", options=list(core.OPTIMIZERS), default="AdamW",
+                               tooltip="AdamW: full-precision states (8 bytes per trained parameter), any device. AdamW8bit: bitsandbytes' 8-bit states (2 bytes per parameter), the official default; needs a CUDA GPU and the bitsandbytes package."),
+                io.Latent.Input("class_latent", optional=True,
+                                tooltip="Optional regularization (official recipe): VAE-encoded images of the object's class made by the same base model, e.g. a KSampler batch of 'a photo of a car', at least as many as the clip's frames. Each step first trains on as many consecutive class images as the clip has frames, as single images, so the model keeps drawing other members of the class (a Porsche for a jeep). Needs class_prompt."),
+                io.Conditioning.Input("class_prompt", optional=True,
+                                      tooltip="The prompt the class images were made with ('a photo of a car'), encoded with the same CLIP. Needs class_latent."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The tuned Tune-A-Video MODEL: use it for DDIM Invert and FateZero Sample (key frames auto: previous + first)."),
@@ -99,24 +134,33 @@ class FateZeroTuneAVideoTrain(io.ComfyNode):
     @classmethod
     @reports_user_errors
     def execute(cls, model, latent, source, steps, learning_rate, seed, gradient_checkpointing, precision,
-                trainable, lora_rank, save_name) -> io.NodeOutput:
+                trainable, lora_rank, save_name, optimizer="AdamW", class_latent=None,
+                class_prompt=None) -> io.NodeOutput:
         samples = latent["samples"]
         frames = core.check_video_latent(samples)
+        class_samples = check_class_inputs(class_latent, class_prompt, frames)
         check_base_model(model)
+        core.check_optimizer(optimizer, model.load_device.type)
         path = save_path(save_name)
         rank = lora_rank if trainable == "official" else None
         node_id = cls.hidden.unique_id if cls.hidden else None
-        progress = progress_reporter(steps, node_id)
+        class_losses: list[float] = []  # filled by the class steps, read by the progress bar
+        progress = progress_reporter(steps, node_id, class_losses if class_samples is not None else None)
         dtype = training_dtype(precision, model.load_device)
         with torch.inference_mode(False), torch.enable_grad():
             try:
-                run, trained = tune(model, samples.clone(), [[c.clone(), dict(o)] for c, o in source],
-                                    steps, learning_rate, seed, gradient_checkpointing, dtype, rank, progress)
+                run, trained = tune(model, samples.clone(), copy_conditioning(source), steps, learning_rate, seed,
+                                    gradient_checkpointing, dtype, rank, progress,
+                                    class_samples=None if class_samples is None else class_samples.clone(),
+                                    class_prompt=None if class_samples is None else copy_conditioning(class_prompt),
+                                    optimizer=optimizer, class_losses=class_losses)
             except torch.OutOfMemoryError:
                 comfy.model_management.soft_empty_cache()
                 raise FateZeroError(core.oom_advice(frames, samples.shape[2], samples.shape[3],
                                                     gradient_checkpointing, precision)) from None
         if path:
-            save_tuned(run, path, {"fatezero_layout": "fatezero", "tuned_steps": steps, "learning_rate": learning_rate,
-                                   "seed": seed, "frames": frames, "lora_rank": rank or 0}, node_id)
-        return io.NodeOutput(trained, core.loss_curve_image(run.losses))
+            metadata = {"fatezero_layout": "fatezero", "tuned_steps": steps, "learning_rate": learning_rate,
+                        "seed": seed, "frames": frames, "lora_rank": rank or 0, "optimizer": optimizer,
+                        "class_images": 0 if class_samples is None else int(class_samples.shape[0])}
+            save_tuned(run, path, metadata, node_id)
+        return io.NodeOutput(trained, core.loss_curve_image(run.losses, class_losses=run.class_losses or None))

@@ -22,7 +22,10 @@ What is trained and how the result is carried:
 
 The loop runs where a sampler would (:class:`TrainSampler`, as ComfyUI's Train LoRA node,
 ``comfy_extras/nodes_train.py``), so ComfyUI loads the model, converts the conditioning and applies
-every patch and wrapper as for sampling.
+every patch and wrapper as for sampling. With class images (the official regularization), the
+class step runs through the same guider with the class prompt, its UNet calls flagged as still
+images (``video_runtime.still_images_options``): per-image norms and self-attention, no temporal
+layers, as the official UNet runs the 4-D class batch.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ import comfy.samplers
 from ..fatezero_core.keyframes import TAV_KEY_RULE
 from ..fatezero_core.tav import train as tuning
 from ..fatezero_core.tav.checkpoint import write_checkpoint
-from .patching import add_video_self_attention, model_object, unet_resolver
+from .patching import STILL_IMAGES_KEY, add_video_self_attention, model_object, unet_resolver
 from .tav_network import compute_dtype, diffusers_state_dict, fresh_layers, insert_temporal_layers
 from .training_progress import show_text
+from .video_runtime import still_images_options, video_runtime
 from .unet_training import TrainedWeight, freeze_weights, gradient_checkpointing, query_weight_keys
 
 log = logging.getLogger("comfyui-fatezero")
@@ -52,11 +56,16 @@ def _cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class TuneRun:
     """One tuning run: the output MODEL (a clone of the input with fresh temporal layers), a
-    private training clone, and the trainable tensors."""
+    private training clone, and the trainable tensors.
 
-    def __init__(self, model, lora_rank: int | None, seed: int, dtype: torch.dtype, checkpointing: bool):
+    ``initial``: the temporal layers to start from (a ``TavCheckpoint`` in the FateZero layout;
+    default: fresh ones from ``seed``), e.g. another trainer's, to compare two runs."""
+
+    def __init__(self, model, lora_rank: int | None, seed: int, dtype: torch.dtype, checkpointing: bool,
+                 optimizer: str = "AdamW", initial=None, class_losses: list[float] | None = None):
         self.model, self.seed, self.dtype, self.checkpointing = model, seed, dtype, checkpointing
-        fresh = fresh_layers(model, lora_rank, seed)
+        self.optimizer = optimizer
+        fresh = initial if initial is not None else fresh_layers(model, lora_rank, seed)
         self.output = model.clone()
         self.layers = insert_temporal_layers(self.output, fresh, dtype=torch.float32)  # owner -> fp32 master
         # which owners hold temporal attention and which temporal convs (the fresh tensors are dropped)
@@ -66,6 +75,7 @@ class TuneRun:
         self.device = model.load_device
         self.q_params: dict[str, nn.Parameter] = {}
         self.losses: list[float] = []
+        self.class_losses: list[float] = [] if class_losses is None else class_losses
 
     # ---- setup -----------------------------------------------------------------------------------
     def training_clone(self):
@@ -93,15 +103,25 @@ class TuneRun:
         return list(self.q_params.values()) + temporal
 
     # ---- loop (run by TrainSampler inside ComfyUI's sampling setup) --------------------------------
-    def loop(self, model_wrap, extra_args, x0, steps: int, lr: float, progress) -> None:
+    def loop(self, model_wrap, extra_args, x0, steps: int, lr: float, progress, class_latents=None,
+             draws=None) -> None:
+        """The tuning loop on the processed clip latent ``x0``; ``class_latents`` (as VAE Encode
+        gives them) add the class step, run as still images with the guider's class prompt."""
         scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and self.device.type == "cuda" else None
         sampling = model_wrap.inner_model.model_sampling
-        with gradient_checkpointing(self.trainer, self.checkpointing):
+        classes = None
+        if class_latents is not None:
+            still_args = dict(extra_args, model_options=still_images_options(extra_args["model_options"]))
+            latents = model_wrap.inner_model.process_latent_in(class_latents.to(x0.device))
+            classes = tuning.ClassImages(latents, lambda x, sigma: model_wrap(x, sigma, **still_args),
+                                         self.class_losses)
+        with gradient_checkpointing(self.trainer, self.checkpointing, video_runtime(self.trainer).frames):
             self.losses = tuning.tune_video(
                 lambda x, sigma: model_wrap(x, sigma, **extra_args),
                 lambda timestep: sampling.sigma(torch.tensor([float(timestep)])),
                 x0, self.params(), steps, tuning.OptimizerSettings(lr=lr), self.seed, scaler,
-                on_step=progress, before_step=comfy.model_management.throw_exception_if_processing_interrupted)
+                on_step=progress, before_step=comfy.model_management.throw_exception_if_processing_interrupted,
+                classes=classes, draws=draws, optimizer=self.optimizer)
 
     # ---- result ----------------------------------------------------------------------------------
     def finish(self):
@@ -125,27 +145,53 @@ class TuneRun:
         return tuning.fatezero_layout(unet_2d, attention, convs)
 
 
+class TrainGuider(comfy.samplers.CFGGuider):
+    """The conditional prediction only (cfg 1, as in training) with the clip's prompt, or with the
+    class prompt (conds ``class``) for a call on still images: the class step sees nothing of the
+    clip's prompt, as ``DDPMTrainer.step2d`` encodes only ``class_prompt_ids``. Both prompts go
+    through ComfyUI's cond processing together (``CFGGuider.inner_sample``, ``process_conds``)."""
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        stills = model_options.get("transformer_options", {}).get(STILL_IMAGES_KEY)
+        cond = self.conds.get("class" if stills else "positive")
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, None, cond, 1.0,
+                                                model_options=model_options, seed=seed)
+
+
 class TrainSampler(comfy.samplers.Sampler):
     """Runs the tuning loop where a sampler would run, so ComfyUI loads the model, converts the
     conditioning and applies every patch and wrapper as for sampling (as its Train LoRA node)."""
 
-    def __init__(self, run: TuneRun, steps: int, lr: float, progress):
+    def __init__(self, run: TuneRun, steps: int, lr: float, progress, class_latents=None, draws=None):
         self.run, self.steps, self.lr, self.progress = run, steps, lr, progress
+        self.class_latents, self.draws = class_latents, draws
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        self.run.loop(model_wrap, extra_args, latent_image, self.steps, self.lr, self.progress)
+        self.run.loop(model_wrap, extra_args, latent_image, self.steps, self.lr, self.progress,
+                      self.class_latents, self.draws)
         return latent_image
 
 
-def tune(model, samples, source, steps, learning_rate, seed, gradient_checkpointing, dtype, lora_rank, progress):
-    """Tune a clone of ``model`` on the clip ``samples`` in ``dtype``; returns ``(run, output MODEL)``."""
-    run = TuneRun(model, lora_rank, seed, dtype, gradient_checkpointing)
+def tune(model, samples, source, steps, learning_rate, seed, gradient_checkpointing, dtype, lora_rank, progress,
+         class_samples=None, class_prompt=None, optimizer="AdamW", class_losses=None, draws=None, initial=None):
+    """Tune a clone of ``model`` on the clip ``samples`` in ``dtype``; returns ``(run, output MODEL)``.
+
+    ``class_samples`` (VAE-encoded class images) with ``class_prompt`` (CONDITIONING) add the
+    official class step to every iteration; its losses are appended to ``class_losses`` (a list
+    the caller may watch, e.g. the progress bar) and kept as ``run.class_losses``. ``draws``
+    (``fatezero_core.tav.train.TuningDraws``) and ``initial`` (temporal layers to start from, a
+    FateZero-layout ``TavCheckpoint``) replace the seed's; both are seams for comparing with another
+    trainer, the node never passes them."""
+    run = TuneRun(model, lora_rank, seed, dtype, gradient_checkpointing, optimizer, initial, class_losses)
     trainer = run.training_clone()
-    guider = comfy.samplers.CFGGuider(trainer)
-    guider.set_conds(source, [])
-    guider.set_cfg(1.0)  # the conditional prediction only, as in training
-    sampler = TrainSampler(run, steps, learning_rate, progress)
+    guider = TrainGuider(trainer)
+    conds = {"positive": source, "negative": []}
+    if class_samples is not None:
+        conds["class"] = class_prompt
+    guider.inner_set_conds(conds)
+    guider.set_cfg(1.0)
+    sampler = TrainSampler(run, steps, learning_rate, progress, class_samples, draws)
     dummy_sigmas = torch.tensor([1.0, 0.0])
     guider.sample(torch.zeros_like(samples), samples, sampler, dummy_sigmas, seed=seed, disable_pbar=True)
     return run, run.finish()
@@ -172,4 +218,4 @@ def save_tuned(run: TuneRun, path: str, metadata: dict, node_id) -> None:
     show_text(node_id, message)
 
 
-__all__ = ["TuneRun", "save_tuned", "tune"]
+__all__ = ["TrainGuider", "TuneRun", "save_tuned", "tune"]

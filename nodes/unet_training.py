@@ -10,13 +10,14 @@ ComfyUI's own Train LoRA node does (``TrainLoraNode`` with ``patch``, ``comfy_ex
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from ..fatezero_core.frames import FrameContext
 from ..fatezero_core.module_paths import ModuleResolver, resolved_children, resolved_modules
 from .patching import unet_resolver
 
@@ -67,23 +68,31 @@ def checkpoint_units(resolve: ModuleResolver) -> list[nn.Module]:
     return [layer for block, _ in blocks for _, layer in resolved_children(resolve, block)]
 
 
-def _checkpointed(module: nn.Module) -> None:
-    """Recompute ``module``'s forward in backward (an instance attribute, removed afterwards)."""
+def _checkpointed(module: nn.Module, frames: FrameContext | None = None) -> None:
+    """Recompute ``module``'s forward in backward (an instance attribute, removed afterwards).
+
+    ``frames``: the clip runtime's frame context, whose state of the forward (clips in the batch,
+    still images) is put back for the recomputation (``context_fn`` of
+    ``torch.utils.checkpoint.checkpoint``): backward runs after the UNet call that set it."""
     forward = module.forward
 
+    def contexts():
+        return nullcontext(), (frames.replay() if frames is not None else nullcontext())
+
     def run(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
     module.forward = run
 
 
 @contextmanager
-def gradient_checkpointing(trainer, enabled: bool = True) -> Iterator[None]:
-    """Every layer of ``trainer``'s top-level UNet blocks recomputed in backward inside the block;
-    the layers' own forwards are back afterwards, also on an interrupt or an error."""
+def gradient_checkpointing(trainer, enabled: bool = True, frames: FrameContext | None = None) -> Iterator[None]:
+    """Every layer of ``trainer``'s top-level UNet blocks recomputed in backward inside the block,
+    with ``frames`` (the model's frame context) as it was in the forward; the layers' own forwards
+    are back afterwards, also on an interrupt or an error."""
     units = checkpoint_units(unet_resolver(trainer)) if enabled else []
     for unit in units:
-        _checkpointed(unit)
+        _checkpointed(unit, frames)
     try:
         yield
     finally:

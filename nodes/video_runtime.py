@@ -6,7 +6,8 @@ official inflated UNet (``fatezero_core.frames``) both need the frame count of t
 UNet. One wrapper per model supplies it: around each UNet call it sets the shared
 :class:`~fatezero_core.frames.FrameContext` to ``len(cond_or_uncond)`` clips (ComfyUI batches one
 whole clip per cond entry: uncond and cond under CFG, the ``recompute`` source pass, ControlNet or
-not, together or in separate calls). Everything goes on a clone the caller owns; the MODEL a node
+not, together or in separate calls), or to still images when the call is flagged
+``STILL_IMAGES_KEY`` (:func:`still_images_options`). Everything goes on a clone the caller owns; the MODEL a node
 receives is never modified.
 """
 
@@ -16,11 +17,12 @@ import torch
 from torch import nn
 
 import comfy.model_management
+import comfy.model_patcher
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from ..fatezero_core.errors import FateZeroError
 from ..fatezero_core.frames import VideoNormSequential, FrameContext, video_norm_paths
-from .patching import unet_resolver
+from .patching import STILL_IMAGES_KEY, unet_resolver
 
 WRAPPER_KEY = "fatezero_clip"
 GROUP_NORM_KEY = "fatezero_group_norm"  # transformer_options flag: "clip" once the norms are patched
@@ -49,7 +51,7 @@ class VideoRuntime:
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         self.follow(x.device)
         chunks = len(transformer_options.get("cond_or_uncond") or ()) or None
-        with self.frames.running(chunks):
+        with self.frames.running(chunks, stills=bool(transformer_options.get(STILL_IMAGES_KEY))):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
     def leave(self, patcher, unpatch_all: bool = True) -> None:
@@ -80,6 +82,15 @@ def video_runtime(patcher) -> VideoRuntime:
     patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, runtime)
     patcher.add_callback_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY, runtime.leave)
     return runtime
+
+
+def still_images_options(model_options: dict) -> dict:
+    """A copy of sampling ``model_options`` whose UNet calls run the batch as still images (each
+    latent alone: per-image norms and self-attention, no temporal layers), as the official
+    inflated UNet runs a 4-D input."""
+    options = comfy.model_patcher.create_model_options_clone(model_options)
+    options.setdefault("transformer_options", {})[STILL_IMAGES_KEY] = True
+    return options
 
 
 def model_group_norm(model) -> str:

@@ -855,3 +855,19 @@ def test_output_names_that_are_not_plain_file_names_are_refused(fake, tmp_path):
     assert "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["jeep_00001_.mp4", "ok.png", "previews"]
     assert sorted(p.name for p in (tmp_path / "nested").iterdir()) == ["out"]
+
+
+def test_frames_above_the_class_batch_raise_it_for_the_training_workflow():
+    """shape_edit_train makes its class images as a batch of 16; each class step of the trainer
+    needs as many as the clip has frames, so --frames 24 makes 48 (and says so); --frames 8 keeps 16."""
+    graph = json.loads((REPO / "workflows" / "api" / "shape_edit_train.json").read_text())
+    (empty,) = runner.class_image_batches(graph)
+    assert graph[empty]["class_type"] == "EmptyLatentImage" and graph[empty]["inputs"]["batch_size"] == 16
+    for frames, batch in ((8, 16), (24, 48)):
+        args = runner.parse_args([str(REPO / "workflows" / "api" / "shape_edit_train.json"), "--video", "x.mp4",
+                                  "--frames", str(frames)])
+        said = io.StringIO()
+        prepared = runner.prepare(graph, "x.mp4", args, stream=said)
+        assert prepared[empty]["inputs"]["batch_size"] == batch
+        assert ("now a batch of 48" in said.getvalue()) == (frames == 24)
+    assert graph[empty]["inputs"]["batch_size"] == 16  # the loaded workflow itself is not changed

@@ -185,3 +185,122 @@ def test_tune_video_runs_the_official_sample_and_learns():
     assert losses[0] == pytest.approx(float((eps0 ** 2).mean()), rel=1e-5)
     assert steps_seen == [(k, k) for k in range(1, 61)]
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+
+
+def test_class_images_start_where_the_official_dataset_starts_them():
+    # ImageSequenceDataset.__getitem__: class_index = index % (num_class_images - n_sample_frame),
+    # then n_sample_frame consecutive images from it (the last image is never reached)
+    assert [core.class_start(i, 10, 8) for i in range(10)] == [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
+    assert [core.class_start(i, 5, 3) for i in range(5)] == [0, 1, 0, 1, 0]
+    assert [core.class_start(i, 4, 4) for i in range(4)] == [0, 0, 0, 0]  # exactly F images: all of them
+
+
+def test_class_latent_errors():
+    assert core.check_class_latent(torch.zeros(8, 4, 8, 8), 8) == 8
+    with pytest.raises(FateZeroError, match="holds 5 image.*frames \\(8\\).*at least 8"):
+        core.check_class_latent(torch.zeros(5, 4, 8, 8), 8)
+    with pytest.raises(FateZeroError, match=r"\[images, 4, h, w\]"):
+        core.check_class_latent(torch.zeros(8, 3, 8, 8), 8)
+
+
+def test_optimizer_choice_and_what_to_change():
+    core.check_optimizer("AdamW", "cpu")
+    with pytest.raises(FateZeroError, match="needs a CUDA GPU.*Set optimizer to AdamW"):
+        core.check_optimizer("AdamW8bit", "cpu")
+    with pytest.raises(FateZeroError, match="use one of AdamW, AdamW8bit"):
+        core.check_optimizer("SGD", "cpu")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(FateZeroError, match="pip install bitsandbytes.*or set optimizer to AdamW"):
+            core.check_optimizer("AdamW8bit", "cuda")
+
+
+def test_seeded_draws_without_class_images_are_the_clip_draws():
+    x0 = torch.zeros(3, 4, 2, 2)
+    seeded, generator = core.SeededDraws(5), torch.Generator().manual_seed(5)
+    for _ in range(3):
+        t, eps = seeded.clip_step(x0)
+        t_ref, eps_ref = core.draw_step(generator, x0)
+        assert t == t_ref and torch.equal(eps, eps_ref)
+
+
+def test_seeded_class_draws_walk_a_permutation_per_epoch():
+    draws = core.SeededDraws(0)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(6, generator=g).tolist()
+    for i in range(6):
+        start, timesteps, noise = draws.class_step(6, 3, (4, 2, 2))
+        assert start == core.class_start(order[i], 6, 3)
+        assert timesteps.shape == (3,) and 0 <= int(timesteps.min()) and int(timesteps.max()) < 1000
+        assert noise.shape == (3, 4, 2, 2)
+        assert torch.equal(timesteps, torch.randint(0, 1000, (3,), generator=g))
+        assert torch.equal(noise, torch.randn(3, 4, 2, 2, generator=g))
+    draws.class_step(6, 3, (4, 2, 2))  # a new epoch: a new permutation is drawn, not an error
+
+
+def test_class_step_runs_first_with_its_own_optimizer_step_and_zeroed_not_freed_gradients():
+    """Each iteration: the class step (still images, F of them, one sigma per image) then the clip
+    step, each an optimizer step. A tensor the class loss never reaches (here: ``temporal``) is left
+    alone by the first class step (no gradient yet) and moved by later ones (its gradient is zero,
+    not None: AdamW's momentum and weight decay), as accelerate 0.15's zero_grad(set_to_none=False)."""
+    frames = 3
+    x0 = torch.randn(frames, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    classes_x0 = torch.randn(5, 4, 2, 2, generator=torch.Generator().manual_seed(2))
+    shared = torch.nn.Parameter(torch.tensor(0.5))
+    temporal = torch.nn.Parameter(torch.tensor(0.25))
+    calls, temporal_seen, temporal_at_clip = [], [], []
+
+    def clip_denoise(x, sigma):
+        calls.append(("clip", x.shape[0], sigma.shape))
+        temporal_at_clip.append(float(temporal.detach()))
+        eps = shared * x + temporal * x.roll(1, 0)
+        return x - sigma.reshape(-1, 1, 1, 1) * eps
+
+    def class_denoise(x, sigma):
+        calls.append(("class", x.shape[0], tuple(sigma.tolist())))
+        temporal_seen.append(float(temporal.detach()))
+        return x - sigma.reshape(-1, 1, 1, 1) * shared * x
+
+    def sigma_of(t):
+        return torch.tensor([0.5 + t / 1000.0])
+
+    classes = core.ClassImages(classes_x0, class_denoise)
+    losses = core.tune_video(clip_denoise, sigma_of, x0, [shared, temporal], 3,
+                             core.OptimizerSettings(lr=0.01), seed=4, classes=classes)
+    assert [c[0] for c in calls] == ["class", "clip"] * 3
+    assert all(c[1] == frames for c in calls)
+    draws = core.SeededDraws(4)
+    _, timesteps, _ = draws.class_step(5, frames, (4, 2, 2))
+    assert calls[0][2] == pytest.approx(tuple(0.5 + t / 1000.0 for t in timesteps.tolist()))
+    assert len(losses) == 3 and len(classes.losses) == 3
+    # temporal: the first class step leaves it alone (no gradient yet), the first clip step moves it
+    # by AdamW's first step (~lr), and every later class step moves it again (zero gradient, not None)
+    assert temporal_seen[0] == temporal_at_clip[0] == 0.25
+    assert abs(temporal_seen[1] - 0.25) == pytest.approx(0.01, rel=0.05)
+    assert temporal_at_clip[1] != temporal_seen[1] and temporal_at_clip[2] != temporal_seen[2]
+
+
+def test_loss_curve_with_class_losses_draws_both():
+    image = core.loss_curve_image([2.0, 1.5, 1.0, 0.8], class_losses=[1.0, 1.2, 0.9, 0.95])
+    orange = (image[0, :, :, 0] > image[0, :, :, 2] + 0.3)
+    blue = (image[0, :, :, 2] > image[0, :, :, 0] + 0.3)
+    assert orange.any() and blue.any()
+    plain = core.loss_curve_image([2.0, 1.5, 1.0, 0.8])
+    assert not (plain[0, :, :, 0] > plain[0, :, :, 2] + 0.3).any()
+
+
+def test_frame_context_runs_still_images_without_temporal_layers():
+    from fatezero_core.frames import FrameContext
+
+    context = FrameContext()
+    with context.running(1, stills=True):
+        assert context.stills and context.frames(6) == 1 and context(6) is None
+    with context.running(2):
+        assert not context.stills and context.frames(6) == 3 and context(6) == 3
+    with context.running(1, stills=True):
+        later = context.replay()  # what gradient checkpointing enters to recompute a layer in backward
+    assert not context.stills and context(6) == 6
+    with later:
+        assert context.stills and context(6) is None
+    assert not context.stills

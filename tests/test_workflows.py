@@ -580,6 +580,29 @@ def test_shape_edit_train_tunes_on_the_clip_then_inverts_and_edits_with_the_tune
     assert "FateZero_TuneAVideoLoader" not in ids
     assert any(n["inputs"].get("images") == [ids["FateZero_TuneAVideoTrain"], 1]
                for n in api_nodes("shape_edit_train", "PreviewImage"))
+    assert train["optimizer"] == "AdamW"  # runs everywhere; AdamW8bit (official) needs CUDA + bitsandbytes
+
+
+def test_shape_edit_train_makes_its_class_images_with_the_same_model():
+    """The official regularization: a KSampler batch of 'a photo of a car' (official
+    class_data_prompt of config/tune/jeep.yaml) from the same checkpoint, its latents and prompt
+    feeding the trainer's class inputs; enough images for the clip's frames."""
+    api = load_api("shape_edit_train")
+    ids = {n["class_type"]: i for i, n in api.items()}
+    train = api[ids["FateZero_TuneAVideoTrain"]]["inputs"]
+    sampler_id = train["class_latent"][0]
+    sampler = api[sampler_id]
+    assert sampler["class_type"] == "KSampler" and train["class_latent"] == [sampler_id, 0]
+    assert sampler["inputs"]["model"] == [ids["CheckpointLoaderSimple"], 0]  # the base model, not the tuned one
+    prompt = api[train["class_prompt"][0]]
+    assert prompt["class_type"] == "CLIPTextEncode" and prompt["inputs"]["text"] == "a photo of a car"
+    assert prompt["inputs"]["clip"] == [ids["CheckpointLoaderSimple"], 1]
+    assert sampler["inputs"]["positive"] == train["class_prompt"]
+    empty = api[sampler["inputs"]["latent_image"][0]]
+    assert empty["class_type"] == "EmptyLatentImage"
+    assert empty["inputs"]["batch_size"] >= api[ids["FateZero_LoadVideoFrames"]]["inputs"]["frame_load_cap"]
+    assert (empty["inputs"]["width"], empty["inputs"]["height"]) == (512, 512)
+    assert sampler["inputs"]["denoise"] == 1.0
 
 
 def test_long_clip_windows_edits_every_frame_of_the_clip_in_context_windows():

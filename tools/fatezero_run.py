@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import io
 import json
 import os
 import shlex
@@ -54,6 +55,7 @@ LOADER = "FateZero_LoadVideoFrames"
 SOURCE_NODES = ("FateZero_SourcePrompt", "FateZero_AttentionBlendSettings")
 TARGET_NODES = ("FateZero_EditSettings", "FateZero_AttentionBlendSettings")
 INVERT = "FateZero_DDIMInvert"
+TRAIN = "FateZero_TuneAVideoTrain"
 POLL_EVERY_S = 5.0
 RECV_WAIT_S = 1.0  # longest wait for one websocket message before checking timeouts and polling
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
@@ -267,13 +269,44 @@ def name_outputs(graph: dict, video_stem: str, workflow_stem: str) -> None:
         inputs["filename_prefix"] = f"{folder}/{name}" if folder else name
 
 
-def prepare(graph: dict, video_name: str, args, video_stem: str = "clip") -> dict:
+def class_image_batches(graph: dict) -> list[str]:
+    """Ids of the Empty Latent Image nodes whose batch becomes Tune-A-Video Train's class images
+    (directly, or through a KSampler), as in ``workflows/shape_edit_train.json``."""
+    found = []
+    for train in nodes_of(graph, TRAIN):
+        link = graph[train]["inputs"].get("class_latent")
+        seen = set()
+        while isinstance(link, list) and link and str(link[0]) in graph and str(link[0]) not in seen:
+            node_id = str(link[0])
+            seen.add(node_id)
+            node = graph[node_id]
+            if node["class_type"] == "EmptyLatentImage":
+                found.append(node_id)
+                break
+            link = node["inputs"].get("latent_image")
+    return found
+
+
+def enough_class_images(graph: dict, frames: int, stream) -> None:
+    """Each class step of the trainer uses as many class images as the clip has frames: a
+    ``--frames`` above the class batch raises the batch to twice the frames (and says so)."""
+    for node_id in class_image_batches(graph):
+        inputs = graph[node_id]["inputs"]
+        if isinstance(inputs.get("batch_size"), int) and inputs["batch_size"] < frames:
+            inputs["batch_size"] = 2 * frames
+            say(stream, f"--frames {frames}: the class images (node {node_id}) are now a batch of "
+                        f"{2 * frames}, at least as many as the frames.")
+
+
+def prepare(graph: dict, video_name: str, args, video_stem: str = "clip", stream=None) -> dict:
     graph = json.loads(json.dumps(graph))
     loader = one_node(graph, LOADER, "--video")
     graph[loader]["inputs"]["video"] = video_name
     name_outputs(graph, video_stem, args.workflow.stem)
     if args.frames is not None:
         graph[loader]["inputs"]["frame_load_cap"] = args.frames
+        if args.frames > 0:
+            enough_class_images(graph, args.frames, stream or sys.stderr)
     if args.source is not None:
         graph[one_node(graph, SOURCE_NODES, "--source")]["inputs"]["source_prompt"] = args.source
     if args.target is not None:
@@ -828,12 +861,12 @@ def main(argv=None, stream=None) -> int:
         client = Client(args.server)
         if args.comfyui:
             args.comfyui = comfyui_folder(args.comfyui)
-        prepare(graph, "check.mp4", args)  # report workflow problems before starting or uploading
+        prepare(graph, "check.mp4", args, stream=stream)  # report workflow problems before starting or uploading
         server = ensure_server(client, args, stream)
         jobs = []
         for video in videos:
             name = client.upload(video)
-            jobs.append(Job(video, prepare(graph, name, args, video.stem)))
+            jobs.append(Job(video, prepare(graph, name, args, video.stem, stream=io.StringIO())))  # said once above
         code = Runner(client, args.out, args.timeout or None, args.verbose, stream).run(jobs)
     except RunnerError as err:
         print(f"fatezero_run: {err}", file=stream)

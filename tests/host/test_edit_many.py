@@ -221,6 +221,7 @@ def test_changing_the_target_keeps_the_tuned_model(comfy_server):
     cached = cached_ids(entry)
     assert set(ids_of(prompt, "FateZero_TuneAVideoTrain")) <= cached
     assert set(ids_of(prompt, "FateZero_DDIMInvert")) <= cached
+    assert set(ids_of(prompt, "KSampler")) <= cached  # the class images are made once
 
 
 TARGETS = ("watercolor painting of a silver jeep driving down a snowy road in the countryside",

@@ -32,8 +32,8 @@ def losses(train, monkeypatch) -> list[float]:
     seen: list[float] = []
     original = train.progress_reporter
 
-    def recording(steps, node_id):
-        report = original(steps, node_id)
+    def recording(steps, node_id, *args):
+        report = original(steps, node_id, *args)
 
         def wrapped(step, values):
             seen.append(values[-1])
@@ -389,3 +389,121 @@ def test_first_step_loss_is_the_objective_on_the_loader_network(nodes, train, ti
     assert losses[0] == pytest.approx(expected, rel=1e-4)
     per_frame = tiny_sd15.clone()  # the control: the plain per-frame network gives another loss
     assert abs(loss(per_frame) - expected) > 1e-3 * expected
+
+
+CLASS_PROMPT = "a photo of a square"
+
+
+def class_latent(count: int = 6) -> dict:
+    g = torch.Generator().manual_seed(12)
+    return {"samples": torch.randn(count, 4, LATENT, LATENT, generator=g)}
+
+
+def recording_unet_calls(model, calls: list):
+    """A clone of ``model`` whose every UNet call is recorded: (still images?, batch, context)."""
+    from comfy.patcher_extension import WrappersMP
+
+    def record(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        calls.append(("class" if transformer_options.get("fatezero_still_images") else "clip",
+                      int(x.shape[0]), context.detach().clone()))
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    clone = model.clone()
+    clone.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_record", record)
+    return clone
+
+
+def test_class_images_add_a_class_step_before_each_clip_step(comfy_nodes, train, tiny_sd15, tiny_clip, losses,
+                                                            monkeypatch):
+    """Each iteration: the class step (F class images as still images, the class prompt only, its own
+    optimizer step), then the clip step (the source prompt). The loss curve shows both."""
+    tuning = comfy_nodes.fatezero_core.tav.train
+    steps, calls, events = 3, [], []
+    original_step = tuning.train_step
+
+    def counting_step(*args, **kwargs):  # one optimizer step, named after the UNet call it ran
+        value = original_step(*args, **kwargs)
+        events.append(("optimizer step", calls[-1][0]))
+        return value
+
+    monkeypatch.setattr(tuning, "train_step", counting_step)
+    source, class_prompt = encode(tiny_clip, PROMPT), encode(tiny_clip, CLASS_PROMPT)
+    model, curve = run_train(train, recording_unet_calls(tiny_sd15, calls), source, steps=steps,
+                             class_latent=class_latent(), class_prompt=class_prompt).args
+    assert [c[0] for c in calls] == ["class", "clip"] * steps
+    assert events == [("optimizer step", "class"), ("optimizer step", "clip")] * steps
+    assert all(batch == FRAMES for _, batch, _ in calls)
+    for kind, _, context in calls:
+        wanted = class_prompt if kind == "class" else source
+        assert torch.equal(context, wanted[0][0].expand(FRAMES, -1, -1)), kind
+    assert len(losses) == steps
+    orange = (curve[0, :, :, 0] > curve[0, :, :, 2] + 0.3)
+    assert orange.any()  # the class losses are on the curve
+
+
+def test_still_images_run_without_temporal_layers_and_per_image(nodes, train, tiny_sd15, tiny_clip):
+    """A UNet call flagged as still images on the tuned model is the plain SD UNet on each image
+    (no temporal layers, per-image norms and self-attention), as the official UNet runs a 4-D
+    batch, although the tuned temporal layers are not identities."""
+    import comfy.samplers
+
+    source = encode(tiny_clip, PROMPT)
+    tuned, _ = run_train(train, tiny_sd15, source, steps=2, lr=1e-2).args
+    x = video_latent()
+
+    def stills_out(model):
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(source, [])
+        guider.set_cfg(1.0)
+        captured = {}
+
+        class Once(comfy.samplers.Sampler):
+            def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+                       denoise_mask=None, disable_pbar=False):
+                args = dict(extra_args, model_options=nodes.video_runtime.still_images_options(extra_args["model_options"]))
+                captured["out"] = model_wrap(latent_image + 0.5 * noise, torch.full((latent_image.shape[0],), 0.5), **args)
+                return latent_image
+
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+        guider.sample(noise, x, Once(), torch.tensor([0.5, 0.0]), seed=0, disable_pbar=True)
+        return captured["out"]
+
+    # the plain per-frame SD UNet with the tuned to_q (the only tuned 2D weights)
+    plain = tiny_sd15.clone()
+    plain.add_patches({k: p[-1][1] for k, p in tuned.patches.items() if k.endswith("to_q.weight")})
+    expected = unet_out(plain, x, 0.5, source)
+    assert torch.allclose(stills_out(tuned), expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(unet_out(tuned, x, 0.5, source), expected, atol=1e-3)  # as a clip: not so
+
+
+def test_cancel_during_class_steps_saves_nothing(train, tiny_sd15, tiny_clip, tav_dir, monkeypatch):
+    import comfy.model_management
+    import comfy.utils
+
+    def hook(value, total, preview, node_id=None):
+        if value == 1:
+            comfy.model_management.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    before = state_of(tiny_sd15)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_train(train, tiny_sd15, encode(tiny_clip, PROMPT), steps=4, save_name="cancelled",
+                      class_latent=class_latent(), class_prompt=encode(tiny_clip, CLASS_PROMPT))
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not any(tav_dir.rglob("*"))
+    assert state_matches(before, state_of(tiny_sd15))
+
+
+def test_class_inputs_are_checked_before_training(nodes, train, tiny_sd15, tiny_clip, losses):
+    source, class_prompt = encode(tiny_clip, PROMPT), encode(tiny_clip, CLASS_PROMPT)
+    with pytest.raises(nodes.user_errors.FateZeroNodeError, match="class_prompt is not"):
+        run_train(train, tiny_sd15, source, class_latent=class_latent())
+    with pytest.raises(nodes.user_errors.FateZeroNodeError, match="class_latent is not"):
+        run_train(train, tiny_sd15, source, class_prompt=class_prompt)
+    with pytest.raises(nodes.user_errors.FateZeroNodeError, match="holds 3 image.*at least 4"):
+        run_train(train, tiny_sd15, source, class_latent=class_latent(3), class_prompt=class_prompt)
+    with pytest.raises(nodes.user_errors.FateZeroNodeError, match="AdamW8bit needs a CUDA GPU.*Set optimizer to AdamW"):
+        run_train(train, tiny_sd15, source, optimizer="AdamW8bit")
+    assert losses == []

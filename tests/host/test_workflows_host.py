@@ -192,7 +192,8 @@ def tiny_controlnet(comfy_server) -> str:
 
 
 def shrink(api: dict, server, video: str, prefix: str, frames: int = FRAMES, files: dict | None = None) -> dict:
-    """``api`` with the model/clip files and the sizes swapped for tiny ones; nothing else changes."""
+    """``api`` with the model/clip files, the sizes and step counts swapped for tiny ones; nothing
+    else changes."""
     files = files or {}
     prompt = copy.deepcopy(api)
     for node in prompt.values():
@@ -206,6 +207,10 @@ def shrink(api: dict, server, video: str, prefix: str, frames: int = FRAMES, fil
             inputs["steps"] = STEPS
         elif kind == "FateZero_TuneAVideoTrain":
             inputs.update(steps=STEPS, save_name=f"{prefix}/tuned")
+        elif kind == "EmptyLatentImage":  # the class images: still more than the clip's frames
+            inputs.update(width=SIZE, height=SIZE, batch_size=frames + 1)
+        elif kind == "KSampler":
+            inputs["steps"] = STEPS
         elif kind == "LoraLoaderModelOnly":
             inputs["lora_name"] = files["lora"]
         elif kind == "ControlNetLoader":
@@ -344,10 +349,11 @@ def sd15_shape_checkpoint(server) -> str:
 
 
 def test_shape_edit_train_workflow_trains_saves_and_edits(comfy_server):
-    """Load -> encode -> train -> invert -> sample -> decode -> save, with 2 training steps, on a
-    checkpoint of the real SD1.5 UNet shape (the trainer, like the Tune-A-Video Loader, needs the
-    SD1.x topology; random weights, a few MB on disk); the tuned UNet lands in models/tuneavideo
-    and the loss curve is previewed."""
+    """Load -> encode -> train (with class images made by a KSampler of the same checkpoint) ->
+    invert -> sample -> decode -> save, with 2 training steps, on a checkpoint of the real SD1.5
+    UNet shape (the trainer, like the Tune-A-Video Loader, needs the SD1.x topology; random
+    weights, a few MB on disk); the tuned UNet lands in models/tuneavideo, the loss curve is
+    previewed and shows the class steps too."""
     base_name = sd15_shape_checkpoint(comfy_server)
     video = write_video_file(comfy_server.input_dir, "wf_shape_edit_train.avi")
     prompt = shrink(load_api("shape_edit_train"), comfy_server, video, prefix=f"wf_train_{uuid.uuid4().hex[:6]}")
@@ -361,6 +367,10 @@ def test_shape_edit_train_workflow_trains_saves_and_edits(comfy_server):
     assert saved.is_file() and saved.stat().st_size > 0
     loss_id = next(i for i, n in prompt.items() if n["_meta"]["title"] == "Training loss")
     assert len(entry["outputs"][loss_id]["images"]) == 1
+    assert train["class_latent"] and train["class_prompt"]
+    from safetensors import safe_open
+    with safe_open(str(saved), "pt") as f:
+        assert f.metadata()["class_images"] == str(FRAMES + 1)
 
 
 @pytest.mark.parametrize("name", workflow_names())
