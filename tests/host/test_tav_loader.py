@@ -367,7 +367,9 @@ def test_cond_and_uncond_clips_stay_separate(loader, tav_dir, tiny_sd15, tiny_2d
 
     both = run(slice(None), [1, 0])
     alone = torch.cat([run(slice(0, FRAMES), [1]), run(slice(FRAMES, None), [0])])
-    assert torch.allclose(both, alone, atol=1e-5), float((both - alone).abs().max())
+    # Rounding differs with the batch (and the thread count); mixing the clips would differ by far
+    # more (test_random_temporal_layers_couple_frames: frames change each other's output).
+    assert torch.allclose(both, alone, atol=1e-4), float((both - alone).abs().max())
     as_one_video = run(slice(None), [0])
     assert float((as_one_video - both).abs().max()) > 1e-4
 

@@ -6,13 +6,15 @@ shares, until another clone loads. A workflow must therefore work whatever ran b
 same cached checkpoint.
 
 What a workflow can leave on the checkpoint's network comes in two kinds: clip-level GroupNorm
-containers (every FateZero edit on it: style_watercolor, attribute_edit, long_clip_recompute,
-lora_edit, controlnet_edit) and Tune-A-Video containers with them (shape_edit_train; shape_edit_tav
-builds a network of its own and leaves nothing on the checkpoint's). So the sequence runs every
-workflow directly after style_watercolor and directly after shape_edit_train, and those two
-directly after every workflow: 22 of the 42 ordered pairs, in 23 runs (an Eulerian circuit). The
-other 20 pairs put one edit after another, which only repeats what style_watercolor leaves behind
-for another reader; leaving them out halves the runs.
+containers (every FateZero edit on it with clip-level norms: style_watercolor, attribute_edit,
+long_clip_recompute, lora_edit, controlnet_edit) and Tune-A-Video containers with them
+(shape_edit_train; shape_edit_tav builds a network of its own and leaves nothing on the
+checkpoint's; long_clip_windows runs per-frame norms and leaves nothing either, but must still run
+after what the others leave). So the sequence runs every workflow directly after style_watercolor
+and directly after shape_edit_train, and those two directly after every workflow: 26 of the 56
+ordered pairs, in 27 runs (an Eulerian circuit). The other 30 pairs put one edit after another,
+which only repeats what style_watercolor leaves behind for another reader; leaving them out halves
+the runs.
 
 All runs use one checkpoint of the real SD1.5 UNet shape (random weights; Tune-A-Video Train and
 Loader need the SD1.x topology), 2 frames at 64 px, 1 DDIM / training step; only files and sizes
@@ -100,9 +102,9 @@ def sequence() -> list[str]:
 
 def test_the_sequence_runs_each_hub_pair_once():
     names, order = api_names(), sequence()
-    assert set(HUBS) <= set(names) and len(names) == 7
+    assert set(HUBS) <= set(names) and len(names) == 8
     pairs = list(zip(order, order[1:]))
-    assert order[0] == FIRST and len(pairs) == 22 and set(pairs) == hub_pairs(names, HUBS)
+    assert order[0] == FIRST and len(pairs) == 26 and set(pairs) == hub_pairs(names, HUBS)
     every = {(a, b) for a in "abc" for b in "abc" if a != b}
     order = walk_through(every, "b")
     assert order[0] == "b" and sorted(zip(order, order[1:])) == sorted(every)  # each pair exactly once
