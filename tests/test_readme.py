@@ -154,3 +154,15 @@ def test_torch_versions_named_are_the_ci_pin_or_recorded_by_a_run():
     pin = re.search(r"torch==([\d.]+)", (REPO / ".ci" / "run").read_text()).group(1)
     named = set(re.findall(r"torch(?: |==)(\d+\.\d+(?:\.\d+)?)", README.read_text()))
     assert named and named <= recorded | {pin}, sorted(named - recorded - {pin})
+
+
+def test_every_benchmark_script_is_in_the_readme_with_its_results():
+    """Each script of ``benchmarks/`` (helpers start with ``_``) is run in README "Benchmarks" and has
+    its committed ``benchmarks/results/<name>.json``, so a new benchmark comes with its targets."""
+    section = README.read_text().split("\n## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    scripts = sorted(p for p in (REPO / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+    assert scripts
+    unlisted = [p.name for p in scripts if f"benchmarks/{p.name}" not in section]
+    no_results = [p.name for p in scripts if not (REPO / "benchmarks" / "results" / f"{p.stem}.json").exists()]
+    assert not unlisted, unlisted
+    assert not no_results, no_results
