@@ -276,8 +276,13 @@ class EditController(_Controller):
             k_src_keys = gather_key_frames(k_src, remap_table(table, key_frames_used(table)))
         else:
             q_src = self.store.get(j, layer.name, "q", q.device, q.dtype, rows=window)
-            frames = torch.unique(key_frames)
             row = {f: r for r, f in enumerate(self._used_frames(layer))}
+            # A stand-in frame (windows not in frame order) may have no stored source keys: its
+            # source side then reads the key frame the rule names, which the store always keeps.
+            wanted = key_frame_table(self._rule(layer), self.config.num_frames, window).to(key_frames)
+            stored = torch.tensor([[f in row for f in r] for r in key_frames.tolist()], dtype=torch.bool)
+            key_frames = torch.where(stored.reshape(key_frames.shape), key_frames, wanted)
+            frames = torch.unique(key_frames)
             k_src = self.store.get(j, layer.name, "k", k.device, k.dtype, rows=[row[f] for f in frames.tolist()])
             k_src_keys = gather_key_frames(k_src, remap_table(key_frames, frames))
         mask = self.maps.self_mask(j, layer, window)

@@ -191,9 +191,8 @@ def preview_image(maps: EditMaps | None, frames: int, latent_size) -> torch.Tens
     (no fusion, or no fused mask layer ran).
     """
     h, w = latent_size
-    out = torch.zeros(frames, h * VAE_SCALE, w * 2 * VAE_SCALE, 3)
     if maps is None or maps.preview_map is None:
-        return out
+        return torch.zeros(frames, h * VAE_SCALE, w * 2 * VAE_SCALE, 3)
     word_map = maps.preview_map
     s = maps.settings
     mask = (bm.blend_mask(word_map, (h, w), s.blend_threshold, s.soft_mask).view(frames, 1, h, w)
