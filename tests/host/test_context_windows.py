@@ -68,6 +68,16 @@ def max_difference(a, b):
     return float((a - b).abs().max())
 
 
+def report_difference(case: str, ours, reference) -> None:
+    """Print how far a windowed edit is from the one-batch one (the README states it), and check
+    it is an edit of the same clip, not noise."""
+    scale = float(reference.abs().max())
+    difference = max_difference(ours, reference)
+    print(f"{case}: max |windowed - one batch| = {difference:.3g} (edited latent max {scale:.3g})")
+    assert torch.isfinite(ours).all()
+    assert difference < scale
+
+
 _references: dict = {}
 
 
@@ -152,12 +162,7 @@ def test_clip_level_group_norm_in_windows_is_measured(nodes, model, tiny_clip):
     windowed edit differs from the one-batch one, by the amount the README states."""
     reference = one_batch(nodes, model, tiny_clip, "mid", group_norm="clip")
     ours = edit(nodes, windowed(model, 8, 3), tiny_clip, "mid", group_norm="clip")
-    scale = float(reference[1].abs().max())
-    difference = max_difference(ours[1], reference[1])
-    print(f"group_norm=clip, mid, windows 8/3: max |windowed - one batch| = {difference:.3g} "
-          f"(edited latent max {scale:.3g})")
-    assert torch.isfinite(ours[1]).all()
-    assert difference < scale
+    report_difference("group_norm=clip, mid, windows 8/3", ours[1], reference[1])
 
 
 def test_windows_leave_the_model_and_a_second_run_alike(nodes, model, tiny_clip):
@@ -193,12 +198,7 @@ def test_tune_a_video_model_in_windows_is_measured(nodes, model, tiny_clip, tmp_
     tav = nodes.tav_loader.FateZeroTuneAVideoLoader.execute(checkpoint=name, base_model=model).args[0]
     reference = edit(nodes, tav, tiny_clip, "auto", group_norm="clip")
     ours = edit(nodes, windowed(tav, 8, 3), tiny_clip, "auto", group_norm="clip")
-    scale = float(reference[1].abs().max())
-    difference = max_difference(ours[1], reference[1])
-    print(f"Tune-A-Video (prev, first), windows 8/3: max |windowed - one batch| = {difference:.3g} "
-          f"(edited latent max {scale:.3g})")
-    assert torch.isfinite(ours[1]).all()
-    assert difference < scale
+    report_difference("Tune-A-Video (prev, first), windows 8/3", ours[1], reference[1])
 
 
 def test_per_frame_controlnet_hint_follows_the_windows(nodes, model, tiny_clip):
