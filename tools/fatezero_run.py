@@ -950,6 +950,17 @@ class Worker:
         return self.uploads[video]
 
     def loop(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self.runner.ws is not None:
+                try:
+                    self.runner.ws.close(timeout=RECV_WAIT_S)
+                except (OSError, websocket.WebSocketException):
+                    pass  # a server that is gone cannot be told goodbye
+                self.runner.ws = None
+
+    def _loop(self) -> None:
         pool = self.pool
         while self.alive and not pool.stopping:
             task = pool.take(self)
