@@ -144,6 +144,8 @@ def main() -> None:
     if busy and not args.force:
         raise SystemExit(f"load average {load:.2f} on {os.cpu_count()} cores: two {args.threads}-thread servers "
                          "would share cores with other work; run on a quiet machine or pass --force")
+    # This process only writes the checkpoint (on the CPU); the servers do the work.
+    _host.setup(force_cpu=True, threads=1)
     from tiny_models.checkpoint import write_tiny_sd15_checkpoint
 
     root = Path(tempfile.mkdtemp(prefix="fatezero_many_servers_"))
