@@ -984,3 +984,13 @@ def test_segments_need_a_named_key_rule(fake, tmp_path):
     assert code == 2
     assert "--set FateZero_DDIMInvert.key_frames=anchors/16" in err
     assert not fake.prompts and not fake.uploads
+
+
+def test_segment_frames_counts_the_clip_on_a_server_first():
+    graph = json.loads(STYLE_API.read_text())
+    count = runner.count_graph(graph)
+    assert count["1"]["inputs"]["frame_load_cap"] == 8 and count["1"]["inputs"]["size"] == 8
+    assert count["2"] == {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}
+    assert runner.counted_frames({"outputs": {"2": {"text": ["32"]}}}) == 32
+    with pytest.raises(runner.RunnerError, match="did not report the clip's frame count"):
+        runner.counted_frames({"outputs": {}})

@@ -18,7 +18,14 @@ progress bar from the server's websocket, and downloads every file the run wrote
 previews) into ``--out``, never over a file already there (the new one is numbered:
 ``name_1.mp4``). Exits 0 when every clip succeeded, 1 with the server's error text when ComfyUI
 refused or failed a run, 2 for problems found before anything was sent (a ComfyUI that would not
-start included), 130 when interrupted (queued runs are cancelled). Needs the ``websocket-client``
+start included), 130 when interrupted (queued runs are cancelled).
+
+Several servers (``--server`` repeated, ``--servers-file``, or ``--comfyui DIR --gpus N``, which
+starts one per GPU): one job in flight per server, the clips queued over them (:class:`Pool`), each
+uploaded to the server that runs it; a job whose server fails or stops answering runs again on
+another. ``--segments K`` / ``--segment-frames N`` edit one clip in segments, each with the clip's
+shared key frames (:func:`segment_graph`), joined on a server with the clip's sound
+(:func:`join_graph`). Needs the ``websocket-client``
 package (the client ComfyUI's own ``script_examples`` use); the rest is the standard library.
 """
 
@@ -916,11 +923,31 @@ def join_graph(graph: dict, frames_folder: str, video_name: str) -> dict:
     }
 
 
-class Task:
-    """A clip (``segment`` None), one segment of a clip, or the join of a clip's segments."""
+def count_graph(graph: dict) -> dict:
+    """A graph that reports how many frames the workflow's Load Video Frames selects from its clip
+    (loaded at 8 px; core Preview Any shows the count), for ``--segment-frames``."""
+    loader = graph[one_node(graph, LOADER, "--segment-frames")]["inputs"]
+    inputs = {k: v for k, v in loader.items() if k not in ("segments", "segment_index", "anchor_frames")}
+    return {"1": {"class_type": LOADER, "_meta": {"title": "frame count"},
+                  "inputs": {**inputs, "size": 8, "resize_mode": "crop"}},
+            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
 
-    def __init__(self, video: Path, segment: int | None = None, join: bool = False):
-        self.video, self.segment, self.join = video, segment, join
+
+def counted_frames(entry: dict) -> int:
+    """The frame count :func:`count_graph` reported, from its /history entry."""
+    for outputs in entry.get("outputs", {}).values():
+        for text in outputs.get("text", []) if isinstance(outputs, dict) else []:
+            if str(text).strip().isdigit():
+                return int(str(text).strip())
+    raise RunnerError("the server did not report the clip's frame count (core Preview Any missing?)")
+
+
+class Task:
+    """A clip (``segment`` None), one segment of a clip, the join of a clip's segments, or the
+    count of a clip's frames that decides its segments (``--segment-frames``)."""
+
+    def __init__(self, video: Path, segment: int | None = None, join: bool = False, count: bool = False):
+        self.video, self.segment, self.join, self.count = video, segment, join, count
         self.tried: set[str] = set()  # servers that failed it
         self.error: str | None = None
         self.files: list[Path] = []
@@ -930,6 +957,8 @@ class Task:
     def label(self) -> str:
         if self.join:
             return f"{self.video.name} (join)"
+        if self.count:
+            return f"{self.video.name} (frame count)"
         return self.video.name if self.segment is None else f"{self.video.name} [segment {self.segment + 1}]"
 
 
@@ -995,10 +1024,12 @@ class Worker:
         name = self.upload(task.video)
         if task.join:
             graph = pool.join_here(self, task, name)
+        elif task.count:
+            graph = count_graph(prepare(pool.graph, name, pool.args, task.video.stem))
         else:
             graph = prepare(pool.graph, name, pool.args, task.video.stem)
             if task.segment is not None:
-                graph = segment_graph(graph, task.segment, pool.segments, pool.tags[task.video])
+                graph = segment_graph(graph, task.segment, pool.segments_of[task.video], pool.tags[task.video])
         job = Job(task.video, graph)
         if self.runner.ws is None:
             self.runner.ws = self.client.open_websocket(pool.stream)
@@ -1029,6 +1060,9 @@ class Worker:
             pool.keep_segment(self, task, entry)
             bar.message("done")
             return None
+        if task.count:
+            pool.add_segments(task.video, counted_frames(entry))
+            return None
         subfolder = task.video.stem if pool.many_clips else ""
         self.runner.collect(job, entry, subfolder, bar)
         task.files = job.files
@@ -1050,7 +1084,8 @@ class Pool:
     def __init__(self, addresses: list[str], clients: list[Client], graph: dict, args, stream):
         self.graph, self.args, self.stream = graph, args, stream
         self.out, self.timeout, self.verbose = args.out, args.timeout or None, args.verbose
-        self.segments = args.segments or 0
+        self.segment_mode = bool(args.segments or args.segment_frames)
+        self.segments_of: dict[Path, int] = {}
         self.lock = threading.Condition()
         self.workers = [Worker(a, c, self) for a, c in zip(addresses, clients)]
         self.waiting: list[Task] = []
@@ -1121,6 +1156,17 @@ class Pool:
 
     # -- segments --
 
+    def add_segments(self, video: Path, frames: int) -> None:
+        """Queue the segments of ``video`` once its frame count is known (``--segment-frames``)."""
+        count = max(1, -(-frames // self.args.segment_frames))
+        with self.lock:
+            self.segments_of[video] = count
+            segments = [Task(video, segment) for segment in range(count)]
+            self.tasks += segments
+            self.waiting += segments
+            self.lock.notify_all()
+        say(self.stream, f"{video.name} | {frames} frames: {count} segment(s) of at most {self.args.segment_frames}")
+
     def keep_segment(self, worker: Worker, task: Task, entry: dict) -> None:
         """Download the segment's frames into the scratch folder, in frame order."""
         folder = self.scratch / self.tags[task.video] / f"{task.segment:03d}"
@@ -1139,7 +1185,7 @@ class Pool:
         """Upload every segment's frames to ``worker`` as one numbered sequence; the join graph."""
         subfolder = f"fatezero_join_{self.tags[task.video]}"
         parts = self.segment_files[task.video]
-        for segment in range(self.segments):
+        for segment in range(self.segments_of[task.video]):
             for i, path in enumerate(parts[segment]):
                 named = path.with_name(f"s{segment:03d}_{i:06d}{path.suffix}")
                 if path != named:
@@ -1155,8 +1201,12 @@ class Pool:
         self.many_clips = len(videos) > 1
         for video in videos:
             self.tags[video] = f"{video.stem}_{uuid.uuid4().hex[:8]}".replace("/", "_")
-            for segment in (range(self.segments) if self.segments else [None]):
-                self.tasks.append(Task(video, segment))
+            if self.args.segment_frames:
+                self.tasks.append(Task(video, count=True))
+            elif self.segments_of.setdefault(video, self.args.segments or 0):
+                self.tasks += [Task(video, segment) for segment in range(self.args.segments)]
+            else:
+                self.tasks.append(Task(video))
         self.waiting = list(self.tasks)
         threads = [threading.Thread(target=w.loop, name=f"server {w.address}", daemon=True) for w in self.workers]
         try:
@@ -1177,7 +1227,7 @@ class Pool:
             say(self.stream, f"fatezero_run: {worker.address} ran {worker.ran} job(s)"
                              + ("" if worker.alive else " (gone)"))
         # A clip's result is its own task's, or with --segments its join's.
-        done = [t for t in self.tasks if t.segment is None and t.join == bool(self.segments) and t.server
+        done = [t for t in self.tasks if t.segment is None and not t.count and t.join == self.segment_mode and t.server
                 and not t.error]
         return 0 if len(done) == len(videos) and not any(t.error for t in self.tasks) else 1
 
@@ -1212,6 +1262,8 @@ def parse_args(argv=None):
     parser.add_argument("--gpus", type=int, metavar="N",
                         help="with --comfyui: start one ComfyUI per GPU (CUDA_VISIBLE_DEVICES=0..N-1) on the port of "
                              "--server and the next N-1 ports (or on N --server addresses), all stopped at the end")
+    parser.add_argument("--segment-frames", type=int, metavar="N",
+                        help="like --segments, with segments of at most N frames (a server counts the clip's frames first)")
     parser.add_argument("--segments", type=int, metavar="K",
                         help="cut each clip into K consecutive segments, edited on any of the servers, each with the "
                              "clip's shared key frames of DDIM Invert's key rule (name it, e.g. --set "
@@ -1243,6 +1295,8 @@ def parse_args(argv=None):
         parser.error("--gpus N starts N servers: it needs --comfyui DIR and N of at least 1")
     if args.segments is not None and args.segments < 2:
         parser.error("--segments K cuts a clip into K segments: K must be at least 2")
+    if args.segment_frames is not None and (args.segment_frames < 1 or args.segments):
+        parser.error("--segment-frames N: give N of at least 1, and not together with --segments")
     for name in ("steps", "frames"):
         value = getattr(args, name)
         if value is not None and value < (1 if name == "steps" else 0):
@@ -1270,9 +1324,9 @@ def main(argv=None, stream=None) -> int:
         if args.comfyui:
             args.comfyui = comfyui_folder(args.comfyui)
         checked = prepare(graph, "check.mp4", args)  # report workflow problems before starting or uploading
-        if len(clients) > 1 or args.segments:
-            if args.segments:
-                segment_graph(checked, 0, args.segments, "check")
+        if len(clients) > 1 or args.segments or args.segment_frames:
+            if args.segments or args.segment_frames:
+                segment_graph(checked, 0, args.segments or 2, "check")
             started = start_servers(clients, args, stream)
             code = Pool(addresses, clients, graph, args, stream).run(videos)
             return code

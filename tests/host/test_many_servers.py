@@ -162,7 +162,24 @@ def test_a_clip_in_two_segments_on_two_servers_equals_one_batch(two_servers, tmp
     assert [p.name for p in joined] == [reference.name]  # named as today
     ours, theirs = decoded_frames(joined[0]).astype(float), decoded_frames(reference).astype(float)
     assert ours.shape == theirs.shape and ours.shape[0] == 32
-    assert np.abs(ours - theirs).max() <= 2 and np.abs(ours - theirs).mean() < 0.05
+    difference = np.abs(ours - theirs)
+    print(f"joined vs one batch, decoded 0..255: max {difference.max():g}, mean {difference.mean():.4f}")
+    assert difference.max() <= 2 and difference.mean() < 0.05
     assert has_audio(joined[0])
     duration, _, _ = saved_audio(joined[0])
     assert abs(duration - 32 / 8.0) < 0.1
+    # At most 11 frames a segment: a server counts the frames first, then three segments of 10-11.
+    by_size = subprocess.run(runner_command([first.url, second.url], clip, tmp_path / "three", *settings,
+                                            "--segment-frames", "11", frames=32),
+                             capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert by_size.returncode == 0, by_size.stderr
+    assert "long.mkv | 32 frames: 3 segment(s) of at most 11" in by_size.stderr
+    three = decoded_frames(next((tmp_path / "three").glob("*.mp4"))).astype(float)
+    # Three segments run batches of other sizes, so float sums run in another order. On a calmed
+    # model that leaves the latents within 6e-6 of one batch (test_segments.py); this checkpoint's
+    # random UNet is chaotic in its input and grows that rounding over the steps, and the codec
+    # spreads each flipped pixel over its block: measured mean 0.82 / 255, max 20.
+    difference = np.abs(three - theirs)
+    print(f"three segments vs one batch, decoded 0..255: max {difference.max():g}, mean {difference.mean():.4f}, "
+          f"99.9th percentile {np.percentile(difference, 99.9):g}")
+    assert three.shape == theirs.shape and difference.mean() < 2

@@ -47,11 +47,14 @@ def segmented_edit(nodes, model, clip, key_frames, segments, latent):
     return torch.cat(parts[0]), torch.cat(parts[1])
 
 
-@pytest.mark.parametrize("key_frames", ["mid", "first, mid, last", "anchors/8"])
-def test_two_segments_equal_the_one_batch_edit(nodes, model, tiny_clip, key_frames):
+@pytest.mark.parametrize("key_frames, segments", [("mid", 2), ("first, mid, last", 2), ("anchors/8", 2),
+                                                  ("first, mid, last", 3)])
+def test_segments_equal_the_one_batch_edit(nodes, model, tiny_clip, key_frames, segments):
     latent = clip_latent(FRAMES, LATENT)
     reference = edit(nodes, model, tiny_clip, key_frames, latent=latent)
-    inverted, edited = segmented_edit(nodes, model, tiny_clip, key_frames, 2, latent)
+    inverted, edited = segmented_edit(nodes, model, tiny_clip, key_frames, segments, latent)
+    print(f"{key_frames}, {segments} segments: inverted {max_difference(inverted, reference[0]):.2e}, "
+          f"edited {max_difference(edited, reference[1]):.2e}")
     assert max_difference(inverted, reference[0]) < TOLERANCE
     assert max_difference(edited, reference[1]) < TOLERANCE
     assert max_difference(reference[1], reference[0]) > 1e-2  # the edit did something
