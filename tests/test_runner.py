@@ -563,6 +563,8 @@ if os.environ.get("STAND_IN_FAIL"):
     sys.exit(3)
 with open("started.json", "w") as f:
     json.dump({"argv": args, "python": sys.executable, "pid": os.getpid()}, f)
+with open(f"started_{args[args.index('--port') + 1]}.json", "w") as f:  # one per server when several start
+    json.dump({"pid": os.getpid(), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}, f)
 
 
 def on_signal(signum, frame):
@@ -994,3 +996,22 @@ def test_segment_frames_counts_the_clip_on_a_server_first():
     assert runner.counted_frames({"outputs": {"2": {"text": ["32"]}}}) == 32
     with pytest.raises(runner.RunnerError, match="did not report the clip's frame count"):
         runner.counted_frames({"outputs": {}})
+
+
+def test_one_server_per_gpu_is_started_and_all_are_stopped_after_an_error(stand_in, tmp_path, monkeypatch):
+    def refused(self, path, subfolder=""):
+        raise runner.RunnerError("uploading failed (500)")
+
+    monkeypatch.setattr(runner.Client, "upload", refused)
+    monkeypatch.setenv("STAND_IN_DELAY", "0.5")
+    port = free_port()
+    while free_port() == port + 1:
+        port = free_port()
+    code, err = run([STYLE_API, "--video", clip_folder(tmp_path, 2), "--server", f"127.0.0.1:{port}",
+                     "--comfyui", stand_in, "--gpus", "2", "--out", tmp_path / "out"])
+    assert code == 1 and "uploading failed" in err
+    for gpu, p in enumerate((port, port + 1)):
+        started = json.loads((stand_in / f"started_{p}.json").read_text())
+        assert started["gpu"] == str(gpu) and not alive(started["pid"])
+        assert f"stopped the ComfyUI it started at http://127.0.0.1:{p}" in err
+    assert "CUDA_VISIBLE_DEVICES=1 " in err
