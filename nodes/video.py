@@ -262,13 +262,16 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
                            anchor_frames=""):
         # A connected source_video never reaches here (ComfyUI passes constants only); its node's
         # own cache key covers it.
+        # The segment settings join the key only when set, so the whole clip keeps its old key.
+        segment = ({} if (segments, segment_index, anchor_frames) == (1, 0, "") else
+                   dict(segments=segments, segment_index=segment_index, anchor_frames=anchor_frames))
         try:
             path = resolve_source(video)
             return frames_fingerprint(
                 path, FILE_DIGESTS, frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
                 select_every_nth=select_every_nth, size=size, resize_mode=resize_mode,
-                sequence_fps=sequence_fps,
-            ) + f"|segment {segment_index}/{segments}|anchors {anchor_frames}"
+                sequence_fps=sequence_fps, **segment,
+            )
         except (FateZeroError, FateZeroNodeError, OSError):
             # A new NaN each time, as ComfyUI's execution.py does: one shared object (math.nan) would
             # make two cache keys equal through Python's identity check, serving a stale result.

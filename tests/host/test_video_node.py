@@ -174,6 +174,10 @@ def test_fingerprint_follows_content_and_params(node, video_file, comfy_input_di
     assert first != fingerprint(node, video_file, size=32)
     assert first != fingerprint(node, video_file, select_every_nth=2)
     assert first != fingerprint(node, video_file, resize_mode="keep_aspect")
+    assert first == fingerprint(node, video_file, segments=1, segment_index=0, anchor_frames="")
+    segment = fingerprint(node, video_file, segments=2, segment_index=1)
+    assert len({first, segment, fingerprint(node, video_file, segments=2, segment_index=0),
+                fingerprint(node, video_file, segments=2, segment_index=1, anchor_frames="mid")}) == 4
     write_video(comfy_input_dir / "clip.avi", frames_array().flip(0), FPS)
     assert fingerprint(node, video_file) != first
 
