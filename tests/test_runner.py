@@ -1015,3 +1015,17 @@ def test_one_server_per_gpu_is_started_and_all_are_stopped_after_an_error(stand_
         assert started["gpu"] == str(gpu) and not alive(started["pid"])
         assert f"stopped the ComfyUI it started at http://127.0.0.1:{p}" in err
     assert "CUDA_VISIBLE_DEVICES=1 " in err
+
+
+def test_a_workflow_refused_by_one_server_runs_on_another(tmp_path):
+    """A refusal can be one server's own (a model it lacks), so the job tries the others."""
+    with FakeComfy() as lacking, FakeComfy() as good:
+        lacking.refusal = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
+                           "node_errors": {"1": {"class_type": "CheckpointLoaderSimple", "errors": [
+                               {"message": "Value not in list", "details": "ckpt_name: 'my_model.safetensors' not in []"}]}}}
+        out = tmp_path / "out"
+        code, err = run([STYLE_API, "--video", clip_folder(tmp_path, 2), "--server", lacking.address,
+                         "--server", good.address, "--out", out])
+        assert code == 0, err
+        assert "ComfyUI refused the workflow" in err and "it goes to another server" in err
+        assert len(good.prompts) == 2

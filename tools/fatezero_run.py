@@ -1036,7 +1036,7 @@ class Worker:
         self.runner.submit(job)
         if job.error:
             bar.message(job.error)
-            return job.error, False  # the same graph is refused by any server with these nodes
+            return job.error, True  # a server may lack a model or node another one has
         self.prompt_id = job.prompt_id
         bar.message(f"queued as {job.prompt_id}")
         try:
