@@ -79,7 +79,8 @@ class FateZeroDDIMInvert(io.ComfyNode):
                                tooltip="Clean end of the schedule. comfy: sigma 0; official: alphas_cumprod[0] like the official code (results match it more closely)."),
                 io.Combo.Input("group_norm", options=list(GROUP_NORMS), default="clip", optional=True,
                                tooltip="ResNet GroupNorm statistics. clip: over all frames of the clip, as the official inflated UNet (and every Tune-A-Video model) computes them; frame: each frame alone, as a plain image UNet. FateZero Sample uses the same."),
-                io.String.Input("frame_positions", default="", optional=True,
+                # A socket: it takes Load Video Frames' frame_positions, and older saves keep their widget values.
+                io.String.Input("frame_positions", default="", optional=True, force_input=True,
                                 tooltip="Where the latent's frames sit in the whole clip, from FateZero Load Video Frames' frame_positions (a segment loaded with the clip's anchor frames): key_frames then names frames of the whole clip ('mid' is the clip's middle frame, not the segment's). Empty: the frames are the whole clip."),
             ],
             outputs=[

@@ -185,8 +185,11 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
                         "resizing and sound."
                     ),
                 ),
+                # Sockets, not widgets: a saved workflow keeps widget values by position with the
+                # upload button's last, so a new widget would take an older save's "image" value.
+                # Connect a primitive (or the runner sets them); unconnected, the whole clip loads.
                 io.Int.Input(
-                    "segments", default=1, min=1, max=MAX_FRAMES, optional=True,
+                    "segments", default=1, min=1, max=MAX_FRAMES, optional=True, force_input=True,
                     tooltip=(
                         "Cut the selected frames (the whole clip) into this many consecutive "
                         "segments and load only segment 'segment_index' (with the anchor_frames). "
@@ -194,11 +197,11 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
                     ),
                 ),
                 io.Int.Input(
-                    "segment_index", default=0, min=0, max=MAX_FRAMES, optional=True,
+                    "segment_index", default=0, min=0, max=MAX_FRAMES, optional=True, force_input=True,
                     tooltip="Which segment to load, 0 for the first (with segments > 1).",
                 ),
                 io.String.Input(
-                    "anchor_frames", default="", optional=True,
+                    "anchor_frames", default="", optional=True, force_input=True,
                     tooltip=(
                         "A key-frame rule (the one DDIM Invert uses: mid, 'first, mid, last', "
                         "anchors/16): its shared key frames of the whole clip are loaded with the "
