@@ -4,7 +4,10 @@ Thin adapter over ``fatezero_core.video_loading`` and ``video_audio``: the node 
 files in the input folder (``input_files``; or takes a core VIDEO), reports decoding progress to
 ComfyUI, and lets the core do the reading, resizing and audio cutting. AUDIO follows ComfyUI's
 convention (``comfy_extras`` ``nodes_audio``): ``{"waveform": [1, C, S] float, "sample_rate":
-int}``, or None for no sound, which core Create Video takes as "no audio track".
+int}``, or None for no sound, which core Create Video takes as "no audio track". With
+``segments``/``anchor_frames`` it loads one segment of the clip with the clip's shared key frames
+(``fatezero_core.segments.plan_segment``) and says where they sit (``frame_positions``, for FateZero
+DDIM Invert) and which of them are the segment's own (``span_start``/``span_frames``).
 """
 
 from __future__ import annotations
