@@ -16,6 +16,12 @@ drawn from:
 Frames are frames of the whole clip, also when the host runs the clip in context windows
 (:mod:`.windows`): ``mid`` is the clip's middle frame, whichever window is running.
 
+A *segment* of a long clip, loaded with the clip's shared key frames (FateZero Load Video Frames'
+``segments``/``anchor_frames``, :mod:`.segments`), is a batch of frames picked from the whole clip.
+:func:`place_rule` turns the clip's rule into a rule for that batch (:class:`Placed` entries, text
+``clip 32 frames 15-31: mid``): each entry is evaluated at the frame's position in the whole clip
+and names the loaded frame at that position, so ``mid`` still selects the clip's middle frame.
+
 The official FateZero code uses ``["mid"]`` for Stable Diffusion (every frame attends only to the
 middle frame, K=1) and ``[-1, "first"]`` (previous then first frame, K=2) for Tune-A-Video models;
 the current frame is only included when the rule lists it (FateZero
@@ -30,6 +36,8 @@ used.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+import bisect
+import re
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +64,31 @@ class Anchor:
         return min(before + self.every, last) if self.after else before
 
 
+@dataclass(frozen=True)
+class Placed:
+    """``entry`` of a clip of ``clip_frames`` frames, for a batch holding only the clip frames
+    ``positions`` (sorted): batch frame i is clip frame ``positions[i]``; the key frame is the
+    batch frame at the clip frame ``entry`` selects, or the nearest loaded one when that frame was
+    not loaded (an offset reaching past a segment's border)."""
+
+    entry: object
+    positions: tuple
+    clip_frames: int
+
+    def frame(self, frame: int, num_frames: int) -> int:
+        if num_frames != len(self.positions):
+            raise FateZeroError(
+                f"The key-frame rule is placed for {len(self.positions)} loaded frames of a "
+                f"{self.clip_frames}-frame clip, but the batch has {num_frames} frames. Connect the "
+                "frame_positions of the FateZero Load Video Frames node that loaded these frames.")
+        key = key_frame_index(self.entry, self.positions[frame], self.clip_frames)
+        at = bisect.bisect_left(self.positions, key)
+        if at < len(self.positions) and self.positions[at] == key:
+            return at
+        near = [i for i in (at - 1, at) if 0 <= i < len(self.positions)]
+        return min(near, key=lambda i: (abs(self.positions[i] - key), self.positions[i]))
+
+
 SD_KEY_RULE: KeyRule = ("mid",)
 TAV_KEY_RULE: KeyRule = (-1, "first")
 PER_FRAME_RULE: KeyRule = (0,)
@@ -71,6 +104,10 @@ def parse_key_rule(rule: str | int | Iterable[str | int]) -> KeyRule:
     ``"[mid]"``) or a single entry. Returns a tuple of ``"first" | "last" | "mid" | int``.
     """
     if isinstance(rule, str):
+        placed = _PLACED_TEXT.match(rule)
+        if placed:
+            clip_frames, positions = parse_frame_positions(f"clip {placed['clip']} frames {placed['frames']}")
+            return place_rule(parse_key_rule(placed["rule"]), positions, clip_frames)
         text = rule.strip().strip("[]()")
         parts = [p.strip().strip("'\"") for p in text.replace(",", " ").split()]
     elif isinstance(rule, int):
@@ -124,8 +161,61 @@ def _parse_entry(part: str | int) -> str | int | Anchor:
         ) from None
 
 
+_PLACED_TEXT = re.compile(r"^\s*clip\s+(?P<clip>\d+)\s+frames\s+(?P<frames>[\d,\s-]+?)\s*:\s*(?P<rule>.+)$",
+                          re.IGNORECASE)
+
+
+def format_frame_positions(clip_frames: int, positions) -> str:
+    """``clip 32 frames 0, 15-31``: the loaded frames' positions in a clip of ``clip_frames``
+    (runs of consecutive frames written as ranges)."""
+    runs, positions = [], list(positions)
+    start = 0
+    for i in range(1, len(positions) + 1):
+        if i == len(positions) or positions[i] != positions[i - 1] + 1:
+            a, b = positions[start], positions[i - 1]
+            runs.append(str(a) if a == b else f"{a}-{b}")
+            start = i
+    return f"clip {clip_frames} frames {', '.join(runs)}"
+
+
+def parse_frame_positions(text: str) -> tuple[int, tuple[int, ...]] | None:
+    """``(clip_frames, positions)`` from :func:`format_frame_positions`'s text; None for empty text
+    (the frames are the whole clip)."""
+    if not text or not text.strip():
+        return None
+    match = re.fullmatch(r"\s*clip\s+(\d+)\s+frames\s+([\d,\s-]+?)\s*", text, re.IGNORECASE)
+    bad = FateZeroError(
+        f"frame_positions '{text}' cannot be read: write 'clip N frames a-b, c' (frames of a clip of N "
+        "frames, in increasing order), as FateZero Load Video Frames' frame_positions output does, or "
+        "leave it empty when the frames are the whole clip.")
+    if not match:
+        raise bad
+    clip_frames, positions = int(match[1]), []
+    for part in match[2].replace(" ", "").split(","):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise bad
+        positions += range(int(first), int(last or first) + 1)
+    if not positions or positions != sorted(set(positions)) or positions[-1] >= clip_frames:
+        raise bad
+    return clip_frames, tuple(positions)
+
+
+def place_rule(rule: KeyRule, positions, clip_frames: int) -> KeyRule:
+    """``rule`` of a clip of ``clip_frames`` frames for a batch of the clip frames ``positions``
+    (:class:`Placed`). A batch that is the whole clip keeps ``rule`` itself."""
+    positions = tuple(int(p) for p in positions)
+    if positions == tuple(range(clip_frames)):
+        return tuple(rule)
+    return tuple(e if isinstance(e, Placed) else Placed(e, positions, int(clip_frames)) for e in rule)
+
+
 def format_key_rule(rule: KeyRule) -> str:
     """Canonical text form, e.g. ``"prev, first"``; used in store configs and messages."""
+    placed = [e for e in rule if isinstance(e, Placed)]
+    if placed and len(placed) == len(rule) and len({(e.positions, e.clip_frames) for e in placed}) == 1:
+        where = format_frame_positions(placed[0].clip_frames, placed[0].positions)
+        return f"{where}: {format_key_rule(tuple(e.entry for e in placed))}"
     names = {0: "self", -1: "prev", 1: "next"}
     words, entries, i = [], list(rule), 0
     while i < len(entries):
@@ -147,7 +237,7 @@ def key_frame_index(entry: str | int | Anchor, frame: int, num_frames: int) -> i
     """Index of the key frame that ``entry`` selects for ``frame``, as ``SparseCausalAttention.forward``
     reads ``SparseCausalAttention_index``: ``first`` 0, ``last`` f-1, ``mid`` (f-1)//2, an offset d
     ``clip(frame + d, 0, f-1)``; an :class:`Anchor` its anchor."""
-    if isinstance(entry, Anchor):
+    if isinstance(entry, (Anchor, Placed)):
         return entry.frame(frame, num_frames)
     if entry == "first":
         return 0

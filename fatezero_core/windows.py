@@ -42,7 +42,9 @@ def shared_frames(rule: KeyRule, num_frames: int, limit: int | None = None) -> t
     reaches every frame from the last one): running it would be running the clip in one batch.
     The named frames themselves always run (anchors attend only to anchors: a long shot's anchors
     may outnumber a window, and the key pass then holds more frames than a window)."""
-    named = {key_frame_index(e, i, num_frames) for e in rule if not isinstance(e, int) for i in range(num_frames)}
+    # An offset stays an offset when the rule is placed in a longer clip (keyframes.Placed).
+    named = {key_frame_index(e, i, num_frames) for e in rule if not isinstance(getattr(e, "entry", e), int)
+             for i in range(num_frames)}
     frames, frontier = set(named), set(named)
     while frontier:
         reached = {key_frame_index(e, f, num_frames) for e in rule for f in frontier}

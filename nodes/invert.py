@@ -11,7 +11,8 @@ from comfy_api.latest import io
 
 from ..fatezero_core.controller import CaptureController
 from ..fatezero_core.ddim import SCHEDULE_ENDS
-from ..fatezero_core.keyframes import SD_KEY_RULE, parse_key_rule
+from ..fatezero_core.errors import FateZeroError
+from ..fatezero_core.keyframes import SD_KEY_RULE, parse_frame_positions, parse_key_rule, place_rule
 from ..fatezero_core.layers import LAYER_SETS
 from ..fatezero_core.sampling import official_sigmas, sample_ddim_inversion
 from ..fatezero_core.store import PLACEMENTS, STORE_DTYPES, AttentionStore, CaptureConfig, InversionRecord
@@ -78,6 +79,9 @@ class FateZeroDDIMInvert(io.ComfyNode):
                                tooltip="Clean end of the schedule. comfy: sigma 0; official: alphas_cumprod[0] like the official code (results match it more closely)."),
                 io.Combo.Input("group_norm", options=list(GROUP_NORMS), default="clip", optional=True,
                                tooltip="ResNet GroupNorm statistics. clip: over all frames of the clip, as the official inflated UNet (and every Tune-A-Video model) computes them; frame: each frame alone, as a plain image UNet. FateZero Sample uses the same."),
+                # A socket: it takes Load Video Frames' frame_positions, and older saves keep their widget values.
+                io.String.Input("frame_positions", default="", optional=True, force_input=True,
+                                tooltip="Where the latent's frames sit in the whole clip, from FateZero Load Video Frames' frame_positions (a segment loaded with the clip's anchor frames): key_frames then names frames of the whole clip ('mid' is the clip's middle frame, not the segment's). Empty: the frames are the whole clip."),
             ],
             outputs=[
                 io.Latent.Output(display_name="inverted_latent", tooltip="Noisy latent x_T: feed to FateZero Sample."),
@@ -88,14 +92,24 @@ class FateZeroDDIMInvert(io.ComfyNode):
     @classmethod
     @reports_user_errors
     def execute(cls, model, source, latent, steps, key_frames, st_min_channels, store_placement,
-                store_dtype, layer_set, schedule_end, group_norm="clip") -> io.NodeOutput:
+                store_dtype, layer_set, schedule_end, group_norm="clip", frame_positions="") -> io.NodeOutput:
         samples = frames_latent(latent)
         frames, _, h, w = samples.shape
+        key_rule = resolve_key_rule(key_frames, model)
+        placed = parse_frame_positions(frame_positions)
+        if placed is not None:
+            clip_frames, positions = placed
+            if len(positions) != frames:
+                raise FateZeroError(
+                    f"frame_positions '{frame_positions}' lists {len(positions)} frames but the latent "
+                    f"has {frames}: connect the frame_positions of the Load Video Frames node whose "
+                    "frames were encoded into this latent.")
+            key_rule = place_rule(key_rule, positions, clip_frames)
         network = with_group_norm(model, group_norm)
         sigmas = official_sigmas(model.get_model_object("model_sampling").sigmas, steps, schedule_end).flip(0)
         config = CaptureConfig(
             num_frames=frames, latent_size=(h, w), sigmas=tuple(sigmas.tolist()),
-            key_rule=resolve_key_rule(key_frames, model),
+            key_rule=key_rule,
             min_st_channels=resolve_min_channels(st_min_channels, model), layer_set=layer_set,
             model_fingerprint=model_fingerprint(model), group_norm=group_norm)
         # Memory before time: a store that cannot fit is refused here, not after the inversion ran.

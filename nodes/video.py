@@ -4,7 +4,10 @@ Thin adapter over ``fatezero_core.video_loading`` and ``video_audio``: the node 
 files in the input folder (``input_files``; or takes a core VIDEO), reports decoding progress to
 ComfyUI, and lets the core do the reading, resizing and audio cutting. AUDIO follows ComfyUI's
 convention (``comfy_extras`` ``nodes_audio``): ``{"waveform": [1, C, S] float, "sample_rate":
-int}``, or None for no sound, which core Create Video takes as "no audio track".
+int}``, or None for no sound, which core Create Video takes as "no audio track". With
+``segments``/``anchor_frames`` it loads one segment of the clip with the clip's shared key frames
+(``fatezero_core.segments.plan_segment``) and says where they sit (``frame_positions``, for FateZero
+DDIM Invert) and which of them are the segment's own (``span_start``/``span_frames``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from comfy_api.latest import InputImpl, io
 from ..fatezero_core.video_audio import crop_audio, read_audio, selection_audio_span
 from ..fatezero_core.video_loading import RESIZE_MODES, load_frames, select_frames
 from ..fatezero_core.errors import FateZeroError
+from ..fatezero_core.keyframes import format_frame_positions
+from ..fatezero_core.segments import plan_segment
 from ..fatezero_core.media_types import is_image_file, is_video_file, natural_sort_key
 from .input_files import FileDigests, frames_fingerprint, safe_input_path
 from .user_errors import FateZeroNodeError, reports_user_errors
@@ -183,6 +188,30 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
                         "resizing and sound."
                     ),
                 ),
+                # Sockets, not widgets: a saved workflow keeps widget values by position with the
+                # upload button's last, so a new widget would take an older save's "image" value.
+                # Connect a primitive (or the runner sets them); unconnected, the whole clip loads.
+                io.Int.Input(
+                    "segments", default=1, min=1, max=MAX_FRAMES, optional=True, force_input=True,
+                    tooltip=(
+                        "Cut the selected frames (the whole clip) into this many consecutive "
+                        "segments and load only segment 'segment_index' (with the anchor_frames). "
+                        "1 loads the whole clip."
+                    ),
+                ),
+                io.Int.Input(
+                    "segment_index", default=0, min=0, max=MAX_FRAMES, optional=True, force_input=True,
+                    tooltip="Which segment to load, 0 for the first (with segments > 1).",
+                ),
+                io.String.Input(
+                    "anchor_frames", default="", optional=True, force_input=True,
+                    tooltip=(
+                        "A key-frame rule (the one DDIM Invert uses: mid, 'first, mid, last', "
+                        "anchors/16): its shared key frames of the whole clip are loaded with the "
+                        "segment, in clip order, so every segment attends to the same frames. "
+                        "Connect frame_positions to DDIM Invert. Empty: no extra frames."
+                    ),
+                ),
             ],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="The frames, [F, H, W, 3] in 0..1."),
@@ -197,6 +226,25 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
                         "The clip's sound under exactly the loaded frames (skip, every-nth and cap "
                         "applied; frame_count / fps seconds). No audio for silent clips, GIFs and "
                         "images. Connect it to Create Video's audio."
+                    ),
+                ),
+                io.String.Output(
+                    display_name="frame_positions",
+                    tooltip=(
+                        "Where the loaded frames sit in the whole clip ('clip 32 frames 0, 15-31'); "
+                        "empty when they are the whole clip. Connect to DDIM Invert's "
+                        "frame_positions so its key rule names the whole clip's frames."
+                    ),
+                ),
+                io.Int.Output(
+                    display_name="span_start",
+                    tooltip="Index of the segment's first frame in 'frames' (anchor frames before it come first).",
+                ),
+                io.Int.Output(
+                    display_name="span_frames",
+                    tooltip=(
+                        "Frames of the segment itself; with span_start, e.g. Image From Batch "
+                        "(batch_index, length) drops the anchor frames from a result."
                     ),
                 ),
             ],
@@ -216,15 +264,19 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, video, frame_load_cap, skip_first_frames, select_every_nth, size,
-                           resize_mode, sequence_fps=8.0, source_video=None):
+                           resize_mode, sequence_fps=8.0, source_video=None, segments=1, segment_index=0,
+                           anchor_frames=""):
         # A connected source_video never reaches here (ComfyUI passes constants only); its node's
         # own cache key covers it.
+        # The segment settings join the key only when set, so the whole clip keeps its old key.
+        segment = ({} if (segments, segment_index, anchor_frames) == (1, 0, "") else
+                   dict(segments=segments, segment_index=segment_index, anchor_frames=anchor_frames))
         try:
             path = resolve_source(video)
             return frames_fingerprint(
                 path, FILE_DIGESTS, frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
                 select_every_nth=select_every_nth, size=size, resize_mode=resize_mode,
-                sequence_fps=sequence_fps,
+                sequence_fps=sequence_fps, **segment,
             )
         except (FateZeroError, FateZeroNodeError, OSError):
             # A new NaN each time, as ComfyUI's execution.py does: one shared object (math.nan) would
@@ -234,19 +286,33 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
     @classmethod
     @reports_user_errors
     def execute(cls, video, frame_load_cap, skip_first_frames, select_every_nth, size,
-                resize_mode, sequence_fps=8.0, source_video=None) -> io.NodeOutput:
+                resize_mode, sequence_fps=8.0, source_video=None, segments=1, segment_index=0,
+                anchor_frames="") -> io.NodeOutput:
         selection = dict(frame_load_cap=frame_load_cap, skip_first_frames=skip_first_frames,
                          select_every_nth=select_every_nth, size=size, resize_mode=resize_mode)
         path = _video_file(source_video) if source_video is not None else cls._input_file(video)
         if path is None:  # a VIDEO held in memory (e.g. from Create Video)
-            frames, fps, audio = cls._from_components(source_video.get_components(), selection)
+            components = source_video.get_components()
+            frames, fps = select_frames(components.images, float(components.frame_rate), **selection)
         else:
+            # The whole selection is decoded: the segment's place in it needs the clip's length.
             frames, fps = load_frames(path, sequence_fps=sequence_fps, progress=cls._progress(),
                                       **selection)
-            start, duration = selection_audio_span(frames.shape[0], fps, skip_first_frames=skip_first_frames,
+        plan = plan_segment(int(frames.shape[0]), segment_index, segments, anchor_frames)
+        whole = len(plan.positions) == plan.clip_frames
+        if not whole:
+            frames = frames[list(plan.positions)]
+        # The sound under the segment's own frames (the anchors are dropped from its result).
+        span_skip = skip_first_frames + plan.span.start * select_every_nth
+        if path is None:
+            audio = cls._component_audio(components.audio, plan.span_frames, fps, span_skip, select_every_nth)
+        else:
+            start, duration = selection_audio_span(plan.span_frames, fps, skip_first_frames=span_skip,
                                                    select_every_nth=select_every_nth)
             audio = _audio(read_audio(path, start, duration) if is_video_file(path) else None)
-        return io.NodeOutput(frames, int(frames.shape[0]), float(fps), audio)
+        positions = "" if whole else format_frame_positions(plan.clip_frames, plan.positions)
+        return io.NodeOutput(frames, int(frames.shape[0]), float(fps), audio, positions,
+                             plan.span_start, plan.span_frames)
 
     @staticmethod
     def _input_file(video) -> str:
@@ -268,12 +334,9 @@ class FateZeroLoadVideoFrames(io.ComfyNode):
         return progress
 
     @staticmethod
-    def _from_components(components, selection: dict):
-        frames, fps = select_frames(components.images, float(components.frame_rate), **selection)
-        sound = components.audio
+    def _component_audio(sound, frames: int, fps: float, skip: int, nth: int):
         if not sound:
-            return frames, fps, None
-        start, duration = selection_audio_span(frames.shape[0], fps, skip_first_frames=selection["skip_first_frames"],
-                                               select_every_nth=selection["select_every_nth"])
+            return None
+        start, duration = selection_audio_span(frames, fps, skip_first_frames=skip, select_every_nth=nth)
         rate = int(sound["sample_rate"])
-        return frames, fps, _audio((crop_audio(sound["waveform"], rate, start, duration), rate))
+        return _audio((crop_audio(sound["waveform"], rate, start, duration), rate))

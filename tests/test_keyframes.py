@@ -12,10 +12,13 @@ from fatezero_core.keyframes import (
     gather_key_frames,
     key_frame_table,
     key_frames_used,
+    parse_frame_positions,
     parse_key_rule,
+    place_rule,
     remap_table,
     rule_for_channels,
 )
+from fatezero_core.segments import plan_segment
 from fatezero_core.layers import LayerInfo, LayerSet
 
 
@@ -200,3 +203,74 @@ def test_layer_set_official_is_absolute():
 def test_mask_layers_are_quarter_resolution():
     rule = LayerSet("relative")
     assert [rule.is_mask_layer(layer(s)) for s in (64, 32, 16, 8)] == [False, False, True, False]
+
+
+# ------------------------------------------------------------------------------------------------
+# A rule placed on a segment of a long clip
+# ------------------------------------------------------------------------------------------------
+
+
+def whole_clip_keys(rule, positions, clip_frames):
+    """Independent reference: each loaded frame's key frames in the whole clip, by the plain rule."""
+    table = key_frame_table(parse_key_rule(rule), clip_frames)
+    return [table[p].tolist() for p in positions]
+
+
+@pytest.mark.parametrize("rule", ["mid", "self, mid", "first, mid, last", "anchors/8", "anchors/5", "last"])
+@pytest.mark.parametrize("segments", [2, 3])
+def test_a_placed_rule_names_the_whole_clips_frames(rule, segments):
+    clip_frames = 32
+    for index in range(segments):
+        plan = plan_segment(clip_frames, index, segments, rule)
+        placed = place_rule(parse_key_rule(rule), plan.positions, clip_frames)
+        table = key_frame_table(placed, len(plan.positions))
+        got = [[plan.positions[k] for k in row] for row in table.tolist()]
+        assert got == whole_clip_keys(rule, plan.positions, clip_frames)
+        assert list(plan.span) == list(range(index * clip_frames // segments, (index + 1) * clip_frames // segments))
+        assert plan.positions[plan.span_start:plan.span_start + plan.span_frames] == tuple(plan.span)
+
+
+def test_mid_in_the_second_half_is_the_clips_middle_frame():
+    plan = plan_segment(32, 1, 2, "mid")
+    assert plan.positions == (15, *range(16, 32)) and plan.span_start == 1 and plan.span_frames == 16
+    placed = place_rule(parse_key_rule("mid"), plan.positions, 32)
+    assert key_frame_table(placed, 17)[:, 0].tolist() == [0] * 17  # loaded frame 0 is clip frame 15
+    assert key_frame_table(parse_key_rule("mid"), 17)[:, 0].tolist() == [8] * 17  # unplaced: the segment's own
+
+
+def test_an_offset_past_the_segment_reads_the_nearest_loaded_frame():
+    plan = plan_segment(32, 1, 2, "prev, first")
+    assert plan.positions == (0, *range(16, 32))
+    table = key_frame_table(place_rule(parse_key_rule("prev, first"), plan.positions, 32), 17)
+    assert table[1].tolist() == [1, 0]  # clip frame 16's prev (15) was not loaded: 16 stands in
+    assert table[2].tolist() == [1, 0]
+
+
+def test_placed_rule_text_round_trips_and_the_whole_clip_keeps_the_plain_rule():
+    placed = place_rule(parse_key_rule("anchors/8"), (0, 8, *range(16, 32)), 32)
+    text = format_key_rule(placed)
+    assert text == "clip 32 frames 0, 8, 16-31: anchors/8"
+    assert parse_key_rule(text) == placed
+    assert place_rule(parse_key_rule("mid"), range(8), 8) == ("mid",)
+    assert parse_frame_positions("") is None
+    assert parse_frame_positions("clip 10 frames 0, 4-6") == (10, (0, 4, 5, 6))
+
+
+@pytest.mark.parametrize("text", ["clip 10 frames 4-2", "clip 10 frames 3, 3", "clip 4 frames 0-4", "frames 1-2",
+                                  "clip 10 frames x"])
+def test_bad_frame_positions_say_how_to_write_them(text):
+    with pytest.raises(FateZeroError, match="write 'clip N frames a-b, c'"):
+        parse_frame_positions(text)
+
+
+def test_a_placed_rule_on_another_batch_size_says_what_to_connect():
+    placed = place_rule(parse_key_rule("mid"), (15, 16, 17), 32)
+    with pytest.raises(FateZeroError, match="Connect the frame_positions"):
+        key_frame_table(placed, 4)
+
+
+def test_segments_that_do_not_fit_are_refused():
+    with pytest.raises(FateZeroError, match="use 0 to 1"):
+        plan_segment(8, 2, 2)
+    with pytest.raises(FateZeroError, match="Use at most 8 segments"):
+        plan_segment(8, 0, 9)

@@ -563,6 +563,8 @@ if os.environ.get("STAND_IN_FAIL"):
     sys.exit(3)
 with open("started.json", "w") as f:
     json.dump({"argv": args, "python": sys.executable, "pid": os.getpid()}, f)
+with open(f"started_{args[args.index('--port') + 1]}.json", "w") as f:  # one per server when several start
+    json.dump({"pid": os.getpid(), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}, f)
 
 
 def on_signal(signum, frame):
@@ -871,3 +873,175 @@ def test_frames_above_the_class_batch_raise_it_for_the_training_workflow():
         assert prepared[empty]["inputs"]["batch_size"] == batch
         assert ("now a batch of 48" in said.getvalue()) == (frames == 24)
     assert graph[empty]["inputs"]["batch_size"] == 16  # the loaded workflow itself is not changed
+
+
+# ------------------------------------------------------------------------------------------------
+# Several servers
+# ------------------------------------------------------------------------------------------------
+
+
+def clip_folder(tmp_path: Path, count: int = 4) -> Path:
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for k in range(count):
+        write_video_file(folder, f"clip_{k}.mp4")
+    return folder
+
+
+def test_a_folder_is_spread_over_two_servers(tmp_path, capsys):
+    """One job in flight per server: both servers run clips, each clip is uploaded only to the
+    server that runs it, and the results are named as with one server."""
+    with FakeComfy() as one, FakeComfy() as two:
+        out = tmp_path / "out"
+        code, err = run([STYLE_API, "--video", clip_folder(tmp_path), "--server", one.address,
+                         "--server", two.address, "--out", out])
+        assert code == 0, err
+        ran = {fake.address: [p["prompt"]["2"]["inputs"]["video"] for p in fake.prompts] for fake in (one, two)}
+        assert all(ran.values()), ran
+        assert sorted(ran[one.address] + ran[two.address]) == [f"clip_{k}.mp4" for k in range(4)]
+        for fake in (one, two):
+            assert sorted(fake.uploads) == sorted(ran[fake.address])
+        for k in range(4):
+            assert (out / f"clip_{k}" / f"clip_{k}_00001_.mp4").read_bytes() == f"VIDEO:clip_{k}.mp4".encode()
+        assert f"clip_0.mp4 @ {one.address} | " in err or f"clip_0.mp4 @ {two.address} | " in err
+        assert f"{one.address} ran {len(ran[one.address])} job(s)" in err
+        printed = capsys.readouterr().out.split()
+        assert len([p for p in printed if p.endswith(".mp4")]) == 4
+
+
+def test_a_job_that_fails_on_one_server_runs_on_the_other(tmp_path):
+    with FakeComfy() as good, FakeComfy() as bad:
+        bad.failure = {"node_id": "7", "node_type": "FateZero_Sample", "exception_type": "torch.OutOfMemoryError",
+                       "exception_message": "CUDA out of memory"}
+        out = tmp_path / "out"
+        code, err = run([STYLE_API, "--video", clip_folder(tmp_path, 2), "--server", bad.address,
+                         "--server", good.address, "--out", out])
+        assert code == 0, err
+        assert "CUDA out of memory" in err and "it goes to another server" in err
+        assert (out / "clip_0" / "clip_0_00001_.mp4").exists() and (out / "clip_1" / "clip_1_00001_.mp4").exists()
+
+
+def test_an_input_error_is_not_retried_elsewhere(tmp_path):
+    """FateZero's own node errors say what to change in the inputs: every server would say it."""
+    with FakeComfy() as one, FakeComfy() as two:
+        for fake in (one, two):
+            fake.failure = {"node_id": "3", "node_type": "FateZero_EditSettings",
+                            "exception_type": "FateZeroNodeError", "exception_message": "blend word 'car' is not in the prompt"}
+        code, err = run([STYLE_API, "--video", clip_folder(tmp_path, 1), "--server", one.address,
+                         "--server", two.address, "--out", tmp_path / "out"])
+        assert code == 1
+        assert len(one.prompts) + len(two.prompts) == 1
+        assert "blend word 'car' is not in the prompt" in err
+
+
+def test_a_server_that_is_gone_leaves_its_jobs_to_the_others(tmp_path):
+    with FakeComfy() as good:
+        gone = f"127.0.0.1:{free_port()}"
+        out = tmp_path / "out"
+        code, err = run([STYLE_API, "--video", clip_folder(tmp_path, 3), "--server", gone,
+                         "--server", good.address, "--out", out])
+        assert code == 0, err
+        assert f"{gone} is gone (cannot reach ComfyUI at http://{gone}" in err
+        assert len(good.prompts) == 3 and f"{gone} ran 0 job(s) (gone)" in err
+
+
+def test_no_server_left_is_a_clear_error(tmp_path):
+    gone = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    code, err = run([STYLE_API, "--video", clip_folder(tmp_path, 2), "--server", gone[0], "--server", gone[1],
+                     "--out", tmp_path / "out"])
+    assert code == 1
+    assert "clip_0.mp4 | failed: no server left to run it" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_servers_from_a_file_and_gpus_from_one_port(tmp_path):
+    listing = tmp_path / "servers.txt"
+    listing.write_text("# the render boxes\ngpu1:8188\n\ngpu2:8188  # the new one\ngpu1:8188\n")
+    args = runner.parse_args([str(STYLE_API), "--video", "x.mp4", "--server", "local:9000",
+                              "--servers-file", str(listing)])
+    assert runner.read_servers(args) == ["local:9000", "gpu1:8188", "gpu2:8188"]
+    args = runner.parse_args([str(STYLE_API), "--video", "x.mp4", "--comfyui", "c", "--gpus", "3",
+                              "--server", "127.0.0.1:8200"])
+    assert runner.read_servers(args) == ["127.0.0.1:8200", "127.0.0.1:8201", "127.0.0.1:8202"]
+    args = runner.parse_args([str(STYLE_API), "--video", "x.mp4", "--comfyui", "c", "--gpus", "3",
+                              "--server", "a:1", "--server", "b:1"])
+    with pytest.raises(runner.RunnerError, match="--gpus 3 with 2 --server addresses"):
+        runner.read_servers(args)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--gpus", "2"], "--gpus N starts N servers: it needs --comfyui DIR"),
+    (["--segments", "1"], "K must be at least 2"),
+])
+def test_bad_server_options_are_refused(tmp_path, capsys, argv, said):
+    with pytest.raises(SystemExit):
+        runner.parse_args([str(STYLE_API), "--video", "x.mp4", *argv])
+    assert said in capsys.readouterr().err
+
+
+def test_a_segment_graph_loads_the_anchors_and_saves_the_segment_frames():
+    graph = json.loads(STYLE_API.read_text())
+    graph["5"]["inputs"]["key_frames"] = "anchors/16"
+    seg = runner.segment_graph(graph, 1, 3, "long_1234")
+    assert seg["2"]["inputs"] | {"segments": 3, "segment_index": 1, "anchor_frames": "anchors/16"} == seg["2"]["inputs"]
+    assert seg["5"]["inputs"]["frame_positions"] == ["2", 4]
+    assert seg["fz_span"] == {"class_type": "ImageFromBatch", "_meta": {"title": "segment frames"},
+                              "inputs": {"image": ["8", 0], "batch_index": ["2", 5], "length": ["2", 6]}}
+    assert seg["fz_save"]["inputs"] == {"images": ["fz_span", 0], "filename_prefix": "fatezero_segments/long_1234_001"}
+    assert not {"10", "11"} & set(seg)  # the workflow's own outputs do not run
+    join = runner.join_graph(graph, "fatezero_join_long", "long.mp4")
+    assert join["1"]["inputs"]["video"] == "fatezero_join_long/" and join["1"]["inputs"]["resize_mode"] == "none"
+    assert join["2"]["inputs"]["video"] == "long.mp4" and join["2"]["inputs"]["frame_load_cap"] == 8
+    assert join["3"]["inputs"] == {"images": ["1", 0], "fps": ["2", 2], "audio": ["2", 3]}
+    assert join["4"]["inputs"]["filename_prefix"] == graph["10"]["inputs"]["filename_prefix"]
+
+
+def test_segments_need_a_named_key_rule(fake, tmp_path):
+    code, err = run([STYLE_API, "--video", write_video_file(tmp_path, "long.mp4"), "--server", fake.address,
+                     "--segments", "2", "--out", tmp_path / "out"])
+    assert code == 2
+    assert "--set FateZero_DDIMInvert.key_frames=anchors/16" in err
+    assert not fake.prompts and not fake.uploads
+
+
+def test_segment_frames_counts_the_clip_on_a_server_first():
+    graph = json.loads(STYLE_API.read_text())
+    count = runner.count_graph(graph)
+    assert count["1"]["inputs"]["frame_load_cap"] == 8 and count["1"]["inputs"]["size"] == 8
+    assert count["2"] == {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}
+    assert runner.counted_frames({"outputs": {"2": {"text": ["32"]}}}) == 32
+    with pytest.raises(runner.RunnerError, match="did not report the clip's frame count"):
+        runner.counted_frames({"outputs": {}})
+
+
+def test_one_server_per_gpu_is_started_and_all_are_stopped_after_an_error(stand_in, tmp_path, monkeypatch):
+    def refused(self, path, subfolder=""):
+        raise runner.RunnerError("uploading failed (500)")
+
+    monkeypatch.setattr(runner.Client, "upload", refused)
+    monkeypatch.setenv("STAND_IN_DELAY", "0.5")
+    port = free_port()
+    while free_port() == port + 1:
+        port = free_port()
+    code, err = run([STYLE_API, "--video", clip_folder(tmp_path, 2), "--server", f"127.0.0.1:{port}",
+                     "--comfyui", stand_in, "--gpus", "2", "--out", tmp_path / "out"])
+    assert code == 1 and "uploading failed" in err
+    for gpu, p in enumerate((port, port + 1)):
+        started = json.loads((stand_in / f"started_{p}.json").read_text())
+        assert started["gpu"] == str(gpu) and not alive(started["pid"])
+        assert f"stopped the ComfyUI it started at http://127.0.0.1:{p}" in err
+    assert "CUDA_VISIBLE_DEVICES=1 " in err
+
+
+def test_a_workflow_refused_by_one_server_runs_on_another(tmp_path):
+    """A refusal can be one server's own (a model it lacks), so the job tries the others."""
+    with FakeComfy() as lacking, FakeComfy() as good:
+        lacking.refusal = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
+                           "node_errors": {"1": {"class_type": "CheckpointLoaderSimple", "errors": [
+                               {"message": "Value not in list", "details": "ckpt_name: 'my_model.safetensors' not in []"}]}}}
+        out = tmp_path / "out"
+        code, err = run([STYLE_API, "--video", clip_folder(tmp_path, 2), "--server", lacking.address,
+                         "--server", good.address, "--out", out])
+        assert code == 0, err
+        assert "ComfyUI refused the workflow" in err and "it goes to another server" in err
+        assert len(good.prompts) == 2

@@ -18,7 +18,14 @@ progress bar from the server's websocket, and downloads every file the run wrote
 previews) into ``--out``, never over a file already there (the new one is numbered:
 ``name_1.mp4``). Exits 0 when every clip succeeded, 1 with the server's error text when ComfyUI
 refused or failed a run, 2 for problems found before anything was sent (a ComfyUI that would not
-start included), 130 when interrupted (queued runs are cancelled). Needs the ``websocket-client``
+start included), 130 when interrupted (queued runs are cancelled).
+
+Several servers (``--server`` repeated, ``--servers-file``, or ``--comfyui DIR --gpus N``, which
+starts one per GPU): one job in flight per server, the clips queued over them (:class:`Pool`), each
+uploaded to the server that runs it; a job whose server fails or stops answering runs again on
+another. ``--segments K`` / ``--segment-frames N`` edit one clip in segments, each with the clip's
+shared key frames (:func:`segment_graph`), joined on a server with the clip's sound
+(:func:`join_graph`). Needs the ``websocket-client``
 package (the client ComfyUI's own ``script_examples`` use); the rest is the standard library.
 """
 
@@ -30,6 +37,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +78,10 @@ class RunnerError(Exception):
         self.code = code
 
 
+class ServerGone(RunnerError):
+    """The server did not answer: with several servers its job goes to another one."""
+
+
 # ------------------------------------------------------------------------------------------------
 # HTTP
 # ------------------------------------------------------------------------------------------------
@@ -97,7 +109,7 @@ class Client:
             return err.code, err.read()
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise RunnerError(f"cannot reach ComfyUI at {self.base}: {reason}. Is the server running "
+            raise ServerGone(f"cannot reach ComfyUI at {self.base}: {reason}. Is the server running "
                               "(python main.py --listen ...) and is --server right?") from None
 
     def answers(self) -> bool:
@@ -125,16 +137,19 @@ class Client:
         except json.JSONDecodeError:
             return status, {"error": raw.decode("utf-8", "replace")}
 
-    def upload(self, path: Path) -> str:
-        """Upload ``path`` into the server's input folder; returns the name the loader takes."""
+    def upload(self, path: Path, subfolder: str = "") -> str:
+        """Upload ``path`` into the server's input folder (its ``subfolder``, which replaces a file
+        of the same name there); returns the name the loader takes."""
         boundary = uuid.uuid4().hex
         name = path.name.replace('"', "_")
+        fields = {"type": "input", **({"subfolder": subfolder, "overwrite": "true"} if subfolder else {})}
         body = b"".join([
             f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
             "Content-Type: application/octet-stream\r\n\r\n".encode(),
             path.read_bytes(),
-            f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="type"\r\n\r\ninput\r\n'
-            f"--{boundary}--\r\n".encode(),
+            *(f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}'.encode()
+              for key, value in fields.items()),
+            f"\r\n--{boundary}--\r\n".encode(),
         ])
         status, raw = self.request("/upload/image", body,
                                    {"Content-Type": f"multipart/form-data; boundary={boundary}"})
@@ -422,7 +437,7 @@ class LocalServer:
     """
 
     def __init__(self, folder: Path, client: Client, cpu: bool = False, extra: tuple[str, ...] = (),
-                 stream=None):
+                 stream=None, gpu: int | None = None):
         parts = urllib.parse.urlsplit(client.base)
         folder = comfyui_folder(folder)
         if parts.hostname not in LOCAL_HOSTS:
@@ -434,11 +449,20 @@ class LocalServer:
                         "--disable-auto-launch", *(["--cpu"] if cpu else []), *extra]
         self.process: subprocess.Popen | None = None
         self.log_path: Path | None = None
+        # One GPU per server (--gpus): the server sees only its own card, as device 0.
+        self.env = None if gpu is None else dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+        self.gpu = gpu
 
     def start(self, timeout: float) -> None:
+        self.launch()
+        self.wait_up(timeout)
+
+    def launch(self) -> None:
+        """Start the process; :meth:`wait_up` waits for it (several servers start side by side)."""
         log = tempfile.NamedTemporaryFile(prefix="fatezero_comfyui_", suffix=".log", delete=False)
         self.log_path = Path(log.name)
-        print(f"fatezero_run: starting ComfyUI: {shlex.join(self.command)} (in {self.folder}; log "
+        gpu = "" if self.gpu is None else f"CUDA_VISIBLE_DEVICES={self.gpu} "
+        print(f"fatezero_run: starting ComfyUI: {gpu}{shlex.join(self.command)} (in {self.folder}; log "
               f"{self.log_path})", file=self.stream)
         if os.name == "nt":
             group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
@@ -446,7 +470,9 @@ class LocalServer:
             group = {"start_new_session": True, "preexec_fn": _interrupt_when_runner_dies()}
         with log:
             self.process = subprocess.Popen(self.command, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, **group)
+                                            stdin=subprocess.DEVNULL, env=self.env, **group)
+
+    def wait_up(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self.client.answers():
             if self.process.poll() is not None:
@@ -481,7 +507,7 @@ class LocalServer:
                 self.process.wait(timeout=STOP_WAIT_S)
                 say(self.stream, f"fatezero_run: killed the ComfyUI it started ({why})")
             else:
-                say(self.stream, "fatezero_run: stopped the ComfyUI it started")
+                say(self.stream, f"fatezero_run: stopped the ComfyUI it started at {self.client.base}")
         if self.log_path is not None and not keep_log:
             self.log_path.unlink(missing_ok=True)
 
@@ -584,9 +610,10 @@ def failure_text(entry: dict | None, data: dict | None, verbose: bool) -> str:
 class ProgressBar:
     """A text bar on stderr: redrawn in place on a terminal, a line per 10% otherwise."""
 
-    def __init__(self, label: str, stream=None, width: int = 30):
+    def __init__(self, label: str, stream=None, width: int = 30, lines: bool = False):
         self.label, self.stream, self.width = label, stream or sys.stderr, width
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        # ``lines``: several bars share the stream (one per server), so none redraws in place.
+        self.tty = not lines and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.key = None
         self.last_decile = -1
         self.open = False
@@ -805,6 +832,451 @@ class Runner:
         return 1 if failed else 0
 
 
+# ------------------------------------------------------------------------------------------------
+# Several servers: a queue of clips (and segments of clips), one job in flight per server
+# ------------------------------------------------------------------------------------------------
+
+SEGMENT_FOLDER = "fatezero_segments"  # where a segment's frames are saved on its server
+SAVERS = frozenset({"SaveVideo", "SaveImage", "PreviewImage", "SaveAnimatedWEBP", "SaveAnimatedPNG",
+                    "SaveLatent", "SaveAudio", "PreviewAudio"})
+WAIT_STEP_S = 0.5  # how often the main thread wakes to notice Ctrl-C and the end
+
+
+def read_servers(args) -> list[str]:
+    """The addresses of ``--server`` (repeatable) and ``--servers-file`` (one a line, ``#``
+    comments), in order, without repeats; with ``--gpus N`` the one address and the next N-1
+    ports."""
+    servers = list(args.server or [])
+    if args.servers_file:
+        try:
+            text = args.servers_file.read_text(encoding="utf-8")
+        except OSError as err:
+            raise RunnerError(f"--servers-file: cannot read {args.servers_file}: {err.strerror or err}", 2) from None
+        servers += [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+    servers = list(dict.fromkeys(servers or ["127.0.0.1:8188"]))
+    if args.gpus:
+        if len(servers) == 1:
+            base = Client(servers[0])
+            parts = urllib.parse.urlsplit(base.base)
+            port = parts.port or 8188
+            servers = [f"{parts.hostname}:{port + i}" for i in range(args.gpus)]
+        elif len(servers) != args.gpus:
+            raise RunnerError(f"--gpus {args.gpus} with {len(servers)} --server addresses: give one address "
+                              "(the servers take its port and the next ones) or one address per GPU", 2)
+    return servers
+
+
+def start_servers(clients: list[Client], args, stream) -> list[LocalServer]:
+    """Start ComfyUI from ``--comfyui`` at every address where none answers (side by side: all
+    launched, then waited for), server i on GPU i with ``--gpus``. On any failure the ones
+    started are stopped before the error goes on."""
+    if not args.comfyui:
+        return []
+    extra = shlex.split(args.comfyui_args or "")
+    started: list[LocalServer] = []
+    try:
+        for i, client in enumerate(clients):
+            if client.answers():
+                check_running_options(client, ["--cpu"] * args.cpu + extra)
+                say(stream, f"fatezero_run: using the ComfyUI already running at {client.base} (this run did "
+                            "not start it, so it is left running)")
+                continue
+            server = LocalServer(args.comfyui, client, cpu=args.cpu, extra=tuple(extra), stream=stream,
+                                 gpu=i if args.gpus else None)
+            started.append(server)
+            server.launch()
+        for server in started:
+            server.wait_up(args.start_timeout)
+    except BaseException:
+        for server in started:
+            server.stop(keep_log=True)
+        raise
+    return started
+
+
+def segment_graph(graph: dict, index: int, count: int, tag: str) -> dict:
+    """The prepared ``graph`` for segment ``index`` of ``count``: Load Video Frames loads the
+    segment with the clip's shared key frames of DDIM Invert's rule (``segments``,
+    ``segment_index``, ``anchor_frames``), DDIM Invert places its rule on them
+    (``frame_positions``), and instead of the workflow's outputs the frames going into Create Video,
+    less the anchor frames (core Image From Batch with the loader's ``span_start``/``span_frames``),
+    are saved as PNG images (lossless: the clip is encoded once, after the join)."""
+    graph = json.loads(json.dumps(graph))
+    loader = one_node(graph, LOADER, "--segments")
+    inverts = nodes_of(graph, INVERT)
+    rules = {json.dumps(graph[i]["inputs"].get("key_frames")) for i in inverts}
+    if len(rules) != 1:
+        raise RunnerError(f"--segments needs a FateZero DDIM Invert node; found {len(inverts)} with "
+                          f"{len(rules)} key rules", 2)
+    rule = graph[inverts[0]]["inputs"].get("key_frames")
+    if not isinstance(rule, str) or rule == "auto":
+        raise RunnerError("--segments loads the clip's shared key frames with every segment, so the key rule must "
+                          "be named: add e.g. --set FateZero_DDIMInvert.key_frames=anchors/16 (or mid, or "
+                          "'first, mid, last'); Tune-A-Video models: their own rule", 2)
+    graph[loader]["inputs"].update(segments=count, segment_index=index, anchor_frames=rule)
+    for node_id in inverts:
+        graph[node_id]["inputs"]["frame_positions"] = [loader, 4]
+    videos = nodes_of(graph, "CreateVideo")
+    if len(videos) != 1:
+        raise RunnerError(f"--segments joins the segments into one video: the workflow needs exactly one Create "
+                          f"Video node, found {len(videos)}", 2)
+    images = graph[videos[0]]["inputs"].get("images")
+    for node_id in [i for i, n in graph.items() if n["class_type"] in SAVERS or "filename_prefix" in n["inputs"]]:
+        del graph[node_id]
+    graph["fz_span"] = {"class_type": "ImageFromBatch", "_meta": {"title": "segment frames"},
+                        "inputs": {"image": images, "batch_index": [loader, 5], "length": [loader, 6]}}
+    graph["fz_save"] = {"class_type": "SaveImage", "_meta": {"title": "segment"},
+                        "inputs": {"images": ["fz_span", 0],
+                                   "filename_prefix": f"{SEGMENT_FOLDER}/{tag}_{index:03d}"}}
+    return graph
+
+
+def join_graph(graph: dict, frames_folder: str, video_name: str) -> dict:
+    """A graph that encodes the joined frames in ``frames_folder`` (an input sub-folder) as the
+    workflow's video, with the fps and the sound of the whole clip ``video_name`` (its own
+    selection, loaded at 8 px: only its rate and sound are used)."""
+    loader = graph[one_node(graph, LOADER, "--segments")]["inputs"]
+    video_node = nodes_of(graph, "CreateVideo")[0]
+    savers = [i for i, n in graph.items() if n["class_type"] == "SaveVideo"
+              and n["inputs"].get("video") == [video_node, 0]]
+    save = graph[savers[0]]["inputs"] if savers else {"filename_prefix": "fatezero/clip", "format": "auto",
+                                                      "codec": "auto"}
+    selection = {k: loader[k] for k in ("frame_load_cap", "skip_first_frames", "select_every_nth", "sequence_fps")
+                 if k in loader}
+    return {
+        "1": {"class_type": LOADER, "_meta": {"title": "joined segments"},
+              "inputs": {"video": frames_folder + "/", "frame_load_cap": 0, "skip_first_frames": 0,
+                         "select_every_nth": 1, "size": 512, "resize_mode": "none"}},
+        "2": {"class_type": LOADER, "_meta": {"title": "clip sound"},
+              "inputs": {**selection, "video": video_name, "size": 8, "resize_mode": "crop"}},
+        "3": {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": ["2", 2], "audio": ["2", 3]}},
+        "4": {"class_type": "SaveVideo", "inputs": {"video": ["3", 0], "filename_prefix": save["filename_prefix"],
+                                                    "format": save.get("format", "auto"),
+                                                    "codec": save.get("codec", "auto")}},
+    }
+
+
+def count_graph(graph: dict) -> dict:
+    """A graph that reports how many frames the workflow's Load Video Frames selects from its clip
+    (loaded at 8 px; core Preview Any shows the count), for ``--segment-frames``."""
+    loader = graph[one_node(graph, LOADER, "--segment-frames")]["inputs"]
+    inputs = {k: v for k, v in loader.items() if k not in ("segments", "segment_index", "anchor_frames")}
+    return {"1": {"class_type": LOADER, "_meta": {"title": "frame count"},
+                  "inputs": {**inputs, "size": 8, "resize_mode": "crop"}},
+            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+
+
+def counted_frames(entry: dict) -> int:
+    """The frame count :func:`count_graph` reported, from its /history entry."""
+    for outputs in entry.get("outputs", {}).values():
+        for text in outputs.get("text", []) if isinstance(outputs, dict) else []:
+            if str(text).strip().isdigit():
+                return int(str(text).strip())
+    raise RunnerError("the server did not report the clip's frame count (core Preview Any missing?)")
+
+
+class Task:
+    """A clip (``segment`` None), one segment of a clip, the join of a clip's segments, or the
+    count of a clip's frames that decides its segments (``--segment-frames``)."""
+
+    def __init__(self, video: Path, segment: int | None = None, join: bool = False, count: bool = False):
+        self.video, self.segment, self.join, self.count = video, segment, join, count
+        self.tried: set[str] = set()  # servers that failed it
+        self.error: str | None = None
+        self.files: list[Path] = []
+        self.server: str | None = None  # the server that ran it
+
+    @property
+    def label(self) -> str:
+        if self.join:
+            return f"{self.video.name} (join)"
+        if self.count:
+            return f"{self.video.name} (frame count)"
+        return self.video.name if self.segment is None else f"{self.video.name} [segment {self.segment + 1}]"
+
+
+class Worker:
+    """One server: its own client id and websocket, the clips uploaded to it, one job at a time."""
+
+    def __init__(self, address: str, client: Client, pool: "Pool"):
+        self.address, self.client, self.pool = address, client, pool
+        self.runner = Runner(client, pool.out, pool.timeout, pool.verbose, pool.stream)
+        self.uploads: dict[Path, str] = {}
+        self.alive = True
+        self.prompt_id: str | None = None
+        self.ran = 0
+
+    def upload(self, video: Path) -> str:
+        if video not in self.uploads:
+            self.uploads[video] = self.client.upload(video)
+        return self.uploads[video]
+
+    def loop(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self.runner.ws is not None:
+                try:
+                    self.runner.ws.close(timeout=RECV_WAIT_S)
+                except (OSError, websocket.WebSocketException):
+                    pass  # a server that is gone cannot be told goodbye
+                self.runner.ws = None
+
+    def _loop(self) -> None:
+        pool = self.pool
+        while self.alive and not pool.stopping:
+            task = pool.take(self)
+            if task is None:
+                return
+            try:
+                entry_error = self.run_task(task)
+            except ServerGone as err:
+                self.alive = False
+                pool.failed_on(self, task, f"{self.address} is gone ({err})", server_gone=True)
+                return
+            except RunnerError as err:
+                pool.finish(task, str(err))
+                continue
+            except Exception as err:  # a bug must not leave the pool waiting for this task
+                pool.finish(task, f"{type(err).__name__}: {err}")
+                continue
+            if entry_error is None:
+                self.ran += 1
+                pool.finish(task, None, self.address)
+            else:
+                text, retry = entry_error
+                if retry:
+                    pool.failed_on(self, task, text)
+                else:
+                    pool.finish(task, text)
+
+    def run_task(self, task: Task):
+        """Run ``task`` here; returns None on success, else ``(error text, worth retrying elsewhere)``."""
+        pool = self.pool
+        bar = ProgressBar(f"{task.label} @ {self.address}", pool.stream, lines=True)
+        name = self.upload(task.video)
+        if task.join:
+            graph = pool.join_here(self, task, name)
+        elif task.count:
+            graph = count_graph(prepare(pool.graph, name, pool.args, task.video.stem))
+        else:
+            graph = prepare(pool.graph, name, pool.args, task.video.stem)
+            if task.segment is not None:
+                graph = segment_graph(graph, task.segment, pool.segments_of[task.video], pool.tags[task.video])
+        job = Job(task.video, graph)
+        if self.runner.ws is None:
+            self.runner.ws = self.client.open_websocket(pool.stream)
+        self.runner.submit(job)
+        if job.error:
+            bar.message(job.error)
+            return job.error, True  # a server may lack a model or node another one has
+        self.prompt_id = job.prompt_id
+        bar.message(f"queued as {job.prompt_id}")
+        try:
+            entry = self.runner.wait(job, {job.prompt_id: bar}, {job.prompt_id: graph})
+        except RunnerError as err:
+            if isinstance(err, ServerGone):
+                raise
+            self.client.json("/interrupt", {"prompt_id": job.prompt_id})
+            return str(err), True
+        finally:
+            self.prompt_id = None
+        bar.finish()
+        if entry.get("status", {}).get("status_str") != "success":
+            failure = self.runner.events.get(job.prompt_id, {}).get("failure")
+            text = "ComfyUI could not run the workflow: " + failure_text(entry, failure, pool.verbose)
+            bar.message(text)
+            # A FateZero node's own error says what to change in the inputs: every server says the same.
+            user_error = (failure or {}).get("exception_type", "").endswith("FateZeroNodeError")
+            return text, not user_error
+        if task.segment is not None:
+            pool.keep_segment(self, task, entry)
+            bar.message("done")
+            return None
+        if task.count:
+            pool.add_segments(task.video, counted_frames(entry))
+            return None
+        subfolder = task.video.stem if pool.many_clips else ""
+        self.runner.collect(job, entry, subfolder, bar)
+        task.files = job.files
+        with pool.lock:
+            for path in job.files:
+                print(path, file=sys.stdout, flush=True)
+        if job.error:
+            bar.message(job.error)
+            return job.error, False
+        bar.message(f"done: {len(job.files)} file(s) in {pool.out}")
+        return None
+
+
+class Pool:
+    """Tasks over workers: a worker takes the first waiting task it has not failed; a task that
+    fails on a server (or whose server is gone) waits for another server; a clip's join is
+    queued once all its segments are done."""
+
+    def __init__(self, addresses: list[str], clients: list[Client], graph: dict, args, stream):
+        self.graph, self.args, self.stream = graph, args, stream
+        self.out, self.timeout, self.verbose = args.out, args.timeout or None, args.verbose
+        self.segment_mode = bool(args.segments or args.segment_frames)
+        self.segments_of: dict[Path, int] = {}
+        self.lock = threading.Condition()
+        self.workers = [Worker(a, c, self) for a, c in zip(addresses, clients)]
+        self.waiting: list[Task] = []
+        self.running = 0
+        self.tasks: list[Task] = []
+        self.stopping = False
+        self.tags: dict[Path, str] = {}
+        self.segment_files: dict[Path, dict[int, list[Path]]] = {}
+        self.scratch = Path(tempfile.mkdtemp(prefix="fatezero_segments_"))
+        self.many_clips = False
+
+    # -- the queue (every method below holds the lock) --
+
+    def take(self, worker: Worker) -> Task | None:
+        with self.lock:
+            while not self.stopping:
+                for task in self.waiting:
+                    if worker.address not in task.tried:
+                        self.waiting.remove(task)
+                        self.running += 1
+                        return task
+                if not self.waiting and self.running == 0:
+                    return None
+                self.lock.wait(WAIT_STEP_S)
+            return None
+
+    def finish(self, task: Task, error: str | None, server: str | None = None) -> None:
+        with self.lock:
+            if self.stopping:  # interrupted: the servers going away are no news
+                self.running -= 1
+                return
+            task.error, task.server = error, server
+            self.running -= 1
+            if error is not None:
+                say(self.stream, f"{task.label} | failed: {error}")
+            elif task.segment is not None and all(
+                    t.error is None and t.server for t in self.tasks if t.video == task.video and t.segment is not None):
+                join = Task(task.video, join=True)
+                self.tasks.append(join)
+                self.waiting.append(join)
+            self.lock.notify_all()
+
+    def failed_on(self, worker: Worker, task: Task, why: str, server_gone: bool = False) -> None:
+        with self.lock:
+            if self.stopping:
+                self.running -= 1
+                return
+            task.tried.add(worker.address)
+            self.running -= 1
+            left = [w.address for w in self.workers if w.alive and w.address not in task.tried]
+            if left:
+                say(self.stream, f"{task.label} | {why}; it goes to another server")
+                self.waiting.append(task)
+            else:
+                task.error = (f"no server left to run it: {why}" if server_gone or not any(w.alive for w in self.workers)
+                              else f"it failed on every server ({', '.join(sorted(task.tried))}); the last: {why}")
+                say(self.stream, f"{task.label} | failed: {task.error}")
+            self.lock.notify_all()
+
+    def fail_stranded(self) -> None:
+        """Tasks that wait while no live server may take them get their final error."""
+        with self.lock:
+            for task in list(self.waiting):
+                if not any(w.alive and w.address not in task.tried for w in self.workers):
+                    self.waiting.remove(task)
+                    task.error = task.error or "no server left to run it (every server is gone or failed it)"
+                    say(self.stream, f"{task.label} | failed: {task.error}")
+
+    # -- segments --
+
+    def add_segments(self, video: Path, frames: int) -> None:
+        """Queue the segments of ``video`` once its frame count is known (``--segment-frames``)."""
+        count = max(1, -(-frames // self.args.segment_frames))
+        with self.lock:
+            self.segments_of[video] = count
+            segments = [Task(video, segment) for segment in range(count)]
+            self.tasks += segments
+            self.waiting += segments
+            self.lock.notify_all()
+        say(self.stream, f"{video.name} | {frames} frames: {count} segment(s) of at most {self.args.segment_frames}")
+
+    def keep_segment(self, worker: Worker, task: Task, entry: dict) -> None:
+        """Download the segment's frames into the scratch folder, in frame order."""
+        folder = self.scratch / self.tags[task.video] / f"{task.segment:03d}"
+        shutil.rmtree(folder, ignore_errors=True)
+        files = []
+        for outputs in entry.get("outputs", {}).values():
+            for item in outputs.get("images", []) if isinstance(outputs, dict) else []:
+                if isinstance(item, dict) and item.get("type") == "output" and item.get("filename"):
+                    files.append(worker.client.download(item, folder))
+        if not files:
+            raise RunnerError(f"{task.label}: the server saved no frames for the segment")
+        with self.lock:
+            self.segment_files.setdefault(task.video, {})[task.segment] = files
+
+    def join_here(self, worker: Worker, task: Task, video_name: str) -> dict:
+        """Upload every segment's frames to ``worker`` as one numbered sequence; the join graph."""
+        subfolder = f"fatezero_join_{self.tags[task.video]}"
+        parts = self.segment_files[task.video]
+        for segment in range(self.segments_of[task.video]):
+            for i, path in enumerate(parts[segment]):
+                named = path.with_name(f"s{segment:03d}_{i:06d}{path.suffix}")
+                if path != named:
+                    path.rename(named)
+                    parts[segment][i] = named
+                worker.client.upload(named, subfolder)
+        graph = prepare(self.graph, video_name, self.args, task.video.stem)
+        return join_graph(graph, subfolder, video_name)
+
+    # -- running --
+
+    def run(self, videos: list[Path]) -> int:
+        self.many_clips = len(videos) > 1
+        for video in videos:
+            self.tags[video] = f"{video.stem}_{uuid.uuid4().hex[:8]}".replace("/", "_")
+            if self.args.segment_frames:
+                self.tasks.append(Task(video, count=True))
+            elif self.segments_of.setdefault(video, self.args.segments or 0):
+                self.tasks += [Task(video, segment) for segment in range(self.args.segments)]
+            else:
+                self.tasks.append(Task(video))
+        self.waiting = list(self.tasks)
+        threads = [threading.Thread(target=w.loop, name=f"server {w.address}", daemon=True) for w in self.workers]
+        try:
+            for thread in threads:
+                thread.start()
+            while any(t.is_alive() for t in threads):
+                for thread in threads:
+                    thread.join(WAIT_STEP_S)
+                self.fail_stranded()
+        except KeyboardInterrupt:
+            self.cancel()
+            say(self.stream, "fatezero_run: interrupted; the runs in flight were cancelled")
+            return 130
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        self.fail_stranded()
+        for worker in self.workers:
+            say(self.stream, f"fatezero_run: {worker.address} ran {worker.ran} job(s)"
+                             + ("" if worker.alive else " (gone)"))
+        # A clip's result is its own task's, or with --segments its join's.
+        done = [t for t in self.tasks if t.segment is None and not t.count and t.join == self.segment_mode and t.server
+                and not t.error]
+        return 0 if len(done) == len(videos) and not any(t.error for t in self.tasks) else 1
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify_all()
+        for worker in self.workers:
+            if worker.alive and worker.prompt_id:
+                try:
+                    worker.client.json("/queue", {"delete": [worker.prompt_id]})
+                    worker.client.json("/interrupt", {})
+                except RunnerError:
+                    pass
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="fatezero_run.py",
@@ -814,7 +1286,22 @@ def parse_args(argv=None):
                         help="a clip, or a folder: every video file in it is queued")
     parser.add_argument("--source", help="source prompt: what the clip shows")
     parser.add_argument("--target", help="target prompt: what it should become")
-    parser.add_argument("--server", default="127.0.0.1:8188", help="ComfyUI address (default 127.0.0.1:8188)")
+    parser.add_argument("--server", action="append", metavar="ADDRESS",
+                        help="ComfyUI address (default 127.0.0.1:8188); repeat it for several servers: each runs "
+                             "one job at a time, the clips (or segments) are spread over them, and a job whose "
+                             "server fails or is gone runs again on another one")
+    parser.add_argument("--servers-file", type=Path, metavar="FILE",
+                        help="a file of ComfyUI addresses, one a line (# starts a comment), added to --server")
+    parser.add_argument("--gpus", type=int, metavar="N",
+                        help="with --comfyui: start one ComfyUI per GPU (CUDA_VISIBLE_DEVICES=0..N-1) on the port of "
+                             "--server and the next N-1 ports (or on N --server addresses), all stopped at the end")
+    parser.add_argument("--segment-frames", type=int, metavar="N",
+                        help="like --segments, with segments of at most N frames (a server counts the clip's frames first)")
+    parser.add_argument("--segments", type=int, metavar="K",
+                        help="cut each clip into K consecutive segments, edited on any of the servers, each with the "
+                             "clip's shared key frames of DDIM Invert's key rule (name it, e.g. --set "
+                             "FateZero_DDIMInvert.key_frames=anchors/16), then joined into one video with the "
+                             "clip's sound")
     parser.add_argument("--comfyui", type=Path, metavar="DIR",
                         help="ComfyUI folder: when no server answers at --server, start it from here "
                              "headless for this run (its venv/.venv Python if present) and stop it after")
@@ -837,6 +1324,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if (args.cpu or args.comfyui_args) and not args.comfyui:
         parser.error("--cpu and --comfyui-args need --comfyui DIR (they apply to a ComfyUI this script starts)")
+    if args.gpus is not None and (args.gpus < 1 or not args.comfyui):
+        parser.error("--gpus N starts N servers: it needs --comfyui DIR and N of at least 1")
+    if args.segments is not None and args.segments < 2:
+        parser.error("--segments K cuts a clip into K segments: K must be at least 2")
+    if args.segment_frames is not None and (args.segment_frames < 1 or args.segments):
+        parser.error("--segment-frames N: give N of at least 1, and not together with --segments")
     for name in ("steps", "frames"):
         value = getattr(args, name)
         if value is not None and value < (1 if name == "steps" else 0):
@@ -848,6 +1341,7 @@ def main(argv=None, stream=None) -> int:
     args = parse_args(argv)
     stream = stream or sys.stderr
     server, code = None, 1
+    started: list[LocalServer] = []
     previous = {}
     if args.comfyui and threading.current_thread() is threading.main_thread():
         # kill and a closed terminal (SIGHUP) stop the started server too, as Ctrl-C does
@@ -858,10 +1352,18 @@ def main(argv=None, stream=None) -> int:
                               f"'{sys.executable} -m pip install websocket-client'", 2)
         graph = load_workflow(args.workflow)
         videos = find_videos(args.video)
-        client = Client(args.server)
+        addresses = read_servers(args)
+        clients = [Client(address) for address in addresses]
         if args.comfyui:
             args.comfyui = comfyui_folder(args.comfyui)
-        prepare(graph, "check.mp4", args, stream=stream)  # report workflow problems before starting or uploading
+        checked = prepare(graph, "check.mp4", args, stream=stream)  # report workflow problems before starting or uploading
+        if len(clients) > 1 or args.segments or args.segment_frames:
+            if args.segments or args.segment_frames:
+                segment_graph(checked, 0, args.segments or 2, "check")
+            started = start_servers(clients, args, stream)
+            code = Pool(addresses, clients, graph, args, stream).run(videos)
+            return code
+        client = clients[0]
         server = ensure_server(client, args, stream)
         jobs = []
         for video in videos:
@@ -875,10 +1377,10 @@ def main(argv=None, stream=None) -> int:
         say(stream, "fatezero_run: interrupted")
         code = 130
     finally:
-        if server is not None:
-            server.stop(keep_log=code != 0)
-            if code != 0 and server.log_path is not None:
-                say(stream, f"fatezero_run: the server's log is in {server.log_path}")
+        for one in ([server] if server is not None else []) + started:
+            one.stop(keep_log=code != 0)
+            if code != 0 and one.log_path is not None:
+                say(stream, f"fatezero_run: the server's log is in {one.log_path} ({one.client.base})")
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
     return code

@@ -18,9 +18,10 @@ EXPECTED = {
         "category": "FateZero/video",
         "required": {"video": "COMBO", "frame_load_cap": "INT", "skip_first_frames": "INT",
                      "select_every_nth": "INT", "size": "INT", "resize_mode": "COMBO"},
-        "optional": {"sequence_fps": "FLOAT", "source_video": "VIDEO"},
-        "output": ["IMAGE", "INT", "FLOAT", "AUDIO"],
-        "output_name": ["frames", "frame_count", "fps", "audio"],
+        "optional": {"sequence_fps": "FLOAT", "source_video": "VIDEO", "segments": "INT", "segment_index": "INT",
+                     "anchor_frames": "STRING"},
+        "output": ["IMAGE", "INT", "FLOAT", "AUDIO", "STRING", "INT", "INT"],
+        "output_name": ["frames", "frame_count", "fps", "audio", "frame_positions", "span_start", "span_frames"],
     },
     "FateZero_DDIMInvert": {
         "display_name": "FateZero DDIM Invert (capture attention)",

@@ -41,10 +41,18 @@ def video_file(comfy_input_dir):
     return "clip.avi"
 
 
+class Loaded:
+    """A loader result: ``args`` are its first four outputs (frames, frame_count, fps, audio);
+    ``segment`` the segment outputs (frame_positions, span_start, span_frames)."""
+
+    def __init__(self, out):
+        self.args, self.segment = tuple(out.args[:4]), tuple(out.args[4:])
+
+
 def run(node, video, **overrides):
     params = dict(frame_load_cap=8, skip_first_frames=0, select_every_nth=1, size=64, resize_mode="crop")
     params.update(overrides)
-    return node.execute(video=video, **params)
+    return Loaded(node.execute(video=video, **params))
 
 
 def node_error(comfy_nodes):
@@ -59,7 +67,11 @@ def node_error(comfy_nodes):
 def test_widgets(node):
     """Widget details an artist relies on (identity, sockets and tooltips: test_object_info)."""
     info = node.GET_NODE_INFO_V1()
-    assert info["output_name"] == ["frames", "frame_count", "fps", "audio"]
+    assert info["output_name"] == ["frames", "frame_count", "fps", "audio", "frame_positions", "span_start",
+                                   "span_frames"]
+    optional = info["input"]["optional"]
+    assert optional["segments"][1]["default"] == 1 and optional["segment_index"][1]["default"] == 0
+    assert optional["anchor_frames"][1]["default"] == ""
     assert info["input"]["optional"]["source_video"][0] == "VIDEO"
     video_input = info["input"]["required"]["video"]
     assert video_input[0] == "COMBO" and video_input[1]["video_upload"] is True
@@ -115,7 +127,7 @@ def test_image_sequence_folder(node, comfy_input_dir):
     write_image_sequence(comfy_input_dir / "seq", frames_array(5))
     frames, count, fps, audio = node.execute(video="seq/", frame_load_cap=0, skip_first_frames=0,
                                              select_every_nth=1, size=64, resize_mode="crop",
-                                             sequence_fps=12.0).args
+                                             sequence_fps=12.0).args[:4]
     assert count == 5 and brightness_codes(frames) == [0, 1, 2, 3, 4]
     assert audio is None
     assert fps == pytest.approx(12.0)
@@ -162,6 +174,10 @@ def test_fingerprint_follows_content_and_params(node, video_file, comfy_input_di
     assert first != fingerprint(node, video_file, size=32)
     assert first != fingerprint(node, video_file, select_every_nth=2)
     assert first != fingerprint(node, video_file, resize_mode="keep_aspect")
+    assert first == fingerprint(node, video_file, segments=1, segment_index=0, anchor_frames="")
+    segment = fingerprint(node, video_file, segments=2, segment_index=1)
+    assert len({first, segment, fingerprint(node, video_file, segments=2, segment_index=0),
+                fingerprint(node, video_file, segments=2, segment_index=1, anchor_frames="mid")}) == 4
     write_video(comfy_input_dir / "clip.avi", frames_array().flip(0), FPS)
     assert fingerprint(node, video_file) != first
 
@@ -492,3 +508,51 @@ def test_validation_skips_the_file_when_a_video_is_connected(node, comfy_input_d
     # ComfyUI validates with links unresolved: a connected source_video arrives as None
     assert node.validate_inputs(video="missing.mp4", source_video=None) is True
     assert "was not found" in node.validate_inputs(video="missing.mp4")
+
+
+# ------------------------------------------------------------------------------------------------
+# Segments of a long clip
+# ------------------------------------------------------------------------------------------------
+
+
+def test_defaults_load_the_whole_clip_as_before(node, video_file):
+    loaded = run(node, video_file, frame_load_cap=0)
+    assert loaded.segment == ("", 0, N)
+    assert brightness_codes(loaded.args[0]) == list(range(N))
+
+
+@pytest.mark.parametrize("index, rule, codes, positions, span_start", [
+    (0, "mid", [0, 1, 2, 3, 4, 5], "clip 12 frames 0-5", 0),  # the middle frame is in the segment
+    (1, "mid", [5, 6, 7, 8, 9, 10, 11], "clip 12 frames 5-11", 1),
+    (1, "first, mid, last", [0, 5, 6, 7, 8, 9, 10, 11], "clip 12 frames 0, 5-11", 2),
+    (0, "anchors/4", [0, 1, 2, 3, 4, 5, 8, 11], "clip 12 frames 0-5, 8, 11", 0),
+    (1, "", [6, 7, 8, 9, 10, 11], "clip 12 frames 6-11", 0),
+])
+def test_a_segment_is_loaded_with_the_clips_anchor_frames(node, toned_video, index, rule, codes, positions,
+                                                          span_start):
+    """Segment ``index`` of two, with the shared key frames of ``rule`` on the whole clip, in clip
+    order; the sound is that of the segment's own six frames."""
+    import sound_videos
+
+    loaded = run(node, toned_video, frame_load_cap=0, segments=2, segment_index=index, anchor_frames=rule)
+    frames, count, fps, audio = loaded.args
+    assert brightness_codes(frames) == codes and count == len(codes)
+    assert loaded.segment == (positions, span_start, 6)
+    expected = sound_videos.expected_window(N, FPS, 6 * index, 6, 1)
+    assert audio["waveform"].shape[-1] == len(expected)
+    assert np.abs(audio["waveform"][0, 0].numpy() - expected).max() < 1e-4
+
+
+def test_segments_follow_the_selection(node, toned_video):
+    """The whole clip is the selected frames: every second frame from frame 1 here."""
+    loaded = run(node, toned_video, frame_load_cap=0, skip_first_frames=1, select_every_nth=2, segments=3,
+                 segment_index=2, anchor_frames="mid")
+    assert brightness_codes(loaded.args[0]) == [5, 9, 11]  # selected 1,3,..,11: mid is the 3rd (5)
+    assert loaded.segment == ("clip 6 frames 2, 4-5", 1, 2)
+
+
+def test_a_segment_that_does_not_exist_is_refused(node, video_file, comfy_nodes):
+    with pytest.raises(node_error(comfy_nodes), match="segment_index 2 is not one of the 2 segments"):
+        run(node, video_file, segments=2, segment_index=2)
+    with pytest.raises(node_error(comfy_nodes), match="Use at most 8 segments"):
+        run(node, video_file, segments=9)
