@@ -2,8 +2,8 @@
 
 README, FateZero Sample: "a per-frame preview: the blend mask (left, white = may change) and the
 edited words' source attention (right)". The image has the decoded frames' size per half (8 pixels
-per latent cell, SD1's VAE); the attention is shown divided by each frame's maximum (reference doc
-3.4 step 4) and the mask is the eq. 6 mask of the blend words at the latent size.
+per latent cell, SD1's VAE); the attention is shown divided by each frame's maximum (the official
+``SpatialBlender.get_mask`` normalisation, ``video_diffusion/prompt_attention/spatial_blend.py``) and the mask is the eq. 6 mask of the blend words at the latent size.
 """
 
 from __future__ import annotations
