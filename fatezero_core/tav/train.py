@@ -96,14 +96,18 @@ def is_trainable(name: str) -> bool:
     return "to_q" in parts or "attn_temporal" in parts or "conv_temporal" in parts
 
 
+def _latent_count(samples: torch.Tensor, shape_error: str) -> int:
+    """Images of an SD latent ``[N, 4, h, w]``; ``shape_error`` (the shape appended) otherwise."""
+    if samples.ndim != 4 or samples.shape[1] != 4:
+        raise FateZeroError(shape_error.format(shape=list(samples.shape)))
+    return int(samples.shape[0])
+
+
 def check_video_latent(samples: torch.Tensor) -> int:
     """Frames of a frame-major clip latent ``[F, 4, h, w]``; errors say what to connect instead."""
-    if samples.ndim != 4 or samples.shape[1] != 4:
-        raise FateZeroError(
-            f"Tune-A-Video training expects the clip's SD latent [frames, 4, h, w], got shape "
-            f"{list(samples.shape)}; encode the frames of Load Video Frames with a plain VAE Encode "
-            "(an SD1.x VAE).")
-    frames = int(samples.shape[0])
+    frames = _latent_count(samples, (
+        "Tune-A-Video training expects the clip's SD latent [frames, 4, h, w], got shape {shape}; "
+        "encode the frames of Load Video Frames with a plain VAE Encode (an SD1.x VAE)."))
     if frames < MIN_FRAMES:
         raise FateZeroError(
             f"Tune-A-Video training needs a clip of at least {MIN_FRAMES} frames (got {frames}): its "
@@ -114,11 +118,9 @@ def check_video_latent(samples: torch.Tensor) -> int:
 def check_class_latent(samples: torch.Tensor, frames: int) -> int:
     """Count of the class images ``[N, 4, h, w]`` (VAE-encoded), at least the clip's ``frames``:
     each class step takes ``frames`` consecutive images."""
-    if samples.ndim != 4 or samples.shape[1] != 4:
-        raise FateZeroError(
-            f"class_latent must be SD latents [images, 4, h, w], got shape {list(samples.shape)}; "
-            "VAE Encode the class images (or connect the KSampler's LATENT that made them).")
-    count = int(samples.shape[0])
+    count = _latent_count(samples, (
+        "class_latent must be SD latents [images, 4, h, w], got shape {shape}; VAE Encode the class "
+        "images (or connect the KSampler's LATENT that made them)."))
     if count < frames:
         raise FateZeroError(
             f"class_latent holds {count} image(s), but each class step uses as many as the clip has "
